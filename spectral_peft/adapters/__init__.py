@@ -1,0 +1,1 @@
+"""Adapters: one file per method (lora, dora, dylora, lorafa, deltalora, adalora, rosa)."""

@@ -1,0 +1,98 @@
+"""What every adapter shares: choosing target linears, wrapping them, and training-time hooks.
+
+An adapter layer is a :class:`~spectral_peft.module.Module` that holds the frozen base layer as
+its child ``base_layer`` (PEFT's attribute name) and exposes the same ``forward(x) -> y`` /
+``backward(dy) -> dx`` contract as :class:`~spectral_peft.module.Linear`, so it can replace the
+base anywhere in a model. The base may be a dense :class:`Linear` or a quantised linear; adapters
+only use ``base_layer.forward``, ``base_layer.backward`` and ``base_layer.effective_weight()``.
+
+Training-time behaviour that is not a forward/backward (AdaLoRA's allocator, DyLoRA's rank draw,
+Delta-LoRA's weight update, RoSA's gradient collection) is a :class:`Controller`, which the
+training loop calls in PEFT's order:
+
+    before_forward(step) -> forward -> backward -> regularize() -> optimizer.step
+    -> lr step -> after_optimizer_step(step) -> zero_grad
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from ..module import Linear, Module
+
+
+def linear_paths(model: Module) -> list[str]:
+    """Dotted paths of every Linear (dense or quantised) in ``model``."""
+    return [name for name, m in model.named_modules() if isinstance(m, Linear)]
+
+
+def match_target_modules(model: Module, target_modules: str | Sequence[str]) -> list[str]:
+    """The Linear paths chosen by ``target_modules``, following PEFT's rule.
+
+    A string is a regular expression matched against the whole path (``re.fullmatch``). A list
+    matches a path equal to an entry or ending with ``"." + entry``. Every list entry must match
+    something, otherwise a ValueError lists the linear names that exist.
+    """
+    paths = linear_paths(model)
+    leaf_names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    if isinstance(target_modules, str):
+        chosen = [p for p in paths if re.fullmatch(target_modules, p)]
+        if not chosen:
+            raise ValueError(
+                f"target_modules regex {target_modules!r} matches no linear layer; "
+                f"linear layers are named {leaf_names} (e.g. {paths[:3]})")
+        return chosen
+    if not target_modules:
+        raise ValueError("target_modules is empty; name at least one of " + str(leaf_names))
+    missing = [t for t in target_modules if not any(p == t or p.endswith("." + t) for p in paths)]
+    if missing:
+        raise ValueError(f"target_modules {missing} match no linear layer; the linear layers are named {leaf_names}")
+    return [p for p in paths if any(p == t or p.endswith("." + t) for t in target_modules)]
+
+
+def inject_adapters(model: Module, target_modules, make_adapter: Callable[[str, Linear], Module]) -> list[str]:
+    """Freeze every base parameter, then replace each target linear by ``make_adapter(path, base)``.
+
+    All adapters are built before any is installed, so a failure (a bad rank, say) leaves the
+    model untouched. Returns the wrapped paths.
+    """
+    paths = match_target_modules(model, target_modules)
+    adapters = {p: make_adapter(p, model.get_submodule(p)) for p in paths}
+    model.freeze_all()
+    for p, a in adapters.items():
+        model.set_submodule(p, a)
+    return paths
+
+
+def adapter_layers(model: Module, cls: type | tuple[type, ...] | None = None) -> list[tuple[str, Module]]:
+    """(path, layer) of every adapter layer (a module with a ``base_layer`` child) in the model."""
+    out = []
+    for name, m in model.named_modules():
+        if hasattr(m, "base_layer") and (cls is None or isinstance(m, cls)):
+            out.append((name, m))
+    return out
+
+
+class Controller:
+    """Training-time behaviour of a method, called by the loop in PEFT's order (module docstring).
+
+    Every hook is a no-op by default. ``state_dict``/``load_state_dict`` carry whatever the
+    method needs to resume bit-exactly (scores, masks, RNG streams, collection progress) as a
+    flat dict of arrays and JSON-able values.
+    """
+
+    def before_forward(self, step: int) -> None:
+        pass
+
+    def regularize(self) -> float:
+        """Add a regulariser's gradient into the adapter grads; return its value (added to the loss)."""
+        return 0.0
+
+    def after_optimizer_step(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

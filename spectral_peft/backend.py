@@ -1,0 +1,142 @@
+"""Backend selection: NumPy (CPU) or CuPy (GPU), the dtype policy and seeded RNGs.
+
+The backend is chosen once, at the edge (a CLI flag, a function argument, or the environment
+variable ``SPECTRAL_PEFT_DEVICE=cpu|gpu``). Inside the engine every function takes its array
+namespace from its arrays with :func:`get_xp`, never from a global: NumPy code is never written
+as ``import cupy as np``. Data moves between host and device only through :func:`to_device` and
+:func:`to_host`, which callers use at the API edge (loading weights, writing results), never
+silently in the middle of a computation.
+
+Dtype policy: parameters and activations share one floating dtype, float32 (speed) or float64
+(the oracle). Token ids and labels are int64. Quantised weights are uint8 codes with float32
+statistics whatever the compute dtype, as in bitsandbytes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+DEVICES = ("cpu", "gpu")
+DTYPES = ("float32", "float64")
+ENV_DEVICE = "SPECTRAL_PEFT_DEVICE"
+
+
+def cupy_or_none() -> ModuleType | None:
+    """The cupy module when it imports and sees a GPU, else None."""
+    try:
+        import cupy  # noqa: PLC0415 - optional dependency, imported only on demand
+    except Exception:  # ImportError, or a CUDA library failing to load
+        return None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+    except Exception:
+        return None
+    return cupy
+
+
+def gpu_unavailable_reason() -> str | None:
+    """None when a CuPy GPU backend can be used, else a sentence saying why not."""
+    try:
+        import cupy  # noqa: F401, PLC0415
+    except Exception as exc:
+        return f"CuPy is not importable ({type(exc).__name__}: {exc}); install the 'gpu' extra"
+    if cupy_or_none() is None:
+        return "CuPy is installed but sees no CUDA device"
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where arrays live and which float dtype they use.
+
+    Attributes:
+        device: "cpu" (NumPy) or "gpu" (CuPy).
+        dtype:  "float32" or "float64", the dtype of parameters and activations.
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device == "gpu":
+            reason = gpu_unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"device='gpu' was asked for but {reason}")
+
+    @property
+    def xp(self) -> ModuleType:
+        """The array namespace: numpy or cupy."""
+        if self.device == "gpu":
+            import cupy  # noqa: PLC0415
+
+            return cupy
+        return np
+
+    @property
+    def float(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def asarray(self, host_array, dtype=None):
+        """Host data -> an array of this backend (a copy on GPU; float data cast to self.dtype)."""
+        host_array = np.asarray(host_array)
+        if dtype is None:
+            dtype = self.float if host_array.dtype.kind == "f" else host_array.dtype
+        return to_device(host_array.astype(dtype, copy=False), self)
+
+    def zeros(self, shape, dtype=None):
+        return self.xp.zeros(shape, dtype=self.float if dtype is None else dtype)
+
+    def rng(self, seed: int):
+        """A seeded generator of this backend's namespace (numpy.random.Generator or cupy's)."""
+        return self.xp.random.default_rng(seed)
+
+
+def get_backend(device: str | None = None, dtype: str = "float32") -> Backend:
+    """The backend for ``device`` (default: $SPECTRAL_PEFT_DEVICE, else "cpu") and ``dtype``."""
+    if device is None:
+        device = os.environ.get(ENV_DEVICE, "cpu").strip().lower() or "cpu"
+    return Backend(device=device, dtype=str(np.dtype(dtype)))
+
+
+def get_xp(*arrays) -> ModuleType:
+    """The namespace (numpy or cupy) that owns ``arrays``; numpy for host data or no arrays."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            import cupy  # noqa: PLC0415
+
+            return cupy
+    return np
+
+
+def is_device_array(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def to_device(host_array: np.ndarray, backend: Backend):
+    """Host -> the backend's device. A no-op (no copy) on CPU."""
+    if backend.device == "gpu":
+        import cupy  # noqa: PLC0415
+
+        return cupy.asarray(host_array)
+    return host_array
+
+
+def to_host(a) -> np.ndarray:
+    """Any backend's array -> a NumPy array (a device->host copy on GPU)."""
+    if is_device_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def host_rng(seed: int) -> np.random.Generator:
+    """The host generator used for parameter initialisation, so that CPU and GPU runs with the
+    same seed start from identical weights (drawn on the host, moved once at the edge)."""
+    return np.random.default_rng(seed)

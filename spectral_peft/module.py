@@ -237,6 +237,16 @@ class Linear(Module):
     def d_out(self) -> int:
         return self.params["weight"].shape[0]
 
+    @property
+    def dtype(self):
+        """The compute dtype of inputs and outputs (a quantised subclass answers without dequantising)."""
+        return self.params["weight"].dtype
+
+    @property
+    def xp(self):
+        """The array namespace the layer computes in (numpy or cupy)."""
+        return get_xp(self.params["weight"])
+
     def effective_weight(self):
         """The dense (d_out, d_in) matrix this layer applies (a quantised base dequantises here)."""
         return self.params["weight"]

@@ -10,8 +10,8 @@ Training-time behaviour that is not a forward/backward (AdaLoRA's allocator, DyL
 Delta-LoRA's weight update, RoSA's gradient collection) is a :class:`Controller`, which the
 training loop calls in PEFT's order:
 
-    before_forward(step) -> forward -> backward -> regularize() -> optimizer.step
-    -> lr step -> after_optimizer_step(step) -> zero_grad
+    before_forward(step) -> forward -> backward -> regularize() -> after_backward(step)
+    -> (clip) -> optimizer.step -> lr step -> after_optimizer_step(step) -> zero_grad
 """
 from __future__ import annotations
 
@@ -87,6 +87,10 @@ class Controller:
     def regularize(self) -> float:
         """Add a regulariser's gradient into the adapter grads; return its value (added to the loss)."""
         return 0.0
+
+    def after_backward(self, step: int) -> None:
+        """Runs once the gradients are complete, before clipping and the optimizer (e.g. LoRA-FA's
+        corrected gradient, RoSA's gradient collection)."""
 
     def after_optimizer_step(self, step: int) -> None:
         pass

@@ -1,0 +1,183 @@
+"""Element-wise activations: GELU (tanh and erf forms), SiLU, ReLU, tanh, and the HF name table.
+
+Shape legend: x, y, dy, dx all (...), any shape; float32 stays float32.
+
+The gated activations share one form, y = x · s(x), whose derivative is
+    dy/dx = s(x) + x · s'(x):
+  GELU, tanh form ("gelu_new", GPT-2):  s = ½(1 + tanh(k(x + c x³))),  k = √(2/π), c = 0.044715,
+                                        s' = 2 s (1 - s) · k (1 + 3c x²)
+  GELU, erf form ("gelu", BERT):        s = Φ(x) = ½(1 + erf(x/√2)),     s' = φ(x) = e^(-x²/2)/√(2π)
+  SiLU ("silu", "swish", LLaMA):        s = σ(x) = 1/(1 + e^(-x)),       s' = s (1 - s)
+Their caches hold (x, s): x is needed for x · s', and keeping s saves recomputing the
+transcendental (tanh, erf, exp) in the backward, the costliest pass. Derivations: docs/ops.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from ..backend import get_xp
+
+GELU_K = math.sqrt(2.0 / math.pi)  # k in the tanh form (HF NewGELUActivation)
+GELU_C = 0.044715
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+GELU_APPROXIMATIONS = ("tanh", "none")
+
+
+def _special(xp):
+    """scipy.special on NumPy, cupyx.scipy.special on CuPy (for erf and expit)."""
+    if xp.__name__ == "numpy":
+        import scipy.special  # noqa: PLC0415
+
+        return scipy.special
+    import cupyx.scipy.special  # noqa: PLC0415
+
+    return cupyx.scipy.special
+
+
+def _check_float(x, name: str) -> None:
+    if getattr(x, "dtype", None) is None or x.dtype.kind != "f":
+        raise ValueError(f"{name}: x must be a float array, got {getattr(x, 'dtype', type(x).__name__)}")
+
+
+def _gated_backward(dy, x, s, ds):
+    """dx = dy ⊙ (s + x ⊙ ds), computed in place in ``ds`` (a temporary the caller owns)."""
+    ds *= x
+    ds += s
+    ds *= dy
+    return ds
+
+
+# --- GELU ------------------------------------------------------------------------------------
+
+def gelu_forward(x, approximate: str = "tanh"):
+    """GELU, y = x · s(x).  x (...) -> y (...); cache (x, s, approximate).
+
+    approximate="tanh": GPT-2's gelu_new / torch gelu(approximate="tanh");
+    approximate="none": the exact erf form (BERT's "gelu").
+    """
+    _check_float(x, "gelu_forward")
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"gelu_forward: approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    xp = get_xp(x)
+    if approximate == "tanh":
+        s = x * x  # x²
+        s *= GELU_C
+        s += 1.0
+        s *= x  # x + c x³
+        s *= GELU_K  # u = k (x + c x³)
+        xp.tanh(s, out=s)
+    else:
+        s = x * INV_SQRT2
+        _special(xp).erf(s, out=s)  # erf(x/√2)
+    s += 1.0
+    s *= 0.5  # s = ½(1 + tanh(u))  or  Φ(x) = ½(1 + erf(x/√2))
+    y = x * s
+    return y, (x, s, approximate)
+
+
+def gelu_backward(dy, cache):
+    """dx (...) of y = x · s(x): dx = dy ⊙ (s + x · s')."""
+    x, s, approximate = cache
+    xp = get_xp(dy)
+    ds = x * x  # x²
+    if approximate == "tanh":
+        # s = ½(1 + tanh(k(x + c x³)))  =>  s' = 2 s (1 - s) · k (1 + 3c x²)
+        ds *= 3.0 * GELU_C
+        ds += 1.0
+        ds *= 2.0 * GELU_K
+        ds *= s
+        ds *= 1.0 - s
+    else:
+        # s = Φ(x)  =>  s' = φ(x) = e^(-x²/2) / √(2π)
+        ds *= -0.5
+        xp.exp(ds, out=ds)
+        ds *= INV_SQRT_2PI
+    # y = x s(x)  =>  dx = dy (s + x s')
+    return _gated_backward(dy, x, s, ds)
+
+
+# --- SiLU ------------------------------------------------------------------------------------
+
+def silu_forward(x):
+    """SiLU (swish), y = x · σ(x).  x (...) -> y (...); cache (x, σ(x))."""
+    _check_float(x, "silu_forward")
+    s = _special(get_xp(x)).expit(x)  # σ(x), overflow-free
+    return x * s, (x, s)
+
+
+def silu_backward(dy, cache):
+    """dx (...) of y = x σ(x): dx = dy ⊙ (σ + x σ (1 - σ))."""
+    x, s = cache
+    # s = σ(x)  =>  s' = s (1 - s)
+    ds = 1.0 - s
+    ds *= s
+    # y = x s(x)  =>  dx = dy (s + x s')
+    return _gated_backward(dy, x, s, ds)
+
+
+# --- ReLU, tanh ------------------------------------------------------------------------------
+
+def relu_forward(x):
+    """y = max(x, 0).  x (...) -> y (...); cache the boolean mask x > 0 (1 byte per element)."""
+    _check_float(x, "relu_forward")
+    mask = x > 0
+    return x * mask, mask
+
+
+def relu_backward(dy, cache):
+    """y = max(x, 0)  =>  dx = dy ⊙ [x > 0]."""
+    return dy * cache
+
+
+def tanh_forward(x):
+    """y = tanh(x) (BERT's pooler).  x (...) -> y (...); cache y (the derivative needs only y)."""
+    _check_float(x, "tanh_forward")
+    y = get_xp(x).tanh(x)
+    return y, y
+
+
+def tanh_backward(dy, cache):
+    """y = tanh(x)  =>  dx = dy ⊙ (1 - y²)."""
+    y = cache
+    dx = y * y
+    get_xp(dy).subtract(1.0, dx, out=dx)  # 1 - y²
+    dx *= dy
+    return dx
+
+
+# --- the Hugging Face name table -------------------------------------------------------------
+
+class Activation(NamedTuple):
+    """A forward/backward pair: forward(x) -> (y, cache); backward(dy, cache) -> dx."""
+
+    forward: object
+    backward: object
+
+
+def _gelu_tanh_forward(x):
+    return gelu_forward(x, approximate="tanh")
+
+
+def _gelu_erf_forward(x):
+    return gelu_forward(x, approximate="none")
+
+
+# HF config names (config.activation_function / hidden_act) -> pairs.
+ACTIVATIONS: dict[str, Activation] = {
+    "gelu_new": Activation(_gelu_tanh_forward, gelu_backward),  # GPT-2
+    "gelu_pytorch_tanh": Activation(_gelu_tanh_forward, gelu_backward),  # the same function
+    "gelu": Activation(_gelu_erf_forward, gelu_backward),  # BERT: exact erf form
+    "relu": Activation(relu_forward, relu_backward),
+    "silu": Activation(silu_forward, silu_backward),  # LLaMA
+    "swish": Activation(silu_forward, silu_backward),
+    "tanh": Activation(tanh_forward, tanh_backward),
+}
+
+
+def get_activation(name: str) -> Activation:
+    """The (forward, backward) pair for an HF activation name; ValueError listing the known names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known names: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]

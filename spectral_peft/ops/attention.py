@@ -1,0 +1,130 @@
+"""Multi-head scaled-dot-product attention on already-split heads, and the head split/merge.
+
+Shape legend: B batch, H heads, T sequence, hd = C/H head width, C model width.
+q, k, v, out, dq, dk, dv (B, H, T, hd); S, P (B, H, T, T); key_padding_mask (B, T).
+
+Forward:
+    S = q kᵀ / √hd                                   (B, H, T, T)
+    S[i, j] = -∞ where j is masked for query i:      causal (j > i), or key j is padding
+    P = softmax_j(S)                                 (B, H, T, T)
+    out = P v                                        (B, H, T, hd)
+Backward (D_i = Σ_j P_ij dP_ij = dout_i · out_i, the FlashAttention identity):
+    dv = Pᵀ dout,  dP = dout vᵀ,  dS = P ⊙ (dP - D),  dq = dS k / √hd,  dk = dSᵀ q / √hd
+
+Fully masked rows (a query that may attend to no key, e.g. an all-padding sequence, or left
+padding under a causal mask): this engine gives P = 0 on that row, hence out = 0 and zero
+gradients, never NaN. Hugging Face masks with the dtype's most negative value instead of -∞, which
+on such a row gives a uniform average of v: the two agree on every row that has at least one
+visible key, which is every row whose output is meaningful (right padding, as GPT-2 and BERT use).
+
+The cache holds q, k, v (needed for dk, dq, dv), P (the one (B, H, T, T) array kept) and out
+(to form D without a second (B, H, T, T) temporary). Callers must not write into ``out`` in place
+before the backward; the backward allocates a single (B, H, T, T) temporary (dP, turned into dS
+in place).
+"""
+from __future__ import annotations
+
+import math
+
+from ..backend import get_xp
+
+
+def split_heads(x, H: int):
+    """(B, T, C) -> (B, H, T, hd), hd = C/H: a view, no copy."""
+    if x.ndim != 3:
+        raise ValueError(f"split_heads: x must have shape (B, T, C), got {tuple(x.shape)}")
+    B, T, C = x.shape
+    if H < 1 or C % H:
+        raise ValueError(f"split_heads: H = {H} must be a positive divisor of C = {C}")
+    return x.reshape(B, T, H, C // H).transpose(0, 2, 1, 3)  # (B, T, H, hd) -> (B, H, T, hd)
+
+
+def merge_heads(x):
+    """(B, H, T, hd) -> (B, T, C), C = H·hd: a contiguous copy. It is also split_heads' backward."""
+    if x.ndim != 4:
+        raise ValueError(f"merge_heads: x must have shape (B, H, T, hd), got {tuple(x.shape)}")
+    B, H, T, hd = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, H * hd)  # (B, T, H, hd) -> (B, T, C)
+
+
+def split_heads_backward(dout):
+    """y = split_heads(x)  =>  dx = merge_heads(dy): (B, H, T, hd) -> (B, T, C)."""
+    return merge_heads(dout)
+
+
+def merge_heads_backward(dout, H: int):
+    """y = merge_heads(x)  =>  dx = split_heads(dy, H): (B, T, C) -> (B, H, T, hd)."""
+    return split_heads(dout, H)
+
+
+def _check_qkv(q, k, v, key_padding_mask):
+    if q.ndim != 4:
+        raise ValueError(f"attention_forward: q must have shape (B, H, T, hd), got {tuple(q.shape)}")
+    if q.dtype.kind != "f":
+        raise ValueError(f"attention_forward: q must be float32 or float64, got {q.dtype}")
+    for name, a in (("k", k), ("v", v)):
+        if a.shape != q.shape:
+            raise ValueError(f"attention_forward: {name} must have q's shape (B, H, T, hd) = {tuple(q.shape)}, got {tuple(a.shape)}")
+        if a.dtype != q.dtype:
+            raise ValueError(f"attention_forward: {name} must have q's dtype {q.dtype}, got {a.dtype}")
+    if key_padding_mask is not None:
+        B, _, T, _ = q.shape
+        if tuple(key_padding_mask.shape) != (B, T):
+            raise ValueError(f"attention_forward: key_padding_mask must have shape (B, T) = ({B}, {T}), got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.dtype.kind not in "biu":
+            raise ValueError(f"attention_forward: key_padding_mask must be bool or int (1 = real token, 0 = padding), got {key_padding_mask.dtype}")
+
+
+def attention_forward(q, k, v, causal: bool, key_padding_mask=None):
+    """out = softmax(q kᵀ/√hd + mask) v per head.
+
+    q, k, v (B, H, T, hd); causal: query i sees keys j <= i; key_padding_mask (B, T), 1 = real
+    token, 0 = padding (never attended to), or None. -> out (B, H, T, hd), cache.
+    """
+    _check_qkv(q, k, v, key_padding_mask)
+    xp = get_xp(q)
+    T, hd = q.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(hd)
+    P = q @ k.swapaxes(-1, -2)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
+    P *= scale  # S = q kᵀ / √hd
+    masked = None  # (B or 1, 1, T, T) bool, True where a score is removed
+    if causal:
+        masked = xp.triu(xp.ones((T, T), dtype=bool), k=1)[None, None]  # j > i
+    if key_padding_mask is not None:
+        pad = (key_padding_mask == 0)[:, None, None, :]  # (B, 1, 1, T)
+        masked = pad if masked is None else (masked | pad)
+    if masked is not None:
+        xp.copyto(P, -math.inf, where=masked)
+    # P = softmax_j(S), max-subtracted; a fully masked row has max -∞: use 0 there, so that
+    # every exponent is e^(-∞) = 0 and the row sums to 0; dividing by 1 then leaves P = 0.
+    m = P.max(axis=-1, keepdims=True)  # (B, H, T, 1)
+    if key_padding_mask is not None:
+        m[m == -math.inf] = 0.0
+    P -= m
+    xp.exp(P, out=P)
+    denom = P.sum(axis=-1, keepdims=True)  # (B, H, T, 1)
+    if key_padding_mask is not None:
+        denom[denom == 0] = 1.0
+    P /= denom
+    out = P @ v  # (B, H, T, T) @ (B, H, T, hd) -> (B, H, T, hd)
+    return out, (q, k, v, P, out, scale)
+
+
+def attention_backward(dout, cache):
+    """(dq, dk, dv), each (B, H, T, hd), of out = softmax(q kᵀ/√hd + mask) v."""
+    q, k, v, P, out, scale = cache
+    if dout.shape != out.shape:
+        raise ValueError(f"attention_backward: dout must have shape (B, H, T, hd) = {tuple(out.shape)}, got {tuple(dout.shape)}")
+    # out = P v  =>  dv = Pᵀ dout
+    dv = P.swapaxes(-1, -2) @ dout  # (B, H, T, T) @ (B, H, T, hd) -> (B, H, T, hd)
+    # out = P v  =>  dP = dout vᵀ
+    dS = dout @ v.swapaxes(-1, -2)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
+    # P = softmax(S)  =>  dS = P ⊙ (dP - D),  D_i = Σ_j P_ij dP_ij = dout_i · out_i
+    D = (dout * out).sum(axis=-1, keepdims=True)  # (B, H, T, 1)
+    dS -= D
+    dS *= P  # masked entries have P = 0, so their score gradient is 0
+    dS *= scale  # S = q kᵀ √hd⁻¹: fold the scale in once
+    # S = q kᵀ / √hd  =>  dq = dS k / √hd,  dk = dSᵀ q / √hd
+    dq = dS @ k  # (B, H, T, T) @ (B, H, T, hd) -> (B, H, T, hd)
+    dk = dS.swapaxes(-1, -2) @ q
+    return dq, dk, dv

@@ -1,0 +1,72 @@
+"""Embedding lookup: out = table[ids], and its backward, a scatter-add of the rows' gradients.
+
+Shape legend: V vocabulary (rows of the table), C width, ids of any integer shape S (usually
+(B, T)); out has shape S + (C,).
+
+Forward:  out[s, :] = table[ids[s], :]
+Backward: dtable[v, :] = Σ_{s : ids[s] = v} dout[s, :]     (a row used twice gets both gradients)
+
+The gradient is accumulated by a scatter-add over the ids, never by a one-hot (N, V) matrix.
+"""
+from __future__ import annotations
+
+from ..backend import get_xp
+
+
+def _check_ids(ids, V: int) -> None:
+    """Raise before any work if ``ids`` is not integer or holds a value outside [0, V)."""
+    xp = get_xp(ids)
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"ids must be an integer array, got dtype {ids.dtype}")
+    if ids.size == 0:
+        return
+    bad = (ids < 0) | (ids >= V)
+    if bool(bad.any()):
+        first = int(xp.argmax(bad.reshape(-1)))
+        value = int(ids.reshape(-1)[first])
+        raise ValueError(f"ids: token id {value} (flat position {first}) is outside [0, V) with V = {V}")
+
+
+def embedding_forward(ids, table):
+    """out = table[ids].  ids int S (e.g. (B, T)), table (V, C) -> out S + (C,).
+
+    Raises ValueError naming the offending id and V if any id is outside [0, V).
+    The cache holds the ids (and V): the table itself is a parameter, passed to no backward.
+    """
+    if table.ndim != 2:
+        raise ValueError(f"table must have shape (V, C), got shape {tuple(table.shape)}")
+    V = table.shape[0]
+    _check_ids(ids, V)
+    xp = get_xp(table)
+    out = xp.take(table, ids, axis=0)  # S -> S + (C,)
+    return out, (ids, V)
+
+
+def embedding_backward(dout, cache):
+    """dtable (V, C) from dout S + (C,): rows with the same id sum their gradients.
+
+    NumPy: the ids are sorted once and the rows of each run of equal ids summed with
+    ``np.add.reduceat`` (a fast, deterministic scatter-add). CuPy: ``cupyx.scatter_add``.
+    """
+    ids, V = cache
+    C = dout.shape[-1]
+    if tuple(dout.shape) != tuple(ids.shape) + (C,):
+        raise ValueError(f"dout must have shape ids.shape + (C,) = {tuple(ids.shape)} + (C,), got {tuple(dout.shape)}")
+    xp = get_xp(dout)
+    dtable = xp.zeros((V, C), dtype=dout.dtype)
+    flat_ids = ids.reshape(-1)  # (N,)
+    dout2 = dout.reshape(-1, C)  # (N, C)
+    if flat_ids.size == 0:
+        return dtable
+    if xp.__name__ == "numpy":
+        # out[s] = table[ids[s]]  =>  dtable[v] = Σ_{ids[s] = v} dout[s]
+        order = xp.argsort(flat_ids, kind="stable")  # (N,) groups equal ids together
+        sorted_ids = flat_ids[order]
+        starts = xp.flatnonzero(xp.r_[True, sorted_ids[1:] != sorted_ids[:-1]])  # first row of each run
+        dtable[sorted_ids[starts]] = xp.add.reduceat(dout2[order], starts, axis=0)
+    else:
+        import cupyx  # noqa: PLC0415 - only on the GPU backend
+
+        # out[s] = table[ids[s]]  =>  dtable[v] += dout[s] for every s with ids[s] = v
+        cupyx.scatter_add(dtable, flat_ids, dout2)
+    return dtable

@@ -1,0 +1,70 @@
+"""Cross-entropy of logits against integer targets, mean over non-ignored targets (HF semantics).
+
+Shape legend: N tokens (B·T), V vocabulary; logits (N, V), targets (N,) int, P (N, V).
+
+Forward:  L = (1/n) Σ_{i : t_i ≠ ignore} (logsumexp(z_i) - z_{i, t_i}),  n = #non-ignored
+          (n = 0: L = 0 and a zero gradient, not NaN; PyTorch would give NaN there)
+Backward: dz_i = dL · (softmax(z_i) - onehot(t_i)) / n for non-ignored rows, 0 for ignored rows.
+
+The cache holds the softmax P (N, V), which the forward computes anyway; the backward turns it into
+dlogits IN PLACE (no second (N, V) array: with V = 50257 that is the largest activation of GPT-2),
+so the cache is consumed: a second backward on the same cache raises.
+"""
+from __future__ import annotations
+
+from ..backend import get_xp
+
+
+def cross_entropy_forward(logits, targets, ignore_index: int = -100):
+    """Mean cross-entropy.  logits (N, V) float, targets (N,) int -> (loss: float, cache).
+
+    Targets must lie in [0, V) or equal ``ignore_index``; otherwise ValueError, before any work.
+    """
+    if logits.ndim != 2 or logits.dtype.kind != "f":
+        raise ValueError(f"cross_entropy_forward: logits must be a float array of shape (N, V), got shape {tuple(logits.shape)} dtype {logits.dtype}")
+    N, V = logits.shape
+    if tuple(targets.shape) != (N,):
+        raise ValueError(f"cross_entropy_forward: targets must have shape (N,) = ({N},), got {tuple(targets.shape)}")
+    if targets.dtype.kind not in "iu":
+        raise ValueError(f"cross_entropy_forward: targets must be integer, got dtype {targets.dtype}")
+    xp = get_xp(logits)
+    valid = targets != ignore_index  # (N,) bool
+    bad = valid & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        i = int(xp.argmax(bad))
+        raise ValueError(f"cross_entropy_forward: targets[{i}] = {int(targets[i])} is outside [0, V) with V = {V} "
+                         f"and is not ignore_index = {ignore_index}")
+    n = int(valid.sum())
+    rows = xp.arange(N)
+    safe_t = xp.where(valid, targets, 0)  # (N,) an in-range index even on ignored rows
+    m = logits.max(axis=-1, keepdims=True)  # (N, 1)
+    P = logits - m  # (N, V)
+    xp.exp(P, out=P)
+    denom = P.sum(axis=-1, keepdims=True)  # (N, 1)
+    P /= denom  # softmax(z)
+    # logsumexp(z_i) - z_{i, t_i} = log Σ e^(z - m) - (z_{i, t_i} - m)
+    nll = xp.log(denom[:, 0]) - (logits[rows, safe_t] - m[:, 0])  # (N,)
+    loss = float((nll * valid).sum()) / n if n else 0.0
+    return loss, [P, safe_t, valid, n]
+
+
+def cross_entropy_backward(dloss, cache):
+    """dlogits (N, V) of the mean cross-entropy, scaled by the upstream scalar ``dloss``.
+
+    Consumes the cache: dlogits is written over the cached softmax.
+    """
+    P, safe_t, valid, n = cache
+    if P is None:
+        raise RuntimeError("cross_entropy_backward: this cache was already consumed by a backward")
+    cache[0] = None
+    xp = get_xp(P)
+    dz = P
+    if n == 0:
+        dz[...] = 0.0
+        return dz
+    # L = (1/n) Σ (logsumexp(z_i) - z_{i,t_i})  =>  dz_i = (softmax(z_i) - onehot(t_i)) · dL / n
+    dz[xp.arange(dz.shape[0]), safe_t] -= 1.0
+    dz *= float(dloss) / n
+    if n < dz.shape[0]:
+        dz[~valid] = 0.0  # ignored targets contribute nothing
+    return dz

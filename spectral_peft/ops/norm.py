@@ -1,0 +1,105 @@
+"""LayerNorm (GPT-2, BERT) and RMSNorm (LLaMA) over the last axis, forward and backward.
+
+Shape legend: x (..., C), flattened to N rows of width C; weight, bias (C,); rstd (..., 1).
+
+LayerNorm:  μ = mean(x),  σ² = mean((x - μ)²),  r = 1/sqrt(σ² + eps),  x̂ = (x - μ) r,
+            y = x̂ ⊙ w + b
+RMSNorm:    r = 1/sqrt(mean(x²) + eps),  x̂ = x r,  y = x̂ ⊙ w
+
+Both caches hold x̂ (..., C) and r (..., 1): x̂ is what the backward needs for dw and dx, and
+keeping it saves re-normalising x (two passes) in the backward. Derivations: docs/ops.md.
+"""
+from __future__ import annotations
+
+from ..backend import get_xp
+
+
+def _check_norm_args(x, weight, bias=None, name: str = "layernorm") -> None:
+    C = x.shape[-1] if x.ndim else None
+    if x.ndim < 1 or x.dtype.kind != "f":
+        raise ValueError(f"{name}: x must be a float array of shape (..., C), got shape {tuple(x.shape)} dtype {x.dtype}")
+    if tuple(weight.shape) != (C,):
+        raise ValueError(f"{name}: weight must have shape (C,) = ({C},), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (C,):
+        raise ValueError(f"{name}: bias must have shape (C,) = ({C},), got {tuple(bias.shape)}")
+
+
+def layernorm_forward(x, weight, bias, eps: float = 1e-5):
+    """y = (x - μ)/sqrt(σ² + eps) ⊙ weight + bias over the last axis.
+
+    x (..., C), weight (C,), bias (C,) or None -> y (..., C); cache (x̂ (..., C), rstd (..., 1)).
+    """
+    _check_norm_args(x, weight, bias, "layernorm_forward")
+    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    xhat = x - mean  # (..., C)  x - μ
+    var = (xhat * xhat).mean(axis=-1, keepdims=True)  # (..., 1)  biased variance, as PyTorch
+    rstd = 1.0 / (var + eps) ** 0.5  # (..., 1)
+    xhat *= rstd  # x̂ = (x - μ) r
+    y = xhat * weight
+    if bias is not None:
+        y += bias
+    return y, (xhat, rstd)
+
+
+def layernorm_backward(dy, cache, weight):
+    """Gradients of y = x̂ ⊙ w + b: returns (dx (..., C), dweight (C,), dbias (C,)).
+
+    dx = r · (g - mean(g) - x̂ · mean(g ⊙ x̂))  with g = dy ⊙ w   (docs/ops.md derives it).
+    """
+    xhat, rstd = cache
+    if dy.shape != xhat.shape:
+        raise ValueError(f"layernorm_backward: dy must have the forward's shape {tuple(xhat.shape)}, got {tuple(dy.shape)}")
+    C = dy.shape[-1]
+    # y = x̂ w + b  =>  db = Σ_N dy
+    dbias = dy.reshape(-1, C).sum(axis=0)
+    # y = x̂ w + b  =>  dw = Σ_N dy ⊙ x̂
+    t = dy * xhat  # (..., C)
+    dweight = t.reshape(-1, C).sum(axis=0)
+    # y = x̂ w  =>  dx̂ = g = dy ⊙ w
+    g = dy * weight  # (..., C), becomes dx in place
+    # x̂ = (x - μ) r  =>  dx = r (g - mean(g) - x̂ mean(g ⊙ x̂))
+    xp = get_xp(dy)
+    xp.multiply(g, xhat, out=t)  # reuse the buffer: t = g ⊙ x̂
+    mean_gx = t.mean(axis=-1, keepdims=True)  # (..., 1)
+    g -= g.mean(axis=-1, keepdims=True)
+    xp.multiply(xhat, mean_gx, out=t)
+    g -= t
+    g *= rstd
+    return g, dweight, dbias
+
+
+def rmsnorm_forward(x, weight, eps: float = 1e-6):
+    """LLaMA's RMSNorm: y = x / sqrt(mean(x²) + eps) ⊙ weight over the last axis.
+
+    x (..., C), weight (C,) -> y (..., C); cache (x̂ (..., C), rstd (..., 1)).
+    """
+    _check_norm_args(x, weight, None, "rmsnorm_forward")
+    ms = (x * x).mean(axis=-1, keepdims=True)  # (..., 1)  mean(x²)
+    rstd = 1.0 / (ms + eps) ** 0.5  # (..., 1)
+    xhat = x * rstd  # (..., C)
+    y = xhat * weight
+    return y, (xhat, rstd)
+
+
+def rmsnorm_backward(dy, cache, weight):
+    """Gradients of y = x̂ ⊙ w, x̂ = x r: returns (dx (..., C), dweight (C,)).
+
+    dx = r · (g - x̂ · mean(g ⊙ x̂))  with g = dy ⊙ w.
+    """
+    xhat, rstd = cache
+    if dy.shape != xhat.shape:
+        raise ValueError(f"rmsnorm_backward: dy must have the forward's shape {tuple(xhat.shape)}, got {tuple(dy.shape)}")
+    C = dy.shape[-1]
+    t = dy * xhat  # (..., C)
+    # y = x̂ w  =>  dw = Σ_N dy ⊙ x̂
+    dweight = t.reshape(-1, C).sum(axis=0)
+    # y = x̂ w  =>  dx̂ = g = dy ⊙ w
+    g = dy * weight
+    # x̂ = x r, r = (mean(x²) + eps)^(-1/2)  =>  dx = r (g - x̂ mean(g ⊙ x̂))
+    xp = get_xp(dy)
+    xp.multiply(g, xhat, out=t)  # reuse the buffer: t = g ⊙ x̂
+    mean_gx = t.mean(axis=-1, keepdims=True)  # (..., 1)
+    xp.multiply(xhat, mean_gx, out=t)
+    g -= t
+    g *= rstd
+    return g, dweight

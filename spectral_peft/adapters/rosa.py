@@ -1,0 +1,769 @@
+"""RoSA: robust adaptation with a sparse-plus-low-rank delta, ΔW = s·B A + S.
+
+Sources: Nikdan et al., "RoSA: Accurate Parameter-Efficient Fine-Tuning via Robust Adaptation"
+(ICML 2024); IST-DASLab/peft-rosa ``src/peft/tuners/rosa/{config,layer,scheduler,hooks,
+rosa_functions,splinear}.py`` (field names, schedules, key names and the accumulation rule are
+taken from there as facts; the code here is written from the equations).
+
+Shape legend: N tokens (B·T, or any leading dims), d_in, d_out; r rank; nnz = int(d · d_out · d_in)
+entries of the sparse adapter S (d_out, d_in), stored in CSR (spectral_peft.sparse.CSR).
+
+    y = x (W + S)ᵀ + b + s · dropout(x) Aᵀ Bᵀ               impl 'sp_add' (the default)
+    y = x Wᵀ + b + x Sᵀ + s · dropout(x) Aᵀ Bᵀ              impl 'spmm'
+
+    A (r, d_in), B (d_out, r), s = lora_alpha / r (lora_alpha / √r with use_rslora; 1 when r = 0).
+
+Backward (dY (N, d_out)):
+    dS_values = SDDMM(support, dYᵀ, X)      dYᵀX read on the support only, never formed densely
+    dX        = dY (W + S) + s·(dY B) A      (through dropout's mask on the low-rank branch)
+    dA, dB    as LoRA (spectral_peft.ops.lowrank)
+
+The support of S is chosen once from the dense weight gradients G = dYᵀX of the frozen W, collected
+over ``spa_num_grads`` steps: mode 'mean_squared' (default, a diagonal Fisher) keeps mean(G²),
+mode 'mean' keeps mean(G); per layer the k = int(d · numel) entries largest in |collected| are kept,
+ties broken as every budget in the engine (spectral_peft.budget.topk_mask). The layer forms G
+on demand in its backward while collecting and keeps only the running sum.
+
+Parameters are stored under peft-rosa's key suffixes, so PeftModel names are adapter-file keys:
+``rosa_A.weight`` (r, d_in), ``rosa_B.weight`` (d_out, r), ``rosa_spa.values`` (nnz,); the CSR
+index arrays ``rosa_spa.row_offs`` (d_out+1,), ``rosa_spa.col_idx`` (nnz,), ``rosa_spa.row_idx``
+(d_out,) are buffers written to and read from the adapter file (peft_state_dict).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import ClassVar
+
+import numpy as np
+
+from ..backend import get_xp, to_host
+from ..budget import topk_mask
+from ..module import Linear, Module
+from ..ops.lowrank import lowrank_backward, lowrank_forward
+from ..sparse import CSR, SDDMM_IMPLS, sp_add, spmm, spmm_t
+from .base import Controller
+from .peft_model import AdapterConfig
+
+A_KEY, B_KEY = "rosa_A.weight", "rosa_B.weight"
+VALUES_KEY = "rosa_spa.values"
+ROW_OFFS_KEY, COL_IDX_KEY, ROW_IDX_KEY = "rosa_spa.row_offs", "rosa_spa.col_idx", "rosa_spa.row_idx"
+MASKS_FILE = "rosa_masks.safetensors"
+
+IMPLS = ("auto", "sp_add", "spmm")
+GRAD_ACC_MODES = ("mean_squared", "mean")
+SCHEDULE_HELP = "'wl<N>' (e.g. 'wl64'), 'wl0', 'default' (= 'wl0'), 'spa_only' or 'lora_only'"
+
+
+def _pattern_value(pattern: dict, path: str, default):
+    """PEFT's per-module override rule: a key applies to ``path`` when ``path`` equals it or ends
+    with ``"." + key``, or when the key, as a regular expression, matches ``(.*\\.)?key$``."""
+    for key, value in (pattern or {}).items():
+        if path == key or path.endswith("." + key) or re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _check_density(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} (the density of the sparse adapter) must lie in [0, 1], got {value!r}")
+    return float(value)
+
+
+def nnz_for(density: float, shape: tuple[int, int]) -> int:
+    """k = int(density · numel), the number of entries a (d_out, d_in) matrix keeps (peft-rosa's rule)."""
+    return int(_check_density(density, "d") * shape[0] * shape[1])
+
+
+# --- configuration ---------------------------------------------------------------------------------
+@dataclass
+class RosaConfig(AdapterConfig):
+    """RoSA's config, with peft-rosa's field names (``RosaConfig`` in IST-DASLab/peft-rosa).
+
+    Engine notes: weights are always (d_out, d_in) here (GPT-2's Conv1D is transposed by the
+    loader), so ``fan_in_fan_out`` is recorded for the file only; parameters use the model's
+    dtype, so ``rosa_dtype`` is recorded for the file only; ``spa_store_transpose`` (a GPU-kernel
+    cache in peft-rosa) is likewise kept for the file. ``sddmm_impl`` is the engine's choice of
+    SDDMM ('planned', 'gather', 'dense'; all give the same values).
+    """
+
+    peft_type: ClassVar[str] = "ROSA"
+
+    r: int = 8  # LoRA rank (peft-rosa default 8; 0 = sparse only)
+    d: float = 0.003  # density of the sparse adapter (peft-rosa default 0.3%)
+    target_modules: list[str] | str | None = None
+    lora_alpha: float = 8  # scaling s = lora_alpha / r
+    lora_dropout: float = 0.0  # dropout on the low-rank branch's input only
+    impl: str = "auto"  # 'sp_add' (x (W+S)ᵀ), 'spmm' (x Wᵀ + x Sᵀ); 'auto' = 'sp_add' as in peft-rosa
+    spa_store_transpose: bool = True
+    spa_num_grads: int = 1  # steps whose weight gradients choose the support
+    grad_acc_mode: str = "mean_squared"  # 'mean_squared' (diagonal Fisher) or 'mean'
+    mask_load_path: str | None = None  # a directory (or file) of saved supports: skip collection
+    mask_save_path: str | None = None  # a directory to write the supports to once chosen
+    rosa_dtype: str | None = None
+    terminate_after_mask_generation: bool = False  # pass 1 of the two-pass recipe stops there
+    schedule: str | None = None  # required: see SCHEDULE_HELP
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True  # True: A ~ kaiming-uniform, B = 0; 'gaussian': A ~ N(0, 1/r²)
+    rank_pattern: dict = field(default_factory=dict)
+    density_pattern: dict = field(default_factory=dict)  # per-layer density overrides
+    alpha_pattern: dict = field(default_factory=dict)
+    task_type: str | None = None
+    sddmm_impl: str = "planned"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+            raise ValueError("target_modules must name the linear layers to adapt, e.g. ['c_attn', 'c_proj', 'c_fc'],"
+                             f" got {self.target_modules!r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
+            raise ValueError(f"r must be an integer >= 0, got {self.r!r}")
+        _check_density(self.d, "d")
+        for key, value in self.density_pattern.items():
+            _check_density(value, f"density_pattern[{key!r}]")
+        for key, value in self.rank_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"rank_pattern[{key!r}] must be an integer >= 0, got {value!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.grad_acc_mode not in GRAD_ACC_MODES:
+            raise ValueError(f"grad_acc_mode must be one of {GRAD_ACC_MODES}, got {self.grad_acc_mode!r}")
+        if isinstance(self.spa_num_grads, bool) or not isinstance(self.spa_num_grads, int) or self.spa_num_grads < 1:
+            raise ValueError(f"spa_num_grads must be an integer >= 1 (a support cannot be collected over zero "
+                             f"batches), got {self.spa_num_grads!r}")
+        if self.mask_load_path is not None and self.mask_save_path is not None:
+            raise ValueError("mask_load_path and mask_save_path cannot both be set (peft-rosa's rule): "
+                             f"got {self.mask_load_path!r} and {self.mask_save_path!r}")
+        if self.terminate_after_mask_generation and self.mask_save_path is None:
+            raise ValueError("terminate_after_mask_generation=True needs mask_save_path, got None")
+        if self.bias != "none":
+            raise ValueError(f"bias must be 'none' (trainable base biases are not supported for RoSA), got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if self.sddmm_impl not in SDDMM_IMPLS:
+            raise ValueError(f"sddmm_impl must be one of {sorted(SDDMM_IMPLS)}, got {self.sddmm_impl!r}")
+        build_schedule(self.schedule, self.spa_num_grads, self.d, collect=self.mask_load_path is None)
+
+    # --- the AdapterConfig protocol ---
+    def layer_settings(self, path: str) -> tuple[int, float, float]:
+        """(r, d, lora_alpha) for the layer at ``path``, after rank/density/alpha patterns."""
+        r = _pattern_value(self.rank_pattern, path, self.r)
+        d = _pattern_value(self.density_pattern, path, self.d)
+        alpha = _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+        return int(r), float(d), float(alpha)
+
+    def make_layer(self, path: str, base: Linear, rng) -> RosaLinear:
+        r, d, alpha = self.layer_settings(path)
+        return RosaLinear(base, r=r, d=d, lora_alpha=alpha, lora_dropout=self.lora_dropout,
+                          impl=self.impl, use_rslora=self.use_rslora, init_lora_weights=self.init_lora_weights,
+                          grad_acc_mode=self.grad_acc_mode, sddmm_impl=self.sddmm_impl, rng=rng)
+
+    def make_controller(self, peft_model) -> RosaController:
+        return RosaController(peft_model, self)
+
+    def to_json_dict(self, peft_model=None) -> dict:
+        d = asdict(self)
+        d["peft_type"] = self.peft_type
+        if isinstance(d["target_modules"], (list, tuple, set)):
+            d["target_modules"] = sorted(d["target_modules"])
+        return d
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> RosaConfig:
+        """Build from adapter_config.json content; keys PEFT writes for every method (peft_type,
+        base_model_name_or_path, revision, inference_mode, ...) and unknown keys are ignored."""
+        if str(d.get("peft_type", "ROSA")).upper() != "ROSA":
+            raise ValueError(f"peft_type must be 'ROSA' for a RosaConfig, got {d.get('peft_type')!r}")
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if isinstance(kwargs.get("target_modules"), (set, tuple)):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        return cls(**kwargs)
+
+
+def two_pass_configs(config: RosaConfig, mask_dir: str, warmup: int = 64) -> tuple[RosaConfig, RosaConfig]:
+    """The published recipe (peft-rosa README, paper §4): pass 1 runs 'wl<warmup>', collects,
+    saves the supports to ``mask_dir`` and stops; pass 2 restarts from scratch with the supports
+    loaded and both adapters trained from step 0 ('wl0')."""
+    first = replace(config, schedule=f"wl{int(warmup)}", mask_save_path=mask_dir, mask_load_path=None,
+                    terminate_after_mask_generation=True)
+    second = replace(config, schedule="wl0", mask_load_path=mask_dir, mask_save_path=None,
+                     terminate_after_mask_generation=False)
+    return first, second
+
+
+# --- schedules -------------------------------------------------------------------------------------
+def build_schedule(name: str | None, spa_num_grads: int, d: float, collect: bool = True) -> list[tuple[frozenset, int | None]]:
+    """The agenda list of a schedule: [(agenda, end step exclusive or None), ...].
+
+    Facts from peft-rosa ``scheduler.py``: 'wl<N>' = {lora} for N steps, then {lora, grad_collection}
+    for spa_num_grads steps (only when no supports were loaded), then {lora, spa}; 'default'/'df' =
+    'wl0'; 'spa_only' = {grad_collection} then {spa}; 'lora_only' = {lora} (needs d = 0).
+    """
+    if name is None:
+        raise ValueError(f"schedule must be set: {SCHEDULE_HELP}; got None")
+    if not isinstance(name, str):
+        raise ValueError(f"schedule must be a string ({SCHEDULE_HELP}), got {name!r}")
+    if name in ("default", "df"):
+        name = "wl0"
+    out: list[tuple[frozenset, int | None]] = []
+    if name == "lora_only":
+        if d != 0:
+            raise ValueError(f"schedule 'lora_only' needs d = 0, got d={d}")
+        return [(frozenset({"lora"}), None)]
+    if name == "spa_only":
+        if d <= 0:
+            raise ValueError(f"schedule 'spa_only' needs d > 0, got d={d}")
+        if collect:
+            out.append((frozenset({"grad_collection"}), spa_num_grads))
+        out.append((frozenset({"spa"}), None))
+        return out
+    m = re.fullmatch(r"wl(\d+)", name)
+    if m is None:
+        raise ValueError(f"unknown schedule {name!r}; use {SCHEDULE_HELP}")
+    warmup = int(m.group(1))
+    if warmup > 0 and d <= 0:
+        raise ValueError(f"schedule {name!r} needs d > 0 (use 'lora_only' for d = 0), got d={d}")
+    if warmup > 0:
+        out.append((frozenset({"lora"}), warmup))
+    if collect and d > 0:
+        out.append((frozenset({"lora", "grad_collection"}), warmup + spa_num_grads))
+    out.append((frozenset({"lora", "spa"}), None))
+    return out
+
+
+def agenda_at(schedule: list[tuple[frozenset, int | None]], step: int) -> frozenset:
+    """The agenda of optimizer step ``step`` (0-based)."""
+    for agenda, end in schedule:
+        if end is None or step < end:
+            return agenda
+    raise AssertionError("a schedule always ends with an open-ended agenda")
+
+
+# --- the layer -------------------------------------------------------------------------------------
+class RosaLinear(Module):
+    """A frozen base linear plus s·B A + S (see the module docstring for equations and shapes).
+
+    ``params``: ``rosa_A.weight`` (r, d_in) and ``rosa_B.weight`` (d_out, r) when r > 0;
+    ``rosa_spa.values`` (nnz,) when d > 0, zero at creation and trainable once a support is set.
+    Child ``base_layer``: the frozen Linear (dense or quantised).
+    """
+
+    def __init__(self, base: Linear, r: int, d: float, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 impl: str = "sp_add", use_rslora: bool = False, init_lora_weights: bool | str = True,
+                 grad_acc_mode: str = "mean_squared", sddmm_impl: str = "planned", rng=None):
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"r must be an integer >= 0, got {r!r}")
+        _check_density(d, "d")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if grad_acc_mode not in GRAD_ACC_MODES:
+            raise ValueError(f"grad_acc_mode must be one of {GRAD_ACC_MODES}, got {grad_acc_mode!r}")
+        if sddmm_impl not in SDDMM_IMPLS:
+            raise ValueError(f"sddmm_impl must be one of {sorted(SDDMM_IMPLS)}, got {sddmm_impl!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {lora_dropout!r}")
+        rng = np.random.default_rng(0) if rng is None else rng
+        self.base_layer = base
+        self.r, self.d, self.lora_alpha = r, float(d), lora_alpha
+        self.impl = "sp_add" if impl == "auto" else impl
+        self.lora_dropout = float(lora_dropout)
+        self.grad_acc_mode = grad_acc_mode
+        self.sddmm_impl = sddmm_impl
+        # peft-rosa: scaling 1 when r == 0; alpha/√r with rsLoRA; else alpha/r
+        self.scaling = 1.0 if r == 0 else (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r)
+        d_out, d_in = base.d_out, base.d_in
+        xp, dtype = base.xp, base.dtype
+        if r > 0:
+            # init drawn on the host so CPU and GPU start equal (backend.host_rng's rule)
+            bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform(a=√5) on (r, d_in): U(-1/√d_in, 1/√d_in)
+            if init_lora_weights == "gaussian":
+                A = rng.normal(0.0, 1.0 / r, size=(r, d_in))
+            else:
+                A = rng.uniform(-bound, bound, size=(r, d_in))
+            if init_lora_weights is False:  # nn.Linear's default init of B (fan_in r)
+                B = rng.uniform(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r), size=(d_out, r))
+            else:
+                B = np.zeros((d_out, r))
+            self.params[A_KEY] = xp.asarray(A.astype(dtype))
+            self.params[B_KEY] = xp.asarray(B.astype(dtype))
+        self.nnz = nnz_for(d, (d_out, d_in)) if d > 0 else 0
+        if d > 0:
+            self.params[VALUES_KEY] = xp.zeros(self.nnz, dtype=dtype)
+            self.frozen.add(VALUES_KEY)  # trainable once a support is set
+        self.spa: CSR | None = None
+        self.dropout_rng = xp.random.default_rng(int(rng.integers(2**63 - 1))) if lora_dropout > 0 else None
+        # gradient collection (the support selection): running sum of G or G², and its count
+        self.collecting = False
+        self.grad_sum = None
+        self.grad_count = 0
+
+    # --- shapes and counts ---
+    @property
+    def d_in(self) -> int:
+        return self.base_layer.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.base_layer.d_out
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.d_out, self.d_in)
+
+    @property
+    def dtype(self):
+        return self.base_layer.dtype
+
+    @property
+    def xp(self):
+        return self.base_layer.xp
+
+    def adapter_parameter_count(self) -> int:
+        """r·(d_in + d_out) + nnz, the adapter's trainable size once its support is set."""
+        return self.r * (self.d_in + self.d_out) + self.nnz
+
+    # --- the support ---
+    def set_support(self, support, reset_values: bool = True) -> None:
+        """Install the support: a boolean (d_out, d_in) mask or a CSR of this layer's shape with
+        exactly nnz = int(d · numel) entries. Values are zeroed unless ``reset_values`` is False
+        (resuming), and become trainable."""
+        if self.d <= 0:
+            raise ValueError("this RoSA layer has d = 0: it has no sparse adapter to give a support")
+        if isinstance(support, CSR):
+            shape, count = support.shape, support.nnz
+        else:
+            shape, count = tuple(support.shape), int(support.sum())
+        if tuple(shape) != self.shape:
+            raise ValueError(f"support mask has shape {tuple(shape)} but the layer's weight is {self.shape} (d_out, d_in)")
+        if count != self.nnz:
+            raise ValueError(f"support mask has {count} entries but the layer keeps exactly nnz = int(d·numel) = "
+                             f"int({self.d}·{self.d_out * self.d_in}) = {self.nnz}")
+        values = self.params[VALUES_KEY]
+        if isinstance(support, CSR):
+            csr = CSR(values, self.xp.asarray(support.indptr), self.xp.asarray(support.indices), self.shape)
+        else:
+            csr = CSR.from_mask(self.xp.asarray(support), values=values)
+        if reset_values:
+            values[...] = 0
+        self.spa = csr
+        self.frozen.discard(VALUES_KEY)
+
+    def support_mask(self):
+        """Boolean (d_out, d_in) support, or None before one is set."""
+        return None if self.spa is None else self.spa.mask()
+
+    def _sparse(self) -> CSR | None:
+        """The support with the current values array (the optimizer updates it in place, but a
+        loader may have replaced it)."""
+        if self.spa is None or self.nnz == 0:
+            return None
+        values = self.params[VALUES_KEY]
+        if self.spa.values is not values:
+            self.spa.values = values
+        return self.spa
+
+    def delta_weight(self):
+        """ΔW = s·B A + S, dense (d_out, d_in) (for merging and for checks; never used in training)."""
+        xp = self.xp
+        delta = xp.zeros(self.shape, dtype=self.dtype)
+        if self.r > 0:
+            delta += self.scaling * (self.params[B_KEY] @ self.params[A_KEY])
+        S = self._sparse()
+        if S is not None:
+            delta += S.to_dense()
+        return delta
+
+    # --- gradient collection ---
+    def collected_scores(self):
+        """|mean of the collected gradients| (d_out, d_in): mean(G²) or |mean(G)|."""
+        if self.grad_count == 0 or self.grad_sum is None:
+            raise ValueError("cannot choose a support collected over zero batches: grad_count is 0 "
+                             "(run at least one forward/backward with collecting=True, spa_num_grads >= 1)")
+        mean = self.grad_sum / self.grad_count
+        return mean if self.grad_acc_mode == "mean_squared" else abs(mean)
+
+    def select_support(self):
+        """The boolean mask of the nnz largest collected scores (budget.topk_mask's tie-break)."""
+        return topk_mask(self.collected_scores(), self.nnz)
+
+    def clear_collection(self) -> None:
+        self.grad_sum, self.grad_count = None, 0
+
+    def _collect(self, dy2, x2) -> None:
+        G = dy2.T @ x2  # dense weight gradient of the frozen W: (d_out, N) @ (N, d_in) -> (d_out, d_in)
+        if self.grad_acc_mode == "mean_squared":
+            G *= G
+        if self.grad_sum is None:
+            self.grad_sum = G
+        else:
+            self.grad_sum += G
+        self.grad_count += 1
+
+    # --- forward / backward ---
+    def _effective_weight(self):
+        W = self.base_layer.effective_weight()
+        S = self._sparse()
+        return W if S is None else sp_add(W, S)  # (d_out, d_in)
+
+    def forward(self, x):
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"RosaLinear expects inputs (..., {self.d_in}), got {x.shape}")
+        S = self._sparse()
+        lora_trainable = self.r > 0 and A_KEY not in self.frozen
+        values_trainable = S is not None and VALUES_KEY not in self.frozen
+        keep_x = values_trainable or self.collecting
+        if self.impl == "sp_add":
+            y = x @ self._effective_weight().T  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+            bias = self.base_layer.params.get("bias")
+            if bias is not None:
+                y += bias
+        else:
+            y = self.base_layer.forward(x)  # x Wᵀ + b; the frozen base caches no activations
+            if S is not None:
+                y += spmm(S, x)  # + x Sᵀ
+        lr_cache = drop_cache = None
+        if self.r > 0:
+            xd = x
+            if self.lora_dropout > 0 and self.training:
+                from ..ops.dropout import dropout_forward  # noqa: PLC0415
+
+                xd, drop_cache = dropout_forward(x, self.lora_dropout, self.dropout_rng, True)
+            y_lr, lr_cache = lowrank_forward(xd, self.params[A_KEY], self.params[B_KEY], self.scaling,
+                                             keep_x=lora_trainable)
+            y += y_lr  # + s·(dropout(x) Aᵀ) Bᵀ
+        self.cache = (x if keep_x else None, lr_cache, drop_cache)
+        return y
+
+    def backward(self, dy):
+        if self.cache is None:
+            raise RuntimeError("RosaLinear.backward called without a forward (or twice)")
+        x, lr_cache, drop_cache = self.cache
+        d_out, d_in = self.shape
+        dy2 = dy.reshape(-1, d_out)  # (N, d_out)
+        S = self._sparse()
+        if x is not None:
+            x2 = x.reshape(-1, d_in)  # (N, d_in)
+            if S is not None and VALUES_KEY not in self.frozen:
+                # y = x (W + S)ᵀ  =>  dS = dYᵀ X, read on the support only (SDDMM)   -> (nnz,)
+                self.accumulate(VALUES_KEY, SDDMM_IMPLS[self.sddmm_impl](dy2, x2, S))
+            if self.collecting:
+                self._collect(dy2, x2)
+        if self.impl == "sp_add":
+            # y = x (W + S)ᵀ  =>  dX = dY (W + S)      (..., d_out) @ (d_out, d_in) -> (..., d_in)
+            dx = dy @ self._effective_weight()
+        else:
+            dx = self.base_layer.backward(dy)  # y = x Wᵀ  =>  dX = dY W
+            if S is not None:
+                dx += spmm_t(S, dy)  # y += x Sᵀ  =>  dX += dY S
+        if self.r > 0:
+            need_dA = A_KEY not in self.frozen
+            need_dB = B_KEY not in self.frozen
+            dxd, dA, dB = lowrank_backward(dy, lr_cache, self.params[A_KEY], self.params[B_KEY], self.scaling,
+                                           need_dA=need_dA, need_dB=need_dB, need_dx=True)
+            if drop_cache is not None:
+                from ..ops.dropout import dropout_backward  # noqa: PLC0415
+
+                dxd = dropout_backward(dxd, drop_cache)  # xd = dropout(x)  =>  dX += mask ⊙ dXd / (1-p)
+            dx += dxd  # y += s·(xd Aᵀ) Bᵀ  =>  dX += s·(dY B) A
+            if dA is not None:
+                self.accumulate(A_KEY, dA)
+            if dB is not None:
+                self.accumulate(B_KEY, dB)
+        self.cache = None
+        return dx
+
+    # --- adapter file ---
+    def peft_state_dict(self) -> dict:
+        """This layer's adapter-file arrays (host NumPy), keyed by peft-rosa's suffixes.
+
+        The CSR buffers use peft-rosa's dtypes (row_offs int32; col_idx, row_idx int16 when the
+        dimension fits, else int32). Before a support is set they are zero, which peft-rosa
+        reads as "no sparse adapter yet" (row_offs[-1] == 0)."""
+        out = {}
+        if self.r > 0:
+            out[A_KEY] = to_host(self.params[A_KEY])
+            out[B_KEY] = to_host(self.params[B_KEY])
+        if self.d > 0:
+            d_out, d_in = self.shape
+            col_dtype = np.int16 if d_in <= np.iinfo(np.int16).max else np.int32
+            row_dtype = np.int16 if d_out <= np.iinfo(np.int16).max else np.int32
+            out[VALUES_KEY] = to_host(self.params[VALUES_KEY])
+            if self.spa is None:
+                out[ROW_OFFS_KEY] = np.zeros(d_out + 1, dtype=np.int32)
+                out[COL_IDX_KEY] = np.zeros(self.nnz, dtype=col_dtype)
+                out[ROW_IDX_KEY] = np.zeros(d_out, dtype=row_dtype)
+            else:
+                out[ROW_OFFS_KEY] = to_host(self.spa.indptr).astype(np.int32)
+                out[COL_IDX_KEY] = to_host(self.spa.indices).astype(col_dtype)
+                out[ROW_IDX_KEY] = to_host(self.spa.row_idx).astype(row_dtype)
+        return out
+
+    def load_peft_state_dict(self, arrays: dict) -> None:
+        """Install arrays read from an adapter file (keys as in :meth:`peft_state_dict`; row_idx
+        optional, it is derived). Everything is checked before anything is installed."""
+        d_out, d_in = self.shape
+        expected = {}
+        if self.r > 0:
+            expected[A_KEY] = (self.r, d_in)
+            expected[B_KEY] = (d_out, self.r)
+        if self.d > 0:
+            expected[VALUES_KEY] = (self.nnz,)
+            expected[ROW_OFFS_KEY] = (d_out + 1,)
+            expected[COL_IDX_KEY] = (self.nnz,)
+        missing = sorted(set(expected) - set(arrays))
+        if missing:
+            raise ValueError(f"RoSA adapter arrays missing {missing} (r={self.r}, d={self.d}, shape {self.shape})")
+        allowed = set(expected) | ({ROW_IDX_KEY} if self.d > 0 else set())
+        extra = sorted(set(arrays) - allowed)
+        if extra:
+            raise ValueError(f"unexpected RoSA adapter arrays {extra} for a layer with r={self.r}, d={self.d}")
+        for key, shape in expected.items():
+            if tuple(np.shape(arrays[key])) != shape:
+                raise ValueError(f"{key}: shape {tuple(np.shape(arrays[key]))} does not fit this layer, expected {shape}")
+        csr = None
+        if self.d > 0:
+            row_offs = np.asarray(arrays[ROW_OFFS_KEY]).astype(np.int64)
+            if row_offs[-1] != 0 or self.nnz == 0:
+                csr = CSR(np.asarray(arrays[VALUES_KEY], dtype=np.float64),
+                          row_offs, np.asarray(arrays[COL_IDX_KEY]).astype(np.int64), self.shape)  # validates
+        xp, dtype = self.xp, self.dtype
+        for key in expected:
+            if key in (ROW_OFFS_KEY, COL_IDX_KEY):
+                continue
+            self.params[key][...] = xp.asarray(np.asarray(arrays[key]).astype(dtype))
+        if self.d > 0:
+            if csr is not None:
+                self.set_support(csr, reset_values=False)
+            else:
+                self.spa = None
+                self.frozen.add(VALUES_KEY)
+
+
+# --- mask files (the two-pass recipe) ---------------------------------------------------------------
+def _mask_file(path: str) -> str:
+    return path if path.endswith(".safetensors") else os.path.join(path, MASKS_FILE)
+
+
+def save_masks(supports: dict, path: str) -> str:
+    """Write supports {layer path: CSR} to ``path`` (a directory; the file is rosa_masks.safetensors)
+    as CSR arrays "<layer>.row_offs" (d_out+1,), "<layer>.col_idx" (nnz,), shapes in the metadata.
+    Returns the file written (atomically: a temporary file renamed)."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    tensors, shapes = {}, {}
+    for name, csr in supports.items():
+        tensors[f"{name}.row_offs"] = to_host(csr.indptr).astype(np.int32)
+        tensors[f"{name}.col_idx"] = to_host(csr.indices).astype(np.int32)
+        shapes[name] = list(csr.shape)
+    file = _mask_file(path)
+    os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
+    tmp = file + ".tmp"
+    save_file(tensors, tmp, metadata={"format": "rosa_masks", "shapes": json.dumps(shapes)})
+    os.replace(tmp, file)
+    return file
+
+
+def load_masks(path: str) -> dict:
+    """Read supports written by :func:`save_masks`: {layer path: CSR with zero float64 values}."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    file = _mask_file(path)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"mask_load_path: no RoSA masks at {file!r}")
+    with safe_open(file, framework="numpy") as f:
+        meta = f.metadata() or {}
+        if "shapes" not in meta:
+            raise ValueError(f"{file!r} is not a RoSA masks file (no 'shapes' metadata)")
+        shapes = json.loads(meta["shapes"])
+        out = {}
+        for name, shape in shapes.items():
+            row_offs = f.get_tensor(f"{name}.row_offs").astype(np.int64)
+            col_idx = f.get_tensor(f"{name}.col_idx").astype(np.int64)
+            out[name] = CSR(np.zeros(col_idx.size), row_offs, col_idx, tuple(shape))
+    return out
+
+
+# --- the controller (schedules and the support collection) ------------------------------------------
+class RosaController(Controller):
+    """Runs a RoSA schedule: which adapters train at each step, when gradients are collected, when
+    the supports are chosen (and saved), for every RosaLinear of a PeftModel.
+
+    It counts optimizer steps itself (``self.step``, incremented by after_optimizer_step), as
+    peft-rosa's scheduler does, so it works whatever step numbers the loop passes. Supports are
+    chosen in after_optimizer_step of the last collection step, so the next step trains them.
+    ``should_stop`` turns True when terminate_after_mask_generation asks the loop to stop.
+    """
+
+    def __init__(self, peft_model, config: RosaConfig):
+        self.config = config
+        self.layers: list[tuple[str, RosaLinear]] = [(p, m) for p, m in peft_model.adapter_layers()
+                                                      if isinstance(m, RosaLinear)]
+        self.schedule = build_schedule(config.schedule, config.spa_num_grads, config.d,
+                                       collect=config.mask_load_path is None)
+        self.step = 0
+        self.activated = False
+        self.should_stop = False
+        if not any("lora" in agenda for agenda, _ in self.schedule):
+            for _, layer in self.layers:
+                if layer.r > 0:
+                    layer.freeze(A_KEY, B_KEY)
+        if config.mask_load_path is not None:
+            self.install_supports(load_masks(config.mask_load_path))
+
+    # --- supports ---
+    def sparse_layers(self):
+        return [(p, m) for p, m in self.layers if m.d > 0]
+
+    def install_supports(self, supports: dict, reset_values: bool = True) -> None:
+        """Install {layer path: CSR or mask} on every sparse layer, all checked first."""
+        layers = self.sparse_layers()
+        missing = [p for p, _ in layers if p not in supports]
+        if missing:
+            raise ValueError(f"supports missing for RoSA layers {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+                             f"the masks name {sorted(supports)[:3]}")
+        for p, layer in layers:
+            s = supports[p]
+            shape = s.shape if isinstance(s, CSR) else tuple(s.shape)
+            count = s.nnz if isinstance(s, CSR) else int(s.sum())
+            if tuple(shape) != layer.shape or count != layer.nnz:
+                raise ValueError(f"support for {p!r} is {tuple(shape)} with {count} entries; the layer needs "
+                                 f"{layer.shape} with nnz = {layer.nnz}")
+        for p, layer in layers:
+            layer.set_support(supports[p], reset_values=reset_values)
+            layer.clear_collection()
+            layer.collecting = False
+        self.activated = True
+
+    def generate_supports(self) -> dict:
+        """{layer path: CSR} from the collected gradients (every layer checked before any is set)."""
+        out = {}
+        for p, layer in self.sparse_layers():
+            out[p] = CSR.from_mask(layer.select_support(), dtype=layer.dtype)
+        return out
+
+    # --- hooks ---
+    def before_forward(self, step: int) -> None:
+        agenda = agenda_at(self.schedule, self.step)
+        for _, layer in self.sparse_layers():
+            layer.collecting = "grad_collection" in agenda and not self.activated
+            if layer.spa is not None:
+                if "spa" in agenda:
+                    layer.unfreeze(VALUES_KEY)
+                else:
+                    layer.freeze(VALUES_KEY)
+
+    def after_optimizer_step(self, step: int) -> None:
+        agenda = agenda_at(self.schedule, self.step)
+        following = agenda_at(self.schedule, self.step + 1)
+        if not self.activated and "grad_collection" in agenda and "grad_collection" not in following:
+            supports = self.generate_supports()
+            if self.config.mask_save_path is not None:
+                save_masks(supports, self.config.mask_save_path)
+            if self.config.terminate_after_mask_generation:
+                self.should_stop = True
+                for _, layer in self.sparse_layers():
+                    layer.clear_collection()
+                    layer.collecting = False
+            else:
+                self.install_supports(supports)
+        self.step += 1
+
+    # --- exact resume ---
+    def state_dict(self) -> dict:
+        state = {"step": self.step, "activated": self.activated, "should_stop": self.should_stop}
+        for p, layer in self.sparse_layers():
+            state[f"{p}.grad_count"] = int(layer.grad_count)
+            if layer.grad_sum is not None:
+                state[f"{p}.grad_sum"] = to_host(layer.grad_sum).copy()
+            if layer.spa is not None:
+                state[f"{p}.row_offs"] = to_host(layer.spa.indptr).copy()
+                state[f"{p}.col_idx"] = to_host(layer.spa.indices).copy()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore collection progress and supports (values are parameters: the checkpoint of the
+        parameters restores them; they are not reset here). Checked fully before installing."""
+        for key in ("step", "activated"):
+            if key not in state:
+                raise ValueError(f"RoSA controller state lacks {key!r}")
+        supports = {}
+        for p, layer in self.sparse_layers():
+            if f"{p}.grad_sum" in state and tuple(np.shape(state[f"{p}.grad_sum"])) != layer.shape:
+                raise ValueError(f"{p}.grad_sum has shape {np.shape(state[f'{p}.grad_sum'])}, expected {layer.shape}")
+            if f"{p}.row_offs" in state:
+                supports[p] = CSR(np.zeros(np.shape(state[f"{p}.col_idx"])[0]), np.asarray(state[f"{p}.row_offs"]),
+                                  np.asarray(state[f"{p}.col_idx"]), layer.shape)
+        if state["activated"] and supports:
+            self.install_supports(supports, reset_values=False)
+        else:
+            self.activated = bool(state["activated"])
+        for p, layer in self.sparse_layers():
+            layer.grad_count = int(state.get(f"{p}.grad_count", 0))
+            gs = state.get(f"{p}.grad_sum")
+            layer.grad_sum = None if gs is None else layer.xp.asarray(np.array(gs, dtype=layer.dtype))
+        self.step = int(state["step"])
+        self.should_stop = bool(state.get("should_stop", False))
+
+
+# --- the budget helper ------------------------------------------------------------------------------
+# LLaMA-2-7B's adapted linears (all seven projections of each of the 32 blocks), (d_out, d_in):
+# q, k, v, o 4096×4096; gate, up 11008×4096; down 4096×11008 (Touvron et al. 2023, the HF config).
+LLAMA2_7B_SHAPES: list[tuple[int, int]] = 32 * ([(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)])
+
+
+def rosa_parameter_count(shapes, r: int, d: float) -> int:
+    """Σ over matrices of r·(d_in + d_out) + int(d · d_out · d_in): the trainable size of RoSA
+    (r = 0: sparse only; d = 0: LoRA)."""
+    return int(sum(r * (do + di) + (nnz_for(d, (do, di)) if d > 0 else 0) for do, di in shapes))
+
+
+@dataclass(frozen=True)
+class BudgetPair:
+    r: int
+    d: float
+    params: int  # trainable parameters of RoSA(r, d) on the shapes
+    budget: int
+
+    @property
+    def fraction(self) -> float:
+        return self.params / self.budget
+
+
+def equal_budget_pairs(budget: int, shapes, ranks=(0, 1, 2, 4, 8, 12, 16, 32, 64), resolution: float = 1e-4
+                       ) -> list[BudgetPair]:
+    """For each rank r, the largest density on a grid of ``resolution`` whose RoSA(r, d) fits in
+    ``budget`` trainable parameters (so comparisons run at equal budget). Ranks whose LoRA part
+    alone exceeds the budget are left out. ``shapes``: [(d_out, d_in), ...] of the adapted matrices.
+
+    The RoSA paper's rows (LLaMA-2-7B, budget of LoRA r = 16 ≈ 40M): r = 12 → d = 0.15%,
+    r = 4 → d = 0.45% at resolution 5e-4.
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0 trainable parameters, got {budget}")
+    if resolution <= 0:
+        raise ValueError(f"resolution must be > 0, got {resolution}")
+    numel = sum(do * di for do, di in shapes)
+    out = []
+    for r in ranks:
+        lora = rosa_parameter_count(shapes, r, 0.0)
+        if lora > budget:
+            continue
+        steps = int((budget - lora) / numel / resolution) if numel else 0
+        d = min(1.0, round(steps * resolution, 12))
+        while d > 0 and rosa_parameter_count(shapes, r, d) > budget:  # int() floors make this rare
+            steps -= 1
+            d = round(steps * resolution, 12)
+        out.append(BudgetPair(r=int(r), d=d, params=rosa_parameter_count(shapes, r, d), budget=int(budget)))
+    return out

@@ -1,0 +1,164 @@
+"""spectral_peft.sparse: CSR storage, sp_add, SpMM and the three SDDMMs against dense NumPy products.
+
+Expected values are dense products written out here with NumPy (and scipy.sparse's own CSR
+constructor for the index arrays), never computed by the code under test.
+"""
+import numpy as np
+import pytest
+import scipy.sparse
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spectral_peft.backend import get_backend
+from spectral_peft.sparse import CSR, SddmmPlan, sddmm, sddmm_dense, sddmm_planned, sp_add, spmm, spmm_t
+from spectral_peft.testing import assert_close
+
+SDDMMS = {"gather": sddmm, "dense": sddmm_dense, "planned": sddmm_planned}
+
+
+def random_mask(rng, shape, density):
+    """Exactly int(density·numel) entries, uniformly placed."""
+    k = int(density * shape[0] * shape[1])
+    flat = np.zeros(shape[0] * shape[1], dtype=bool)
+    flat[rng.choice(flat.size, size=k, replace=False)] = True
+    return flat.reshape(shape)
+
+
+def clustered_mask(rng, shape, n_rows, n_cols, scatter):
+    """Entries concentrated in a few rows and a few columns, plus a few scattered ones: the shape of
+    gradient-chosen supports (so the planned SDDMM builds both kinds of block and gathers the rest)."""
+    m = np.zeros(shape, dtype=bool)
+    rows = rng.choice(shape[0], n_rows, replace=False)
+    cols = rng.choice(shape[1], n_cols, replace=False)
+    m[rows, :] = rng.random((n_rows, shape[1])) < 0.8
+    m[:, cols] |= rng.random((shape[0], n_cols)) < 0.7
+    m |= rng.random(shape) < scatter
+    return m
+
+
+def masked_dense(dy, x, mask):
+    """(dyᵀx) read on the mask in row-major order, written with plain NumPy."""
+    G = dy.T @ x
+    r, c = np.nonzero(mask)
+    return G[r, c]
+
+
+@given(d_out=st.integers(1, 9), d_in=st.integers(1, 9), N=st.integers(1, 7),
+       density=st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0)), seed=st.integers(0, 2**16))
+def test_csr_from_mask_matches_scipy(d_out, d_in, N, density, seed):
+    rng = np.random.default_rng(seed)
+    mask = random_mask(rng, (d_out, d_in), density)
+    S = CSR.from_mask(mask)
+    ref = scipy.sparse.csr_matrix(mask)
+    assert S.nnz == int(density * d_out * d_in)
+    np.testing.assert_array_equal(S.indptr, ref.indptr)
+    np.testing.assert_array_equal(S.indices, ref.indices)
+    np.testing.assert_array_equal(S.mask(), mask)
+    assert np.all(S.values == 0)
+    # rows by nnz descending, ties by row index (peft-rosa's row_idx)
+    counts = mask.sum(1)
+    expected = sorted(range(d_out), key=lambda i: (-counts[i], i))
+    np.testing.assert_array_equal(S.row_idx, expected)
+
+
+def test_csr_rejects_bad_structure():
+    v = np.zeros(2)
+    with pytest.raises(ValueError, match="indptr must have shape"):
+        CSR(v, np.array([0, 2]), np.array([0, 1]), (2, 3))
+    with pytest.raises(ValueError, match="rise from 0"):
+        CSR(v, np.array([0, 1, 3]), np.array([0, 1]), (2, 3))
+    with pytest.raises(ValueError, match="column indices must lie"):
+        CSR(v, np.array([0, 1, 2]), np.array([0, 3]), (2, 3))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        CSR(v, np.array([0, 2, 2]), np.array([1, 1]), (2, 3))
+    with pytest.raises(ValueError, match="2-D"):
+        CSR.from_mask(np.ones(3, dtype=bool))
+
+
+@given(d_out=st.integers(1, 8), d_in=st.integers(1, 8), N=st.integers(1, 6),
+       density=st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0)), seed=st.integers(0, 2**16))
+def test_sddmm_equals_masked_dense_product(d_out, d_in, N, density, seed):
+    rng = np.random.default_rng(seed)
+    mask = random_mask(rng, (d_out, d_in), density)
+    S = CSR.from_mask(mask)
+    dy = rng.standard_normal((N, d_out))
+    x = rng.standard_normal((N, d_in))
+    dy0, x0 = dy.copy(), x.copy()
+    expected = masked_dense(dy, x, mask)
+    for name, f in SDDMMS.items():
+        assert_close(f(dy, x, S), expected, f"sddmm[{name}]", rtol=1e-12)
+    np.testing.assert_array_equal(dy, dy0)
+    np.testing.assert_array_equal(x, x0)
+
+
+@pytest.mark.parametrize("kind", ["clustered", "random", "dense"])
+def test_planned_sddmm_equals_canonical(device, kind):
+    """The fast SDDMM against the canonical one, on supports that exercise each of its paths."""
+    be = get_backend(device, "float64")
+    rng = np.random.default_rng(3)
+    shape, N = (64, 48), 40
+    if kind == "clustered":
+        mask = clustered_mask(rng, shape, n_rows=4, n_cols=3, scatter=0.003)
+    elif kind == "random":
+        mask = random_mask(rng, shape, 0.004)
+    else:
+        mask = random_mask(rng, shape, 0.6)
+    S = CSR.from_mask(be.asarray(mask))
+    dy_h = rng.standard_normal((N, shape[0]))
+    x_h = rng.standard_normal((N, shape[1]))
+    dy, x = be.asarray(dy_h), be.asarray(x_h)
+    # a small gather cost, so that at this size the plan uses a row block, a column block and gathers
+    plan = SddmmPlan(S, gather_cost=8.0) if kind == "clustered" else SddmmPlan(S)
+    if kind == "clustered":
+        assert len(plan.blocks) == 2 and plan.rest.shape[0] > 0 and not plan.use_dense
+    elif kind == "random":
+        assert not plan.use_dense
+    else:
+        assert plan.use_dense
+    expected = masked_dense(dy_h, x_h, mask)
+    assert_close(sddmm_planned(dy, x, S, plan), expected, f"sddmm_planned[{kind}]", rtol=1e-12)
+    assert_close(sddmm(dy, x, S), expected, f"sddmm[{kind}]", rtol=1e-12)
+
+
+@given(d_out=st.integers(1, 8), d_in=st.integers(1, 8), N=st.integers(1, 6),
+       density=st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0)), seed=st.integers(0, 2**16))
+def test_spmm_and_sp_add_equal_dense_products(d_out, d_in, N, density, seed):
+    rng = np.random.default_rng(seed)
+    mask = random_mask(rng, (d_out, d_in), density)
+    S = CSR.from_mask(mask)
+    S.values[...] = rng.standard_normal(S.nnz)
+    S_dense = np.zeros((d_out, d_in))
+    S_dense[np.nonzero(mask)] = S.values  # row-major order of the entries
+    x = rng.standard_normal((2, N, d_in))
+    dy = rng.standard_normal((2, N, d_out))
+    W = rng.standard_normal((d_out, d_in))
+    assert_close(spmm(S, x), x @ S_dense.T, "spmm", rtol=1e-12)
+    assert_close(spmm_t(S, dy), dy @ S_dense, "spmm_t", rtol=1e-12)
+    assert_close(sp_add(W, S), W + S_dense, "sp_add", rtol=1e-12)
+    assert_close(S.to_dense(), S_dense, "to_dense", rtol=0, atol=0)
+
+
+def test_float32_sddmm_and_spmm(device):
+    be = get_backend(device, "float32")
+    rng = np.random.default_rng(0)
+    mask = clustered_mask(rng, (32, 24), 3, 2, 0.01)
+    S = CSR.from_mask(be.asarray(mask), dtype=np.float32)
+    dy = rng.standard_normal((16, 32))
+    x = rng.standard_normal((16, 24))
+    expected = masked_dense(dy, x, mask)
+    for name, f in SDDMMS.items():
+        got = f(be.asarray(dy), be.asarray(x), S)
+        assert got.dtype == np.float32
+        assert_close(got, expected, f"sddmm[{name}] float32", rtol=1e-4)
+
+
+def test_shape_errors():
+    S = CSR.from_mask(np.eye(3, 4, dtype=bool))
+    with pytest.raises(ValueError, match="do not fit the support"):
+        sddmm(np.zeros((2, 4)), np.zeros((2, 4)), S)
+    with pytest.raises(ValueError, match="share N"):
+        sddmm(np.zeros((2, 3)), np.zeros((3, 4)), S)
+    with pytest.raises(ValueError, match=r"spmm: x must be \(\.\.\., 4\)"):
+        spmm(S, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="sp_add"):
+        sp_add(np.zeros((4, 3)), S)

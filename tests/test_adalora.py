@@ -244,3 +244,19 @@ def test_config_defaults_are_peft_defaults():
     assert (c.beta1, c.beta2, c.orth_reg_weight, c.lora_alpha) == (0.85, 0.85, 0.5, 8)
     c2 = AdaLoraConfig.from_json_dict(c.to_json_dict())
     assert c2 == c
+
+
+# --- figures ---------------------------------------------------------------------------------------
+def test_rank_heatmap_table_and_figures_are_written(tmp_path):
+    from spectral_peft.plots.adalora import plot_budget, plot_rank_heatmap, plot_singular_values, rank_matrix
+    pattern = {"transformer.h.1.mlp.c_fc.lora_E": [True, True, False],
+               "transformer.h.0.mlp.c_fc.lora_E": [False, False, False],
+               "transformer.h.0.attn.c_attn.lora_E": [True, False, True]}
+    ranks, layers, types = rank_matrix(pattern)
+    assert layers == [0, 1] and types == ["attn.c_attn", "mlp.c_fc"]
+    assert ranks.tolist() == [[2, 0], [0, 2]]
+    plot_rank_heatmap(pattern, tmp_path / "ranks.png")
+    plot_budget([0, 1, 2, 3], [6, 5, 4, 4], tmp_path / "budget.png", kept=[6, 5, 4, 4])
+    plot_singular_values({"h.0.attn.c_attn": np.array([[0.5], [0.0], [-0.2]])}, tmp_path / "sv.png")
+    for name in ("ranks.png", "budget.png", "sv.png"):
+        assert (tmp_path / name).stat().st_size > 1000

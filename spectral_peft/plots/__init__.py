@@ -1,0 +1,1 @@
+"""Figures: one module per topic, each function taking results/arrays and an output path."""

@@ -85,8 +85,8 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None):
     xp = get_xp(q)
     T, hd = q.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(hd)
-    P = q @ k.swapaxes(-1, -2)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
-    P *= scale  # S = q kᵀ / √hd
+    # S = (q / √hd) kᵀ: the scale goes on q, (B, H, T, hd), not on S, (B, H, T, T): a smaller pass
+    P = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
     masked = None  # (B or 1, 1, T, T) bool, True where a score is removed
     if causal:
         masked = xp.triu(xp.ones((T, T), dtype=bool), k=1)[None, None]  # j > i
@@ -102,7 +102,7 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None):
         m[m == -math.inf] = 0.0
     P -= m
     xp.exp(P, out=P)
-    denom = P.sum(axis=-1, keepdims=True)  # (B, H, T, 1)
+    denom = (P @ xp.ones(T, dtype=P.dtype))[..., None]  # (B, H, T, 1)  row sums as BLAS gemv
     if key_padding_mask is not None:
         denom[denom == 0] = 1.0
     P /= denom
@@ -113,6 +113,7 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None):
 def attention_backward(dout, cache):
     """(dq, dk, dv), each (B, H, T, hd), of out = softmax(q kᵀ/√hd + mask) v."""
     q, k, v, P, out, scale = cache
+    xp = get_xp(dout)
     if dout.shape != out.shape:
         raise ValueError(f"attention_backward: dout must have shape (B, H, T, hd) = {tuple(out.shape)}, got {tuple(dout.shape)}")
     # out = P v  =>  dv = Pᵀ dout
@@ -120,11 +121,12 @@ def attention_backward(dout, cache):
     # out = P v  =>  dP = dout vᵀ
     dS = dout @ v.swapaxes(-1, -2)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
     # P = softmax(S)  =>  dS = P ⊙ (dP - D),  D_i = Σ_j P_ij dP_ij = dout_i · out_i
-    D = (dout * out).sum(axis=-1, keepdims=True)  # (B, H, T, 1)
+    D = xp.einsum("...i,...i->...", dout, out)[..., None]  # (B, H, T, 1), no (B, H, T, hd) temporary
     dS -= D
     dS *= P  # masked entries have P = 0, so their score gradient is 0
-    dS *= scale  # S = q kᵀ √hd⁻¹: fold the scale in once
-    # S = q kᵀ / √hd  =>  dq = dS k / √hd,  dk = dSᵀ q / √hd
+    # S = q kᵀ / √hd  =>  dq = dS k / √hd,  dk = dSᵀ q / √hd   (scaled on the (B, H, T, hd) side)
     dq = dS @ k  # (B, H, T, T) @ (B, H, T, hd) -> (B, H, T, hd)
+    dq *= scale
     dk = dS.swapaxes(-1, -2) @ q
+    dk *= scale
     return dq, dk, dv

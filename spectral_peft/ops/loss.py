@@ -1,14 +1,15 @@
 """Cross-entropy of logits against integer targets, mean over non-ignored targets (HF semantics).
 
-Shape legend: N tokens (B·T), V vocabulary; logits (N, V), targets (N,) int, P (N, V).
+Shape legend: N tokens (B·T), V vocabulary; logits (N, V), targets (N,) int, E (N, V).
 
 Forward:  L = (1/n) Σ_{i : t_i ≠ ignore} (logsumexp(z_i) - z_{i, t_i}),  n = #non-ignored
           (n = 0: L = 0 and a zero gradient, not NaN; PyTorch would give NaN there)
 Backward: dz_i = dL · (softmax(z_i) - onehot(t_i)) / n for non-ignored rows, 0 for ignored rows.
 
-The cache holds the softmax P (N, V), which the forward computes anyway; the backward turns it into
-dlogits IN PLACE (no second (N, V) array: with V = 50257 that is the largest activation of GPT-2),
-so the cache is consumed: a second backward on the same cache raises.
+The cache holds E = e^(z - max z) (N, V), which the forward computes anyway, and its row sums; the
+backward turns E into dlogits IN PLACE, normalising and scaling in the same pass (no second (N, V)
+array: with V = 50257 that is GPT-2's largest activation), so the cache is consumed: a second
+backward on the same cache raises.
 """
 from __future__ import annotations
 
@@ -38,33 +39,32 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -100):
     rows = xp.arange(N)
     safe_t = xp.where(valid, targets, 0)  # (N,) an in-range index even on ignored rows
     m = logits.max(axis=-1, keepdims=True)  # (N, 1)
-    P = logits - m  # (N, V)
-    xp.exp(P, out=P)
-    denom = P.sum(axis=-1, keepdims=True)  # (N, 1)
-    P /= denom  # softmax(z)
+    E = logits - m  # (N, V)
+    xp.exp(E, out=E)  # E = e^(z - m); softmax(z) = E / denom, normalised only in the backward
+    denom = E @ xp.ones(V, dtype=E.dtype)  # (N,)  row sums as a BLAS gemv
     # logsumexp(z_i) - z_{i, t_i} = log Σ e^(z - m) - (z_{i, t_i} - m)
-    nll = xp.log(denom[:, 0]) - (logits[rows, safe_t] - m[:, 0])  # (N,)
+    nll = xp.log(denom) - (logits[rows, safe_t] - m[:, 0])  # (N,)
     loss = float((nll * valid).sum()) / n if n else 0.0
-    return loss, [P, safe_t, valid, n]
+    return loss, [E, denom, safe_t, valid, n]
 
 
 def cross_entropy_backward(dloss, cache):
     """dlogits (N, V) of the mean cross-entropy, scaled by the upstream scalar ``dloss``.
 
-    Consumes the cache: dlogits is written over the cached softmax.
+    Consumes the cache: dlogits is written over the cached exponentials.
     """
-    P, safe_t, valid, n = cache
-    if P is None:
+    E, denom, safe_t, valid, n = cache
+    if E is None:
         raise RuntimeError("cross_entropy_backward: this cache was already consumed by a backward")
     cache[0] = None
-    xp = get_xp(P)
-    dz = P
+    xp = get_xp(E)
+    dz = E
     if n == 0:
         dz[...] = 0.0
         return dz
-    # L = (1/n) Σ (logsumexp(z_i) - z_{i,t_i})  =>  dz_i = (softmax(z_i) - onehot(t_i)) · dL / n
-    dz[xp.arange(dz.shape[0]), safe_t] -= 1.0
-    dz *= float(dloss) / n
-    if n < dz.shape[0]:
-        dz[~valid] = 0.0  # ignored targets contribute nothing
+    # L = (1/n) Σ_valid (logsumexp(z_i) - z_{i,t_i})  =>  dz_i = [i valid] · (softmax(z_i) - onehot(t_i)) · dL / n
+    w = valid * (float(dloss) / n)  # (N,) the row weights, 0 on ignored rows
+    w = w.astype(E.dtype, copy=False)
+    dz *= (w / denom)[:, None]  # softmax(z_i) · w_i in one pass: E_i / denom_i · w_i
+    dz[xp.arange(dz.shape[0]), safe_t] -= w
     return dz

@@ -559,8 +559,8 @@ def _mask_file(path: str) -> str:
 def save_masks(supports: dict, path: str) -> str:
     """Write supports {layer path: CSR} to ``path`` (a directory; the file is rosa_masks.safetensors)
     as CSR arrays "<layer>.row_offs" (d_out+1,), "<layer>.col_idx" (nnz,), shapes in the metadata.
-    Returns the file written (atomically: a temporary file renamed)."""
-    from safetensors.numpy import save_file  # noqa: PLC0415
+    Returns the file written (atomically, through spectral_peft.io.safe)."""
+    from ..io.safe import save_safetensors  # noqa: PLC0415
 
     tensors, shapes = {}, {}
     for name, csr in supports.items():
@@ -569,29 +569,29 @@ def save_masks(supports: dict, path: str) -> str:
         shapes[name] = list(csr.shape)
     file = _mask_file(path)
     os.makedirs(os.path.dirname(file) or ".", exist_ok=True)
-    tmp = file + ".tmp"
-    save_file(tensors, tmp, metadata={"format": "rosa_masks", "shapes": json.dumps(shapes)})
-    os.replace(tmp, file)
+    save_safetensors(tensors, file, metadata={"format": "rosa_masks", "shapes": json.dumps(shapes)})
     return file
 
 
 def load_masks(path: str) -> dict:
-    """Read supports written by :func:`save_masks`: {layer path: CSR with zero float64 values}."""
-    from safetensors import safe_open  # noqa: PLC0415
+    """Read supports written by :func:`save_masks`: {layer path: CSR with zero float64 values}.
+    Every array is checked (file format, keys, CSR structure) before anything is returned."""
+    from ..io.safe import parse_safetensors  # noqa: PLC0415
 
     file = _mask_file(path)
     if not os.path.exists(file):
         raise FileNotFoundError(f"mask_load_path: no RoSA masks at {file!r}")
-    with safe_open(file, framework="numpy") as f:
-        meta = f.metadata() or {}
-        if "shapes" not in meta:
-            raise ValueError(f"{file!r} is not a RoSA masks file (no 'shapes' metadata)")
-        shapes = json.loads(meta["shapes"])
-        out = {}
-        for name, shape in shapes.items():
-            row_offs = f.get_tensor(f"{name}.row_offs").astype(np.int64)
-            col_idx = f.get_tensor(f"{name}.col_idx").astype(np.int64)
-            out[name] = CSR(np.zeros(col_idx.size), row_offs, col_idx, tuple(shape))
+    with open(file, "rb") as f:
+        arrays, meta = parse_safetensors(f.read(), file)
+    if "shapes" not in (meta or {}):
+        raise ValueError(f"{file!r} is not a RoSA masks file (no 'shapes' metadata)")
+    out = {}
+    for name, shape in json.loads(meta["shapes"]).items():
+        for suffix in ("row_offs", "col_idx"):
+            if f"{name}.{suffix}" not in arrays:
+                raise ValueError(f"{file!r}: missing {name}.{suffix}")
+        col_idx = arrays[f"{name}.col_idx"].astype(np.int64)
+        out[name] = CSR(np.zeros(col_idx.size), arrays[f"{name}.row_offs"].astype(np.int64), col_idx, tuple(shape))
     return out
 
 
@@ -762,8 +762,13 @@ def equal_budget_pairs(budget: int, shapes, ranks=(0, 1, 2, 4, 8, 12, 16, 32, 64
             continue
         steps = int((budget - lora) / numel / resolution) if numel else 0
         d = min(1.0, round(steps * resolution, 12))
-        while d > 0 and rosa_parameter_count(shapes, r, d) > budget:  # int() floors make this rare
+        while d > 0 and rosa_parameter_count(shapes, r, d) > budget:
             steps -= 1
+            d = round(steps * resolution, 12)
+        # int(d·numel) floors each layer's count, so a slightly larger density may still fit
+        while round((steps + 1) * resolution, 12) <= 1.0 and \
+                rosa_parameter_count(shapes, r, round((steps + 1) * resolution, 12)) <= budget:
+            steps += 1
             d = round(steps * resolution, 12)
         out.append(BudgetPair(r=int(r), d=d, params=rosa_parameter_count(shapes, r, d), budget=int(budget)))
     return out

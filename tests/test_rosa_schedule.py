@@ -194,3 +194,22 @@ def test_budget_pairs_fit_and_are_maximal(budget, dims):
             assert sum(p.r * (a + b) + int(bigger * a * b) for a, b in dims) > budget or bigger > 1
     # a rank whose LoRA part alone is over budget is left out
     assert all(p.r * sum(a + b for a, b in dims) <= budget for p in equal_budget_pairs(budget, dims))
+
+
+def test_figures_are_written(tmp_path):
+    from spectral_peft.plots.rosa import (plot_density_per_layer, plot_loss_curves, plot_support_pattern,
+                                          supports_summary)
+
+    peft = get_peft_model(TinyNet(), config(schedule="wl0", spa_num_grads=1), seed=0)
+    train(peft, range(1))
+    summary = supports_summary(peft)
+    assert [round(v["density"], 6) for v in summary.values()] == [round(12 / 48, 6), round(10 / 40, 6)]
+    plot_density_per_layer(summary, tmp_path / "density.png")
+    mask = dict(peft.adapter_layers())["base_model.model.fc1"].support_mask()
+    plot_support_pattern(mask, tmp_path / "support.png")
+    plot_loss_curves({"LoRA": [3.0, 2.0], "RoSA": {"steps": [0, 1], "loss": [3.0, 1.5], "params": 10}},
+                     tmp_path / "loss.png")
+    for name in ("density.png", "support.png", "loss.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="must be 2-D"):
+        plot_support_pattern(np.ones(3), tmp_path / "bad.png")

@@ -346,6 +346,9 @@ class AdaLoraLinear(Module):
             raise ValueError(f"AdaLoraLinear expects inputs (..., {self.d_in}), got {x.shape}")
         p = self.params
         y = self.base_layer.forward(x)  # (..., d_in) -> (..., d_out)
+        if self.r == 0:  # a module pruned to rank 0 (allowed, PEFT #1539) is its base
+            self.cache = None
+            return y
         xd, dcache = dropout_forward(x, self.lora_dropout, self.dropout_rng, self.training)
         AE = p["lora_A"] * p["lora_E"]  # (r, d_in) ⊙ (r, 1) -> (r, d_in)
         need_dA = "lora_A" not in self.frozen or "lora_E" not in self.frozen
@@ -355,6 +358,8 @@ class AdaLoraLinear(Module):
         return y
 
     def backward(self, dy):
+        if self.r == 0:
+            return self.base_layer.backward(dy)
         lcache, dcache = self.cache
         p = self.params
         A, E, B = p["lora_A"], p["lora_E"], p["lora_B"]

@@ -1,0 +1,206 @@
+"""AdaLoRA's PEFT files both ways: resized arrays, rank_pattern, rank-0 modules, and the loss with
+the orthogonal regulariser against torch + PEFT (AdaLoraModel.forward adds it to outputs.loss).
+
+The model is a chain of three linears (l0 -> l1 -> l2) in both engines; a squared-error loss
+stands in for the task loss.
+"""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+from torch import nn  # noqa: E402
+
+from spectral_peft.adapters.adalora import AdaLoraConfig, AdaLoraLinear  # noqa: E402
+from spectral_peft.adapters.peft_model import config_class, get_peft_model  # noqa: E402
+from spectral_peft.backend import to_host  # noqa: E402
+from spectral_peft.io.safe import load_json, load_safetensors, save_json, save_safetensors  # noqa: E402
+from spectral_peft.module import Linear, Module  # noqa: E402
+from spectral_peft.testing import assert_close  # noqa: E402
+
+DIMS = [(6, 5), (5, 7), (7, 4)]  # (d_in, d_out) of l0, l1, l2
+NAMES = ["l0", "l1", "l2"]
+
+try:  # the generic adapter files (io/peft.py); stand-ins below follow the same contract
+    from spectral_peft.io.peft import load_peft_model, save_adapter
+except ImportError:
+    def save_adapter(peft_model, directory):
+        arrays = {}
+        for path, layer in peft_model.adapter_layers():
+            for k, v in layer.peft_state_dict().items():
+                arrays[f"{path}.{k}"] = np.ascontiguousarray(to_host(v))
+        save_safetensors(arrays, directory / "adapter_model.safetensors")
+        save_json(peft_model.peft_config.to_json_dict(peft_model), directory / "adapter_config.json")
+
+    def load_peft_model(model, directory):
+        config = config_class(load_json(directory / "adapter_config.json")["peft_type"]).from_json_dict(
+            load_json(directory / "adapter_config.json"))
+        pm = get_peft_model(model, config)
+        arrays = load_safetensors(directory / "adapter_model.safetensors")
+        for path, layer in pm.adapter_layers():
+            layer.load_peft_state_dict({k[len(path) + 1:]: v for k, v in arrays.items() if k.startswith(path + ".")})
+        return pm
+
+
+class Chain(Module):
+    """x -> l0 -> l1 -> l2, the engine side."""
+
+    def __init__(self, weights):
+        super().__init__()
+        for name, W in zip(NAMES, weights):
+            setattr(self, name, Linear(W))
+
+    def forward(self, x):
+        for name in NAMES:
+            x = getattr(self, name).forward(x)
+        return x
+
+    def backward(self, dy):
+        for name in reversed(NAMES):
+            dy = getattr(self, name).backward(dy)
+        return dy
+
+
+class TorchChain(nn.Module):
+    def __init__(self, weights):
+        super().__init__()
+        for name, W in zip(NAMES, weights):
+            lin = nn.Linear(W.shape[1], W.shape[0], bias=False).double()
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(W))
+            setattr(self, name, lin)
+
+    def forward(self, x, target=None):
+        for name in NAMES:
+            x = getattr(self, name)(x)
+        loss = None if target is None else 0.5 * ((x - target) ** 2).sum()
+        return SimpleNamespace(logits=x, loss=loss)
+
+
+def weights(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((d_out, d_in)) / np.sqrt(d_in) for d_in, d_out in DIMS]
+
+
+def trained_engine_model(seed=0):
+    """An engine PeftModel trained a few steps with allocation, one layer forced to rank 0."""
+    cfg = AdaLoraConfig(target_modules=NAMES, init_r=4, target_r=2, tinit=1, tfinal=1, total_step=6,
+                        lora_alpha=16)
+    pm = get_peft_model(Chain(weights(seed)), cfg, seed=seed)
+    ctl = pm.controllers[0]
+    rng = np.random.default_rng(seed + 1)
+    x, target = rng.standard_normal((8, 6)), rng.standard_normal((8, 4))
+    for step in range(5):
+        pm.zero_grad()
+        y = pm.forward(x)
+        pm.backward(y - target)  # L = ½||y − t||²
+        ctl.regularize()
+        for _, m, k in pm.named_parameters(trainable_only=True):
+            m.params[k] -= 0.05 * m.grads[k]
+        ctl.after_optimizer_step(step)
+    layers = dict(pm.adapter_layers())
+    layers["base_model.model.l2"].apply_mask([False] * 4)  # a rank-0 module (PEFT #1539)
+    return pm, x, target
+
+
+def test_save_writes_peft_layout_resized(tmp_path):
+    pm, _, _ = trained_engine_model()
+    save_adapter(pm, tmp_path)
+    arrays = load_safetensors(tmp_path / "adapter_model.safetensors")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "ADALORA"
+    layers = dict(pm.adapter_layers())
+    assert set(cfg["rank_pattern"]) == {f"{n}.lora_E" for n in NAMES}
+    for name, (d_in, d_out) in zip(NAMES, DIMS):
+        layer = layers[f"base_model.model.{name}"]
+        keep = np.array(cfg["rank_pattern"][f"{name}.lora_E"])
+        assert keep.tolist() == layer.pattern
+        r = int(keep.sum())
+        assert arrays[f"base_model.model.{name}.lora_A"].shape == (r, d_in)
+        assert arrays[f"base_model.model.{name}.lora_E"].shape == (r, 1)
+        assert arrays[f"base_model.model.{name}.lora_B"].shape == (d_out, r)
+        assert np.array_equal(arrays[f"base_model.model.{name}.lora_A"], to_host(layer.params["lora_A"])[keep])
+        assert np.array_equal(arrays[f"base_model.model.{name}.lora_E"], to_host(layer.params["lora_E"])[keep])
+        assert np.array_equal(arrays[f"base_model.model.{name}.lora_B"], to_host(layer.params["lora_B"])[:, keep])
+    assert sum(map(sum, cfg["rank_pattern"].values())) <= 2 * 3
+    assert sum(cfg["rank_pattern"]["l2.lora_E"]) == 0
+
+
+def test_engine_file_loads_in_peft_with_the_same_loss_and_gradients(tmp_path):
+    pm, x, target = trained_engine_model()
+    y_ours = to_host(pm.forward(x)).copy()
+    save_adapter(pm, tmp_path)
+    tmodel = peft.PeftModel.from_pretrained(TorchChain(weights()), str(tmp_path), is_trainable=True).double()
+    # AdaLoraModel.forward adds the regulariser (task-type PeftModels call it; the plain
+    # PeftModel.forward calls the wrapped model directly and skips it, cf. PEFT #432)
+    out = tmodel.base_model(torch.from_numpy(x), torch.from_numpy(target))
+    assert_close(out.logits.detach().numpy(), y_ours, "logits (PEFT loading the engine's file)", 1e-10)
+    # the loaded engine model: same outputs, and loss + orth reg and gradients as PEFT's forward/backward
+    pm2 = load_peft_model(Chain(weights()), tmp_path)
+    assert [m.r for _, m in pm2.adapter_layers()] == [sum(m.pattern) for _, m in pm.adapter_layers()]
+    pm2.zero_grad()
+    y = pm2.forward(x)
+    assert_close(y, y_ours, "logits (engine loading its own file)", 1e-12)
+    loss = 0.5 * float(np.sum((to_host(y) - target) ** 2))
+    pm2.backward(y - target)
+    loss += pm2.controllers[0].regularize()
+    out.loss.backward()
+    assert_close(np.array(loss), out.loss.detach().numpy(), "loss incl. orth_reg_weight·R", 1e-10)
+    grads = pm2.named_grads()
+    n_checked = 0
+    for n, p in tmodel.named_parameters():
+        if p.requires_grad and p.numel() > 0 and ".ranknum." not in n:
+            key = n.replace(".default", "")
+            assert_close(grads[key], p.grad.numpy(), f"d{key}", 1e-10)
+            n_checked += 1
+    assert n_checked == 6  # A, E, B of l0 and l1 (l2 has rank 0)
+
+
+def test_peft_file_loads_in_the_engine(tmp_path):
+    torch.manual_seed(0)
+    tmodel = peft.get_peft_model(TorchChain(weights(3)), peft.AdaLoraConfig(
+        target_modules=NAMES, init_r=3, target_r=1, tinit=1, tfinal=1, total_step=5)).double()
+    rng = np.random.default_rng(2)
+    x, target = torch.from_numpy(rng.standard_normal((4, 6))), torch.from_numpy(rng.standard_normal((4, 4)))
+    # only A, E, B: with a float64 base PEFT 0.21.2 leaves ranknum requires_grad=True, and an
+    # optimizer over it would change the scale (ranknum is fixed, and it is not saved)
+    opt = torch.optim.SGD([p for n, p in tmodel.named_parameters() if ".lora_" in n], lr=0.5)
+    for step in range(5):
+        out = tmodel(x, target)
+        out.loss.backward()
+        opt.step()
+        tmodel.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    tmodel.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"] is not None
+    ref = tmodel(x).logits.detach().numpy()
+    pm = load_peft_model(Chain(weights(3)), tmp_path)
+    ranks = [m.r for _, m in pm.adapter_layers()]
+    assert sum(ranks) == 3  # target_r · n, resized
+    assert_close(pm.forward(x.numpy()), ref, "logits (engine loading PEFT's file)", 1e-10)
+
+
+def test_rank_pattern_round_trips_through_the_config():
+    pattern = {"l0.lora_E": [True, False, True, False], "l2.lora_E": [False] * 4}
+    cfg = AdaLoraConfig(target_modules=NAMES, init_r=4, target_r=1, total_step=3, rank_pattern=pattern)
+    again = AdaLoraConfig.from_json_dict(json.loads(json.dumps(cfg.to_json_dict())))
+    assert again.rank_pattern == pattern
+    pm = get_peft_model(Chain(weights()), again)
+    assert [m.r for _, m in pm.adapter_layers()] == [2, 4, 0]
+    assert all(m.ranknum == 4.0 for _, m in pm.adapter_layers())
+    with pytest.raises(ValueError, match="rank_pattern"):
+        AdaLoraConfig(target_modules=NAMES, init_r=4, target_r=1, total_step=3, rank_pattern={"l0.lora_E": [True]})
+
+
+def test_loading_a_mismatched_array_installs_nothing():
+    rng = np.random.default_rng(0)
+    layer = AdaLoraLinear(Linear(rng.standard_normal((5, 6))), r=3, lora_alpha=8, ranknum=3, rng=rng)
+    before = {k: v.copy() for k, v in layer.params.items()}
+    bad = {"lora_A": np.ones((3, 6)), "lora_E": np.ones((3, 1)), "lora_B": np.ones((5, 2))}
+    with pytest.raises(ValueError, match="lora_B"):
+        layer.load_peft_state_dict(bad)
+    for k in before:
+        assert np.array_equal(layer.params[k], before[k])

@@ -1,0 +1,235 @@
+"""RoSA benchmarks: SDDMM against the dense product, and a RoSA training step against LoRA's.
+
+Part 1. The gradient of the sparse values, dS = (dYᵀX) read on the support, at d_out = d_in = 1024,
+N = 1024 tokens, float32, densities 0.1% .. 10%, on two kinds of support:
+  - gradient-chosen: top-k of mean(G²) over 4 batches, G = dYᵀX, with per-feature scales drawn
+    log-normal (σ = 1) for X and dY, as activations and gradients of trained transformers have;
+    such supports cluster in rows and columns (what RoSA actually trains);
+  - uniformly random (no structure: the worst case for the planned SDDMM).
+Each density is timed for the dense product then the read on the support (the peer), the planned
+SDDMM (what RosaLinear uses), its sparse route alone (plan without the dense fallback) and the
+canonical gather. The crossover is where the sparse route's speedup falls through 1 (log-density
+interpolation).
+
+Part 2. The benchmark model of PERFORMANCE.md (GPT-2 shape, 4 layers, d_model 256, 4 heads, T 128,
+batch 8, vocab 512; targets c_attn, c_proj, c_fc; float32; AdamW lr 1e-3), one training step
+(forward, backward, controller hooks, AdamW, zero_grad) of RoSA r = 8, d = 1% (support chosen from
+one collected batch, then trained) against LoRA r = 8, alternating the two, medians.
+
+Prints tables, then ONE JSON line. Run: python benchmarks/rosa.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+
+from spectral_peft.budget import topk_mask  # noqa: E402
+from spectral_peft.sparse import CSR, SddmmPlan, sddmm, sddmm_dense, sddmm_planned  # noqa: E402
+
+
+def interleaved_ms(fns: dict, repeats: int) -> dict:
+    """Median ms of each function, timed in turn within every repeat (so that load from other
+    processes on a shared machine falls on all of them alike); one warm-up call each."""
+    for f in fns.values():
+        f()
+    ts = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * float(np.median(v)) for k, v in ts.items()}
+
+
+def gradient_chosen_mask(rng, d: int, N: int, density: float, batches: int = 4, sigma: float = 1.0):
+    sx = np.exp(sigma * rng.standard_normal(d))
+    sy = np.exp(sigma * rng.standard_normal(d))
+    acc = np.zeros((d, d))
+    for _ in range(batches):
+        x = rng.standard_normal((N, d)) * sx
+        dy = rng.standard_normal((N, d)) * sy
+        G = dy.T @ x
+        acc += G * G
+    return topk_mask(acc / batches, int(density * d * d)), sx, sy
+
+
+def crossover(densities, speedups) -> float | None:
+    """Density where speedup crosses 1, interpolated in log-density; None when it never does."""
+    for (d0, s0), (d1, s1) in zip(zip(densities, speedups), zip(densities[1:], speedups[1:])):
+        if s0 >= 1.0 > s1:
+            t = (math.log(s0)) / (math.log(s0) - math.log(s1))
+            return float(math.exp(math.log(d0) + t * (math.log(d1) - math.log(d0))))
+    return None if speedups[-1] >= 1.0 else float(densities[0])
+
+
+def part1(repeats: int, densities) -> dict:
+    d, N = 1024, 1024
+    rng = np.random.default_rng(0)
+    results = {}
+    print(f"SDDMM, d_out = d_in = {d}, N = {N}, float32, median of {repeats} (ms; speedup = dense / method)")
+    print(f"{'support':>9} {'density':>8} {'nnz':>7} {'dense':>7} {'planned':>8} {'x':>6} {'sparse route':>12} {'x':>6}"
+          f" {'gather':>7} {'x':>6} {'covered':>8}")
+    for kind in ("gradient", "random"):
+        rows = []
+        for density in densities:
+            if kind == "gradient":
+                mask, sx, sy = gradient_chosen_mask(rng, d, N, density)
+            else:
+                k = int(density * d * d)
+                flat = np.zeros(d * d, dtype=bool)
+                flat[rng.choice(d * d, k, replace=False)] = True
+                mask, sx, sy = flat.reshape(d, d), np.ones(d), np.ones(d)
+            S = CSR.from_mask(mask, dtype=np.float32)
+            x = (rng.standard_normal((N, d)) * sx).astype(np.float32)
+            dy = (rng.standard_normal((N, d)) * sy).astype(np.float32)
+            plan = SddmmPlan(S)
+            route = SddmmPlan(S, dense_margin=float("inf"))  # the sparse route, never the dense fallback
+            ref = sddmm_dense(dy, x, S)
+            scale = float(np.abs(ref).max())
+            for name, got in (("planned", sddmm_planned(dy, x, S, plan)), ("route", sddmm_planned(dy, x, S, route)),
+                              ("gather", sddmm(dy, x, S))):
+                err = float(np.abs(got - ref).max()) / scale
+                assert err < 1e-4, f"{name} differs from the dense product: rel err {err:.2e}"
+            fns = {"dense": lambda: sddmm_dense(dy, x, S), "planned": lambda: sddmm_planned(dy, x, S, plan),
+                   "route": lambda: sddmm_planned(dy, x, S, route)}
+            if density <= 0.03:  # the canonical gather is slow above a few percent: not timed there
+                fns["gather"] = lambda: sddmm(dy, x, S)
+            ms = interleaved_ms(fns, repeats)
+            t_dense, t_plan, t_route = ms["dense"], ms["planned"], ms["route"]
+            t_gather = ms.get("gather", float("nan"))
+            row = dict(density=density, nnz=S.nnz, dense_ms=t_dense, planned_ms=t_plan, route_ms=t_route,
+                       gather_ms=t_gather, planned_x=t_dense / t_plan, route_x=t_dense / t_route,
+                       gather_x=t_dense / t_gather, covered=route.covered, plan_uses_dense=plan.use_dense)
+            rows.append(row)
+            print(f"{kind:>9} {100 * density:7.2f}% {S.nnz:7d} {t_dense:7.2f} {t_plan:8.2f} {row['planned_x']:6.2f}"
+                  f" {t_route:12.2f} {row['route_x']:6.2f} {t_gather:7.2f} {row['gather_x']:6.2f}"
+                  f" {100 * route.covered:7.1f}%")
+        results[kind] = rows
+    return results
+
+
+def part2(repeats: int) -> dict:
+    try:
+        from spectral_peft.backend import get_backend  # noqa: PLC0415
+        from spectral_peft.model import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
+        from spectral_peft.optim import AdamW  # noqa: PLC0415
+    except ImportError as exc:
+        print(f"part 2 skipped: the GPT-2 model or AdamW is not available ({exc})")
+        return {}
+    from spectral_peft.adapters.peft_model import get_peft_model  # noqa: PLC0415
+    from spectral_peft.adapters.rosa import RosaConfig  # noqa: PLC0415
+
+    try:
+        from spectral_peft.adapters.lora import LoraConfig  # noqa: PLC0415
+
+        def lora_config():
+            return LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"])
+        lora_kind = "adapters.lora.LoraConfig"
+    except ImportError:  # the same low-rank branch through RoSA with d = 0
+        def lora_config():
+            return RosaConfig(r=8, d=0.0, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"],
+                              schedule="lora_only")
+        lora_kind = "RosaConfig(d=0, 'lora_only')"
+
+    be = get_backend("cpu", "float32")
+    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=512)
+    B, T = 8, 128
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 512, size=(B, T)) for _ in range(4)]
+
+    def build(config):
+        model = GPT2LMHeadModel(cfg, be, seed=0)
+        peft = get_peft_model(model, config, seed=0)
+        opt = AdamW(peft, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        return peft, opt
+
+    def step(peft, opt, i):
+        ids = be.asarray(batches[i % len(batches)])
+        for c in peft.controllers:
+            c.before_forward(i)
+        out = peft.forward(ids, labels=ids)
+        peft.backward()
+        for c in peft.controllers:
+            c.after_backward(i)
+        opt.step()
+        for c in peft.controllers:
+            c.after_optimizer_step(i)
+        peft.zero_grad()
+        return float(out.loss)
+
+    rosa_cfg = RosaConfig(r=8, d=0.01, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], schedule="wl0",
+                          spa_num_grads=1)
+    rosa, rosa_opt = build(rosa_cfg)
+    lora, lora_opt = build(lora_config())
+    step(rosa, rosa_opt, 0)  # collects one batch and chooses the supports
+    assert rosa.controllers[0].activated
+    trainable = {"rosa": rosa.num_parameters(trainable_only=True), "lora": lora.num_parameters(trainable_only=True)}
+    counters = {"rosa": 1, "lora": 0}
+    t = {"rosa": [], "lora": []}
+    for name, (p, o) in (("rosa", (rosa, rosa_opt)), ("lora", (lora, lora_opt))):  # warm-up
+        step(p, o, counters[name])
+        counters[name] += 1
+    for _ in range(repeats):
+        for name, (p, o) in (("rosa", (rosa, rosa_opt)), ("lora", (lora, lora_opt))):
+            t0 = time.perf_counter()
+            step(p, o, counters[name])
+            t[name].append(time.perf_counter() - t0)
+            counters[name] += 1
+    rosa_ms, lora_ms = 1e3 * float(np.median(t["rosa"])), 1e3 * float(np.median(t["lora"]))
+    from spectral_peft.sparse import plan_for  # noqa: PLC0415
+    from spectral_peft.adapters.rosa import RosaLinear  # noqa: PLC0415
+
+    covered = [plan_for(m.spa).covered for _, m in rosa.adapter_layers() if isinstance(m, RosaLinear) and m.spa]
+    print(f"\nGPT-2 shape (4 layers, d 256, T 128, batch 8), float32, AdamW, median of {repeats} steps:")
+    print(f"  RoSA r=8 d=1%: {rosa_ms:7.1f} ms/step  ({trainable['rosa']:,} trainable)")
+    print(f"  LoRA r=8     : {lora_ms:7.1f} ms/step  ({trainable['lora']:,} trainable; {lora_kind})")
+    print(f"  ratio        : {rosa_ms / lora_ms:.3f}   (SDDMM plan covers {100 * np.mean(covered):.0f}% of entries "
+          f"with dense blocks on average)")
+    return dict(rosa_ms=rosa_ms, lora_ms=lora_ms, ratio=rosa_ms / lora_ms, rosa_trainable=trainable["rosa"],
+                lora_trainable=trainable["lora"], lora_impl=lora_kind)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and densities")
+    ap.add_argument("--skip-model", action="store_true", help="part 1 only")
+    args = ap.parse_args(argv)
+    repeats = 5 if args.quick else 15
+    densities = [0.001, 0.01, 0.1] if args.quick else [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
+    p1 = part1(repeats, densities)
+    p2 = {} if args.skip_model else part2(5 if args.quick else 15)
+
+    def at(kind, key, density=0.01):
+        rows = [r for r in p1[kind] if abs(r["density"] - density) < 1e-12]
+        return round(rows[0][key], 3) if rows else None
+
+    dens = [r["density"] for r in p1["gradient"]]
+    result = {
+        "benchmark": "rosa",
+        "sddmm_speedup_at_1pct": at("gradient", "planned_x"),
+        "sddmm_speedup_at_1pct_random": at("random", "planned_x"),
+        "sddmm_gather_speedup_at_1pct_random": at("random", "gather_x"),
+        "crossover_density": crossover(dens, [r["route_x"] for r in p1["gradient"]]),
+        "crossover_density_random": crossover(dens, [r["route_x"] for r in p1["random"]]),
+        "dense_ms_at_1pct": at("gradient", "dense_ms"),
+        "planned_ms_at_1pct": at("gradient", "planned_ms"),
+        "rosa_ms": round(p2["rosa_ms"], 2) if p2 else None,
+        "lora_ms": round(p2["lora_ms"], 2) if p2 else None,
+        "ratio": round(p2["ratio"], 3) if p2 else None,
+        "targets": {"sddmm_speedup_at_1pct": ">= 3", "ratio": "<= 1.25"},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -79,12 +79,17 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, directory fsync)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -263,9 +268,10 @@ def check_arrays(arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple]
 # ------------------------------------------------------------------------------------------------
 # JSON
 # ------------------------------------------------------------------------------------------------
-def save_json(obj, path) -> None:
-    """Write ``obj`` as JSON to ``path``, atomically. Floats round-trip exactly (repr)."""
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=True).encode("utf-8"))
+def save_json(obj, path, sort_keys: bool = True) -> None:
+    """Write ``obj`` as JSON to ``path``, atomically. Floats round-trip exactly (repr).
+    ``sort_keys=False`` keeps dict order (a checkpoint's states: order can matter to their owner)."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=sort_keys, allow_nan=True).encode("utf-8"))
 
 
 def parse_json(raw: bytes, path="<bytes>"):

@@ -1,0 +1,491 @@
+"""The training loop: one step in PEFT's order, metrics, checkpoints, exact resume, a NaN guard.
+
+One step (``Trainer.train_step``), with ``t`` the number of steps already taken (0-based):
+
+    controllers.before_forward(t)            DyLoRA draws its rank, RoSA picks its agenda
+    out = model.forward(**batch)             loss from the batch's labels
+    model.backward()                         gradients accumulate into grads
+    loss += Σ controller.regularize()        AdaLoRA's orthogonal penalty (adds its own gradient)
+    controllers.after_backward(t)            RoSA collects gradients, LoRA-FA corrects them
+    NaN guard                                a non-finite loss or gradient: raise, or skip the step
+    clip_grad_norm(model, max_grad_norm)
+    optimizer.step(); schedule.step()
+    controllers.after_optimizer_step(t)      AdaLoRA allocates (update_and_allocate), Delta-LoRA
+    model.zero_grad()
+
+Data. :class:`SeededBatches` draws the batch of step ``t`` from a generator seeded with
+``(seed, t)`` alone, so a resumed run sees exactly the batches the uninterrupted run saw, with no
+stream to fast-forward.
+
+Checkpoints (:mod:`spectral_peft.io.checkpoint`) hold the parameters, the optimiser, schedule,
+controllers and data states, every random generator of the model (dropout) and the trainer's
+counters, so ``resume()`` + ``fit(batches, N + M)`` is bitwise the uninterrupted run.
+
+Shape legend: B batch, T sequence; a batch is a dict of (B, T) int64 arrays (input_ids, labels,
+attention_mask, token_type_ids) or (B,) labels, passed to ``model.forward`` as keywords.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from .backend import get_xp, to_host
+from .io import checkpoint as ckpt_io
+
+NONFINITE_MODES = ("raise", "skip")
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient. Attributes: ``step``, ``parameter`` (dotted name or None),
+    ``layer`` (dotted path of the module owning it or None), ``loss``, ``checkpoint`` (the last
+    good checkpoint, untouched, or None)."""
+
+    def __init__(self, message: str, step: int, parameter: str | None, layer: str | None, loss: float,
+                 checkpoint: str | None):
+        super().__init__(message)
+        self.step, self.parameter, self.layer, self.loss, self.checkpoint = step, parameter, layer, loss, checkpoint
+
+
+# ------------------------------------------------------------------------------------------------
+# Deterministic batches
+# ------------------------------------------------------------------------------------------------
+class SeededBatches:
+    """Batches reproducible from (seed, step).
+
+    data: a 1-D integer token array (language modelling: each example is a window of ``seq_len``
+          consecutive tokens, labels = input_ids, shifted inside the model as Hugging Face does),
+          or a dict of arrays sharing their first dimension N (each example is one row of each,
+          e.g. input_ids (N, T), attention_mask (N, T), labels (N,)); ``seq_len`` then must be
+          None or <= T and truncates the (N, T) arrays.
+    batch_size: B >= 1.  seq_len: T >= 1 (required for a token array).  seed: int >= 0.
+
+    ``batch(t)`` is a pure function of (data, seed, t). Iterating yields batch(position),
+    batch(position + 1), ...; ``state_dict()`` records the position and a fingerprint of the
+    data, so a resume against other data is refused.
+    """
+
+    def __init__(self, data, batch_size: int, seq_len: int | None = None, seed: int = 0):
+        if type(batch_size) is not int or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if type(seed) is not int or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        if seq_len is not None and (type(seq_len) is not int or seq_len < 1):
+            raise ValueError(f"seq_len must be None or an int >= 1, got {seq_len!r}")
+        if isinstance(data, Mapping):
+            if not data:
+                raise ValueError("data is an empty dict; give at least input_ids")
+            arrays = {}
+            for k, v in data.items():
+                a = np.asarray(to_host(v))
+                if a.ndim < 1 or a.dtype.kind not in "iub":
+                    raise ValueError(f"data[{k!r}] must be an integer array with a leading example axis, got "
+                                     f"shape {a.shape} dtype {a.dtype}")
+                arrays[k] = a
+            n = {k: a.shape[0] for k, a in arrays.items()}
+            if len(set(n.values())) != 1 or next(iter(n.values())) == 0:
+                raise ValueError(f"data arrays must share a non-zero first dimension N, got {n}")
+            if seq_len is not None:
+                for k, a in arrays.items():
+                    if a.ndim == 2:
+                        if seq_len > a.shape[1]:
+                            raise ValueError(f"seq_len {seq_len} exceeds data[{k!r}]'s length {a.shape[1]}")
+                        arrays[k] = a[:, :seq_len]
+            self.num_examples = next(iter(n.values()))
+            self.tokens = None
+        else:
+            a = np.asarray(to_host(data))
+            if a.ndim != 1 or a.dtype.kind not in "iu":
+                raise ValueError(f"data must be a 1-D integer token array or a dict of arrays, got shape "
+                                 f"{a.shape} dtype {a.dtype}")
+            if seq_len is None:
+                raise ValueError("seq_len is required when data is a token array")
+            if a.size < seq_len:
+                raise ValueError(f"data holds {a.size} tokens, fewer than seq_len = {seq_len}")
+            arrays = None
+            self.tokens = a.astype(np.int64, copy=False)
+            self.num_examples = a.size - seq_len + 1  # window starts
+        self.arrays = arrays
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.position = 0
+        h = hashlib.sha256()
+        for k, a in sorted((arrays or {"tokens": self.tokens}).items()):
+            h.update(k.encode())
+            h.update(str(a.shape).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        self.fingerprint = h.hexdigest()
+
+    def batch(self, step: int) -> dict:
+        """The batch of step ``step``: dict of (B, T) / (B,) int64 host arrays."""
+        if type(step) is not int and not isinstance(step, np.integer) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        rng = np.random.default_rng([self.seed, int(step)])
+        idx = rng.integers(0, self.num_examples, size=self.batch_size)  # (B,)
+        if self.tokens is not None:
+            windows = idx[:, None] + np.arange(self.seq_len)[None, :]  # (B, T)
+            ids = self.tokens[windows]
+            return {"input_ids": ids, "labels": ids.copy()}
+        return {k: a[idx].astype(np.int64) if a.dtype.kind != "b" else a[idx] for k, a in self.arrays.items()}
+
+    def __iter__(self):
+        while True:
+            b = self.batch(self.position)
+            self.position += 1
+            yield b
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "position": self.position, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "batch_size", "seq_len", "fingerprint"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"data state {key} = {state.get(key)!r:.70} but this data source has "
+                                 f"{getattr(self, key)!r:.70}: resume with the same data, seed and shapes")
+        pos = state.get("position")
+        if type(pos) is not int or pos < 0:
+            raise ValueError(f"data state position must be an int >= 0, got {pos!r}")
+        self.position = pos
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+def _has(obj, *methods) -> bool:
+    return all(callable(getattr(obj, m, None)) for m in methods)
+
+
+def _finite(a) -> bool:
+    """All entries finite. A sum is one pass with no temporary; only when it is not finite (a NaN,
+    an Inf, or an overflow of huge finite values) is the exact elementwise test run."""
+    xp = get_xp(a)
+    if a.size == 0 or bool(xp.isfinite(a.sum())):
+        return True
+    return bool(xp.isfinite(a).all())
+
+
+class Trainer:
+    """Runs training steps in PEFT's order (module docstring), with metrics and checkpoints.
+
+    model:           a Module with forward(**batch) -> output with ``.loss`` and backward().
+    optimizer:       step(), state_dict(), load_state_dict(); ``.lr`` is reported when present.
+    schedule:        None or step(), state_dict(), load_state_dict().
+    max_grad_norm:   None, or a finite float > 0: clip the global gradient norm to it.
+    controllers:     None (use ``model.controllers`` when present) or a list of Controllers.
+    checkpoint_dir:  where checkpoints go (None: no checkpoints).
+    keep_last:       int >= 1, the checkpoints kept.
+    checkpoint_every: None or int >= 1: write a checkpoint after every that many steps (needs
+                     checkpoint_dir). ``fit`` also writes one when it ends.
+    nonfinite:       "raise" (stop with NonFiniteError) or "skip" (drop the step's update).
+    progress:        show a tqdm progress bar in ``fit``.
+    """
+
+    def __init__(self, model, optimizer, schedule=None, max_grad_norm=None, controllers=None,
+                 checkpoint_dir=None, keep_last: int = 3, checkpoint_every: int | None = None,
+                 nonfinite: str = "raise", progress: bool = False):
+        if not _has(model, "forward", "backward", "named_parameters", "zero_grad"):
+            raise TypeError(f"model must be a spectral_peft Module with forward/backward, got {type(model).__name__}")
+        if not _has(optimizer, "step", "state_dict", "load_state_dict"):
+            raise TypeError(f"optimizer must have step(), state_dict() and load_state_dict(), got "
+                            f"{type(optimizer).__name__}")
+        if schedule is not None and not _has(schedule, "step", "state_dict", "load_state_dict"):
+            raise TypeError(f"schedule must be None or have step(), state_dict() and load_state_dict(), got "
+                            f"{type(schedule).__name__}")
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) \
+                    or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+                raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}")
+        if controllers is None:
+            controllers = list(getattr(model, "controllers", None) or [])
+        if isinstance(controllers, (str, bytes)) or not isinstance(controllers, Iterable):
+            raise TypeError(f"controllers must be None or a list of Controllers, got {type(controllers).__name__}")
+        controllers = list(controllers)
+        hooks = ("before_forward", "regularize", "after_backward", "after_optimizer_step", "state_dict",
+                 "load_state_dict")
+        for i, c in enumerate(controllers):
+            if not _has(c, *hooks):
+                raise TypeError(f"controllers[{i}] ({type(c).__name__}) lacks the Controller hooks {hooks}")
+        if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir must be None or a path, got {type(checkpoint_dir).__name__}")
+        if type(keep_last) is not int or keep_last < 1:
+            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+        if checkpoint_every is not None:
+            if type(checkpoint_every) is not int or checkpoint_every < 1:
+                raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
+            if checkpoint_dir is None:
+                raise ValueError("checkpoint_every is set but checkpoint_dir is None; give a directory")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool, got {progress!r}")
+        self.clip = None
+        if max_grad_norm is not None:
+            from .optim import clip_grad_norm  # noqa: PLC0415 - only when clipping is asked for
+
+            self.clip = clip_grad_norm
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.controllers = controllers
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.keep_last, self.checkpoint_every = keep_last, checkpoint_every
+        self.nonfinite, self.progress = nonfinite, progress
+        self.step = 0  # optimizer steps taken (skipped steps count: they consumed their batch)
+        self.skipped: list[int] = []
+        self.history: list[dict] = []
+        self.last_checkpoint: str | None = None
+        self.data = None
+        self._pending_data_state = None
+
+    # --- one step ------------------------------------------------------------------------------
+    def _lr(self):
+        lr = getattr(self.optimizer, "lr", None)
+        return float(lr) if isinstance(lr, (int, float, np.floating)) else None
+
+    def train_step(self, batch: Mapping) -> dict:
+        """One step on ``batch`` (keywords of model.forward); returns its metrics:
+        step, loss (data loss + regularisers), lr, ms, tokens, tokens_per_s, activation_bytes, skipped."""
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise ValueError(f"batch must be a dict holding at least 'input_ids', got {type(batch).__name__}"
+                             + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else ""))
+        t = self.step
+        model, backend = self.model, getattr(self.model, "backend", None)
+        if backend is not None:  # the edge: host batches move to the model's device here
+            batch = {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        lr = self._lr()
+        t0 = time.perf_counter()
+        model.train()
+        for c in self.controllers:
+            c.before_forward(t)
+        out = model.forward(**batch)
+        loss = getattr(out, "loss", None)
+        if loss is None:
+            raise ValueError("model.forward returned no loss: the batch needs 'labels'")
+        loss = float(to_host(loss))
+        activation_bytes = model.activation_bytes() if hasattr(model, "activation_bytes") else 0
+        model.backward()
+        for c in self.controllers:
+            loss += float(c.regularize())
+        for c in self.controllers:
+            c.after_backward(t)
+        skipped = not self._guard(t, loss)
+        if not skipped:
+            if self.clip is not None:
+                self.clip(model, self.max_grad_norm)
+            self.optimizer.step()
+            if self.schedule is not None:
+                self.schedule.step()
+            for c in self.controllers:
+                c.after_optimizer_step(t)
+        else:
+            self.skipped.append(t)
+            if hasattr(model, "clear_cache"):
+                model.clear_cache()
+        model.zero_grad()
+        ms = 1e3 * (time.perf_counter() - t0)
+        mask = batch.get("attention_mask")
+        ids = batch["input_ids"]
+        tokens = int(to_host(mask).sum()) if mask is not None else int(ids.size)
+        self.step = t + 1
+        metrics = {"step": self.step, "loss": loss, "lr": lr, "ms": ms, "tokens": tokens,
+                   "tokens_per_s": tokens / (ms / 1e3) if ms > 0 else float("inf"),
+                   "activation_bytes": int(activation_bytes), "skipped": skipped}
+        self.history.append(metrics)
+        return metrics
+
+    def _guard(self, t: int, loss: float) -> bool:
+        """True when the loss and every gradient are finite. Otherwise raise NonFiniteError naming
+        the step, the parameter and its layer (mode "raise"), or return False (mode "skip")."""
+        bad_name = bad_layer = None
+        detail = ""
+        for name, m, k in self.model.named_parameters(trainable_only=True):
+            g = m.grads.get(k)
+            if g is not None and not _finite(g):
+                xp = get_xp(g)
+                n_nan, n_inf = int(xp.isnan(g).sum()), int(xp.isinf(g).sum())
+                bad_name, bad_layer = name, name[: -len(k) - 1] if name != k else ""
+                detail = (f"the gradient of parameter {name!r} (layer {bad_layer!r}, {type(m).__name__}) holds "
+                          f"{n_nan} NaN and {n_inf} Inf of {g.size} entries")
+                break
+        if bad_name is None and math.isfinite(loss):
+            return True
+        if bad_name is None:
+            detail = f"the loss is {loss} while every gradient is finite"
+        cause = ""
+        for name, m, k in self.model.named_parameters():  # diagnosis only: which weight went bad?
+            if not _finite(m.params[k]):
+                cause = f"; parameter {name!r} itself holds non-finite values"
+                if bad_name is None:
+                    bad_name, bad_layer = name, name[: -len(k) - 1] if name != k else ""
+                break
+        if self.nonfinite == "skip":
+            return False
+        self.model.zero_grad()
+        if hasattr(self.model, "clear_cache"):
+            self.model.clear_cache()
+        where = (f"the last good checkpoint {self.last_checkpoint!r} is intact" if self.last_checkpoint
+                 else "no checkpoint was written")
+        raise NonFiniteError(f"non-finite values at step {t} (0-based; loss {loss}): {detail}{cause}. "
+                             f"No update was applied and {where}. Lower the learning rate, set max_grad_norm, "
+                             "or pass nonfinite='skip'.", t, bad_name, bad_layer, loss, self.last_checkpoint)
+
+    # --- loops ---------------------------------------------------------------------------------
+    def _attach(self, batches):
+        self.data = batches if _has(batches, "state_dict", "load_state_dict") else None
+        if self._pending_data_state is not None:
+            if self.data is None:
+                raise ValueError("the checkpoint holds a data position but the batches given to fit() cannot "
+                                 "restore one; pass a SeededBatches (or any source with load_state_dict)")
+            self.data.load_state_dict(self._pending_data_state)
+            self._pending_data_state = None
+
+    def fit(self, batches, steps: int, callback=None) -> list[dict]:
+        """Train until ``self.step == steps`` (a TOTAL count: after resuming at step N,
+        ``fit(batches, N + M)`` runs M more). ``batches``: a SeededBatches (the batch of step t is
+        ``batches.batch(t)``, resumable) or any iterable of batch dicts (consumed in order, not
+        resumable). Checkpoints every ``checkpoint_every`` steps and at the end. ``callback``, when
+        given, is called with each step's metrics. Returns the metrics of the steps run."""
+        if type(steps) is not int or steps < 0:
+            raise ValueError(f"steps must be an int >= 0 (the total step count), got {steps!r}")
+        if steps < self.step:
+            raise ValueError(f"steps = {steps} is below the {self.step} steps already taken; fit() counts "
+                             "steps in total, so ask for at least that many")
+        self._attach(batches)
+        seeded = _has(batches, "batch")
+        it = None if seeded else iter(batches)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm  # noqa: PLC0415 - only when a bar is asked for
+
+            bar = tqdm(total=steps, initial=self.step, unit="step")
+        out = []
+        try:
+            while self.step < steps:
+                if seeded:
+                    batch = batches.batch(self.step)
+                    batches.position = self.step + 1
+                else:
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        raise ValueError(f"batches ran out after step {self.step} of {steps}") from None
+                m = self.train_step(batch)
+                out.append(m)
+                if callback is not None:
+                    callback(m)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", ms=f"{m['ms']:.0f}")
+                if self.checkpoint_every is not None and self.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if any(getattr(c, "should_stop", False) for c in self.controllers):
+                    break  # RoSA's terminate_after_mask_generation
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.checkpoint_dir is not None and out and self.last_checkpoint != os.path.join(
+                self.checkpoint_dir, ckpt_io.step_dir_name(self.step)):
+            self.save_checkpoint()
+        return out
+
+    def evaluate(self, batches: Iterable) -> float:
+        """Mean loss over ``batches`` (an iterable of batch dicts), in eval mode (no dropout), no
+        gradients kept. Training mode is restored afterwards."""
+        total, n = 0.0, 0
+        self.model.eval()
+        try:
+            backend = getattr(self.model, "backend", None)
+            for batch in batches:
+                if backend is not None:
+                    batch = {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+                out = self.model.forward(**batch)
+                if getattr(out, "loss", None) is None:
+                    raise ValueError("evaluate: model.forward returned no loss; the batches need 'labels'")
+                total += float(to_host(out.loss))
+                n += 1
+                if hasattr(self.model, "clear_cache"):
+                    self.model.clear_cache()
+        finally:
+            self.model.train()
+        if n == 0:
+            raise ValueError("evaluate: batches is empty")
+        return total / n
+
+    # --- metrics -------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        """Summary of the steps run so far: median ms/step, tokens/s, peak activation bytes, and
+        spectral_peft.memory.memory_report(model, optimizer) when that module is present."""
+        ran = [h for h in self.history if not h["skipped"]] or self.history
+        ms = float(np.median([h["ms"] for h in ran])) if ran else float("nan")
+        tok = sum(h["tokens"] for h in ran)
+        secs = sum(h["ms"] for h in ran) / 1e3
+        out = {"steps": self.step, "skipped": list(self.skipped), "ms_per_step": ms,
+               "tokens_per_s": tok / secs if secs > 0 else float("nan"),
+               "peak_activation_bytes": max((h["activation_bytes"] for h in ran), default=0)}
+        try:
+            from .memory import memory_report  # noqa: PLC0415 - written by a teammate; optional here
+        except ImportError:
+            return out
+        out["memory"] = memory_report(self.model, self.optimizer)
+        return out
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "skipped": list(self.skipped)}
+
+    def save_checkpoint(self) -> str:
+        """Write a checkpoint of the current step (atomic; keeps the newest ``keep_last``)."""
+        if self.checkpoint_dir is None:
+            raise ValueError("save_checkpoint: checkpoint_dir is None; give the Trainer a directory")
+        self.last_checkpoint = ckpt_io.save_checkpoint(
+            self.checkpoint_dir, self.step, self.model, self.optimizer, self.schedule, self.controllers,
+            data=self.data, trainer_state=self._trainer_state(), keep_last=self.keep_last)
+        return self.last_checkpoint
+
+    def resume(self, path=None) -> int:
+        """Load the checkpoint ``path`` (default: the newest complete one in checkpoint_dir) into
+        the model, optimiser, schedule, controllers and generators; returns the step reached
+        (0, with nothing loaded, when checkpoint_dir holds no checkpoint). The data position is
+        applied to the batches passed to the next ``fit``. Leftovers of interrupted writes are
+        removed. Raises FileFormatError, naming the file and key, for a damaged checkpoint."""
+        if path is None:
+            if self.checkpoint_dir is None:
+                raise ValueError("resume: give a checkpoint path or a Trainer checkpoint_dir")
+            ckpt_io.clean_partial(self.checkpoint_dir)
+            path = ckpt_io.latest_checkpoint(self.checkpoint_dir)
+            if path is None:
+                return 0
+        probe = ckpt_io.read_checkpoint(path)
+        data_state = probe.states["data"]
+        ckpt = ckpt_io.load_checkpoint(path, self.model, self.optimizer, self.schedule, self.controllers,
+                                       data=_StateHolder(data_state) if data_state is not None else None)
+        trainer = ckpt.states["trainer"]
+        step = trainer.get("step") if isinstance(trainer, dict) else None
+        if step != ckpt.step:
+            raise ckpt_io.FileFormatError(os.path.join(path, ckpt_io.MANIFEST_FILE),
+                                          f"trainer step {step!r} differs from the checkpoint step {ckpt.step}",
+                                          key="states.trainer.step")
+        self.step = ckpt.step
+        self.skipped = list(trainer.get("skipped", []))
+        self._pending_data_state = data_state
+        self.last_checkpoint = os.fspath(path)
+        return self.step
+
+
+class _StateHolder:
+    """Stands in for the data source during load_checkpoint (the real one arrives with fit())."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state):
+        self.state = state
+
+
+__all__ = ["Trainer", "SeededBatches", "NonFiniteError", "NONFINITE_MODES"]

@@ -1,0 +1,408 @@
+"""LoRA (and rsLoRA): a frozen linear plus a trainable low-rank update, as PEFT defines it.
+
+Hu et al. 2021; facts from PEFT 0.21.2 ``peft/tuners/lora/{layer,config,model}.py`` (spectral_peft's
+ALGORITHMS.md, LoRA section). docs/lora.md derives every line below.
+
+Shape legend: N tokens (B·T, or any leading dims), d_in, d_out, r the rank.
+
+    lora_A.weight  A (r, d_in)     lora_B.weight  B (d_out, r)
+    y = base(x) + s · (drop(x) Aᵀ) Bᵀ             s = lora_alpha / r   (rsLoRA: lora_alpha / √r)
+    trainable parameters per adapted linear: r · (d_in + d_out)
+
+Init (PEFT's ``init_lora_weights``): True -> A ~ U(-1/√d_in, 1/√d_in) (kaiming_uniform, a=√5), B = 0,
+so the adapted model starts equal to the base; "gaussian" -> A ~ N(0, std = 1/r), B = 0; False ->
+both as nn.Linear's default (A ~ U(-1/√d_in, 1/√d_in), B ~ U(-1/√r, 1/√r)), a non-zero start that
+tests use. Every draw comes from the host generator handed to ``make_layer``.
+
+fan_in_fan_out: GPT-2 stores its projections as Conv1D weights (d_in, d_out). The engine's Linear
+is always (d_out, d_in) (the model loader transposes), so the flag changes nothing here: the
+delta s·B A is added to a (d_out, d_in) weight. It is kept in the config so that PEFT, which merges
+into Conv1D storage, reads the file correctly (PEFT forces it to True for Conv1D targets).
+
+The layer family: :class:`LoraLinear` (here); DoRA (dora.py), DyLoRA (dylora.py), LoRA-FA
+(lorafa.py) and Delta-LoRA (deltalora.py) subclass it and its config.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+from ..backend import to_host
+from ..module import Linear, Module
+from ..ops.dropout import dropout_backward, dropout_forward
+from ..ops.lowrank import lowrank_backward, lowrank_forward
+from .base import adapter_layers
+from .peft_model import AdapterConfig
+
+A_KEY = "lora_A.weight"  # PEFT's file-key suffixes (the adapter name dropped)
+B_KEY = "lora_B.weight"
+INIT_CHOICES = (True, False, "gaussian")
+
+# PEFT LoraConfig fields written to / read from adapter_config.json (engine options are not).
+PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "use_rslora",
+               "use_dora", "init_lora_weights", "bias", "rank_pattern", "alpha_pattern",
+               "modules_to_save", "task_type")
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """s = lora_alpha / r, or lora_alpha / √r with rsLoRA (PEFT LoraLayer.update_layer)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def pattern_value(pattern: dict | None, path: str, default):
+    """PEFT's get_pattern_key rule: the first key k (in dict order) with re.match(r"(.*\\.)?(k)$", path)
+    gives the value; no match gives ``default``."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def init_lora_arrays(rng, r: int, d_in: int, d_out: int, init_lora_weights):
+    """Host float64 A (r, d_in), B (d_out, r) drawn as PEFT initialises them (module docstring).
+
+    A is always drawn first, then B (zeros need no draw), so the stream order is fixed."""
+    import numpy as np  # noqa: PLC0415 - host arrays only
+
+    bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform(a=√5) on (r, d_in): gain √(2/(1+5)) · √(3/d_in)
+    if init_lora_weights == "gaussian":
+        A = rng.normal(0.0, 1.0 / r, size=(r, d_in))  # PEFT: nn.init.normal_(std=1/r)
+    else:
+        A = rng.uniform(-bound, bound, size=(r, d_in))
+    if init_lora_weights is False:
+        b = 1.0 / math.sqrt(r)  # nn.Linear(r, d_out)'s default init
+        B = rng.uniform(-b, b, size=(d_out, r))
+    else:
+        B = np.zeros((d_out, r))
+    return A, B
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA's hyper-parameters under PEFT's field names and defaults (peft LoraConfig).
+
+    Validated at construction; errors name the field, its value and what would be right. The
+    variants (DyLoRA, LoRA-FA, Delta-LoRA) subclass this config and are written to
+    adapter_config.json as plain PEFT LoRA (their file format is LoRA's).
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+
+    r: int = 8  # rank of every adapted linear (rank_pattern overrides per module)
+    lora_alpha: float = 8  # scaling numerator: s = lora_alpha / r
+    lora_dropout: float = 0.0  # dropout on the branch input only
+    target_modules: str | list[str] | None = None  # required: names or a regex (PEFT's rule)
+    fan_in_fan_out: bool = False  # True for GPT-2's Conv1D storage (file format only, see module docstring)
+    use_rslora: bool = False  # s = lora_alpha / √r
+    use_dora: bool = False  # DoRA (dora.py): magnitude vector and detached norm
+    init_lora_weights: bool | str = True  # True: kaiming-uniform A, B = 0; "gaussian"; False: both random
+    bias: str = "none"  # only "none" is supported
+    rank_pattern: dict = field(default_factory=dict)  # {module regex: r}
+    alpha_pattern: dict = field(default_factory=dict)  # {module regex: lora_alpha}
+    modules_to_save: list[str] | None = None  # not supported (must be None)
+    task_type: str | None = None  # PEFT's task type, carried through the file
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.validate()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def validate(self) -> None:
+        n = self.name
+        if self.target_modules is None:
+            raise ValueError(f"{n}.target_modules is None; name the linears to adapt, e.g. ['c_attn', 'c_proj']")
+        if not isinstance(self.target_modules, (str, list)):
+            raise ValueError(f"{n}.target_modules must be a regex string or a list of names, "
+                             f"got {type(self.target_modules).__name__}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"{n}.r must be an integer > 0, got {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"{n}.lora_alpha must be a number > 0, got {self.lora_alpha!r}")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"{n}.lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
+        if not (self.init_lora_weights is True or self.init_lora_weights is False
+                or self.init_lora_weights == "gaussian"):
+            raise ValueError(f"{n}.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if self.bias != "none":
+            raise ValueError(f"{n}.bias={self.bias!r} is not supported; use 'none'")
+        if self.modules_to_save:
+            raise ValueError(f"{n}.modules_to_save={self.modules_to_save!r} is not supported; use None")
+        for k, v in self.rank_pattern.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{n}.rank_pattern[{k!r}] must be an integer > 0, got {v!r}")
+        for k, v in self.alpha_pattern.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ValueError(f"{n}.alpha_pattern[{k!r}] must be a number > 0, got {v!r}")
+
+    # --- per-module values ------------------------------------------------------------------------
+    def rank_for(self, path: str) -> int:
+        """r of the linear at ``path`` (rank_pattern, PEFT's matching rule, else r)."""
+        return int(pattern_value(self.rank_pattern, _model_relative(path), self.r))
+
+    def alpha_for(self, path: str) -> float:
+        return pattern_value(self.alpha_pattern, _model_relative(path), self.lora_alpha)
+
+    def layer_kwargs(self, path: str, base: Linear, rng) -> dict:
+        return dict(r=self.rank_for(path), lora_alpha=self.alpha_for(path), lora_dropout=self.lora_dropout,
+                    use_rslora=self.use_rslora, init_lora_weights=self.init_lora_weights, rng=rng,
+                    fan_in_fan_out=self.fan_in_fan_out, path=path)
+
+    # --- AdapterConfig protocol ---------------------------------------------------------------------
+    def make_layer(self, path: str, base: Linear, rng) -> Module:
+        if self.use_dora:
+            from .dora import DoraLinear  # noqa: PLC0415 - dora.py imports this module
+
+            return DoraLinear(base, **self.layer_kwargs(path, base, rng))
+        return LoraLinear(base, **self.layer_kwargs(path, base, rng))
+
+    def to_json_dict(self, peft_model=None) -> dict:
+        """adapter_config.json with PEFT's LoraConfig fields. fan_in_fan_out is written True for a
+        GPT-2 base, as PEFT sets it for Conv1D targets."""
+        tm = self.target_modules
+        fifo = self.fan_in_fan_out
+        if peft_model is not None and getattr(getattr(peft_model.model, "config", None), "model_type", None) == "gpt2":
+            fifo = True
+        return {
+            "peft_type": "LORA", "task_type": self.task_type, "inference_mode": True,
+            "base_model_name_or_path": None, "revision": None,
+            "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+            "target_modules": tm if isinstance(tm, str) else list(tm),
+            "fan_in_fan_out": fifo, "use_rslora": self.use_rslora, "use_dora": self.use_dora,
+            "init_lora_weights": self.init_lora_weights, "bias": self.bias,
+            "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
+            "modules_to_save": self.modules_to_save, "layers_to_transform": None, "layers_pattern": None,
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> LoraConfig:
+        """Build from adapter_config.json: PEFT's LoRA fields are taken, others ignored; options the
+        engine does not implement (layers_to_transform, lora_bias, ...) are refused by name."""
+        if str(d.get("peft_type", "LORA")).upper() != "LORA":
+            raise ValueError(f"adapter_config.json peft_type is {d.get('peft_type')!r}, expected 'LORA'")
+        for key in ("layers_to_transform", "layers_pattern", "lora_bias", "use_qalora", "target_parameters",
+                    "exclude_modules"):
+            if d.get(key):
+                raise ValueError(f"adapter_config.json {key}={d[key]!r} is not supported by spectral_peft")
+        names = {f.name for f in fields(cls)} & set(PEFT_FIELDS)
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if isinstance(kwargs.get("target_modules"), (list, tuple, set)):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        return cls(**kwargs)
+
+
+def _model_relative(path: str) -> str:
+    prefix = "base_model.model."
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
+# ------------------------------------------------------------------------------------------------
+# The layer
+# ------------------------------------------------------------------------------------------------
+class LoraLinear(Module):
+    """y = base(x) + s · (drop(x) Aᵀ) Bᵀ  (module docstring for shapes and init).
+
+    x (..., d_in) -> y (..., d_out). Child ``base_layer`` (frozen Linear, dense or quantised);
+    params ``lora_A.weight`` (r, d_in) and ``lora_B.weight`` (d_out, r).
+
+    Cache: the low-rank cache (the branch input (..., d_in), only while A is trainable, and
+    x Aᵀ (..., r)) and the dropout mask; the frozen base keeps nothing.
+    Merged (``merge()``): the base weight holds W + s·B A and the forward is the base alone
+    (inference; no adapter gradients), until ``unmerge()``.
+    """
+
+    def __init__(self, base: Linear, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: bool | str = True, rng=None,
+                 fan_in_fan_out: bool = False, path: str = ""):
+        super().__init__()
+        where = f" (module {path!r})" if path else ""
+        if not isinstance(base, Linear):
+            raise TypeError(f"LoRA wraps a Linear{where}, got {type(base).__name__}")
+        d_out, d_in = base.d_out, base.d_in
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or r > min(d_in, d_out):
+            raise ValueError(f"r must be an integer in [1, min(d_in, d_out)] = [1, {min(d_in, d_out)}]{where}, "
+                             f"got r={r!r}")
+        if not lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0{where}, got {lora_alpha!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1){where}, got {lora_dropout!r}")
+        if rng is None:
+            raise ValueError("LoRA needs rng, the host numpy Generator initial values are drawn from")
+        self.base_layer = base
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.lora_dropout = float(lora_dropout)
+        A, B = init_lora_arrays(rng, r, d_in, d_out, init_lora_weights)
+        xp, dtype = base.xp, base.dtype
+        self.params[A_KEY] = xp.asarray(A.astype(dtype))
+        self.params[B_KEY] = xp.asarray(B.astype(dtype))
+        # the dropout stream is seeded from the host stream, then lives on the backend
+        self.dropout_rng = xp.random.default_rng(int(rng.integers(2**63 - 1))) if lora_dropout > 0 else None
+        self.merged = False
+
+    # --- sizes -------------------------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.base_layer.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.base_layer.d_out
+
+    @property
+    def dtype(self):
+        return self.base_layer.dtype
+
+    @property
+    def xp(self):
+        return self.base_layer.xp
+
+    def adapter_parameter_count(self) -> int:
+        """r · (d_in + d_out): the trainable size of plain LoRA (docs/lora.md)."""
+        return self.r * (self.d_in + self.d_out)
+
+    def delta_weight(self):
+        """ΔW = s · B A   (d_out, r) @ (r, d_in) -> (d_out, d_in)."""
+        d = self.params[B_KEY] @ self.params[A_KEY]
+        d *= self.scaling
+        return d
+
+    def effective_weight(self):
+        """The dense (d_out, d_in) matrix this layer applies (W + s·B A)."""
+        if self.merged:
+            return self.base_layer.effective_weight()
+        return self.base_layer.effective_weight() + self.delta_weight()
+
+    # --- forward / backward ------------------------------------------------------------------------
+    def _check_input(self, x):
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"{type(self).__name__} expects inputs (..., {self.d_in}), got {x.shape}")
+
+    def forward(self, x):
+        self._check_input(x)
+        if self.merged:
+            return self.base_layer.forward(x)
+        p = self.params
+        y = self.base_layer.forward(x)  # (..., d_in) -> (..., d_out)
+        xd, dcache = dropout_forward(x, self.lora_dropout, self.dropout_rng, self.training)
+        yb, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=A_KEY not in self.frozen)
+        y += yb  # y = base(x) + s · (drop(x) Aᵀ) Bᵀ
+        self.cache = (lcache, dcache)
+        return y
+
+    def backward(self, dy):
+        if self.merged:
+            return self.base_layer.backward(dy)
+        lcache, dcache = self.cache
+        p = self.params
+        dx_b, dA, dB = lowrank_backward(dy, lcache, p[A_KEY], p[B_KEY], self.scaling,
+                                        need_dA=A_KEY not in self.frozen, need_dB=B_KEY not in self.frozen)
+        if dA is not None:
+            self.accumulate(A_KEY, dA)
+        if dB is not None:
+            self.accumulate(B_KEY, dB)
+        dx = self.base_layer.backward(dy)  # y = base(x)  =>  dx = base'(dy)
+        dx += dropout_backward(dx_b, dcache)  # branch input = drop(x)  =>  dx += drop'(dx_branch)
+        self.cache = None
+        return dx
+
+    # --- merge -------------------------------------------------------------------------------------
+    def _base_weight_for_merge(self):
+        base = self.base_layer
+        if type(base).effective_weight is not Linear.effective_weight:
+            raise TypeError(f"cannot merge into a {type(base).__name__} base (a quantised weight); "
+                            "dequantise the model first")
+        return base.params["weight"]
+
+    def merge(self) -> None:
+        """W <- W + s · B A (in the weight's dtype); the forward becomes the base alone."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is already merged")
+        W = self._base_weight_for_merge()
+        W += self.delta_weight()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W - s · B A: restores W up to rounding."""
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__} is not merged")
+        W = self._base_weight_for_merge()
+        W -= self.delta_weight()
+        self.merged = False
+
+    # --- adapter file ------------------------------------------------------------------------------
+    def peft_state_dict(self) -> dict:
+        """{suffix: array} as PEFT writes this layer into adapter_model.safetensors."""
+        return {A_KEY: self.params[A_KEY], B_KEY: self.params[B_KEY]}
+
+    def peft_shapes(self) -> dict:
+        """{suffix: shape} of the arrays :meth:`load_peft_state_dict` needs."""
+        return {k: tuple(v.shape) for k, v in self.peft_state_dict().items()}
+
+    def load_peft_state_dict(self, arrays: dict) -> None:
+        """Install arrays read from an adapter file (host or device; cast to the layer's dtype).
+        Every key and shape is checked before anything is installed."""
+        want = self.peft_shapes()
+        missing = sorted(set(want) - set(arrays))
+        if missing:
+            raise KeyError(f"adapter arrays {missing} missing; this layer needs {sorted(want)}")
+        extra = sorted(set(arrays) - set(want))
+        if extra:
+            raise KeyError(f"unexpected adapter arrays {extra}; this layer holds {sorted(want)}")
+        for k, shape in want.items():
+            if tuple(arrays[k].shape) != shape:
+                raise ValueError(f"{k} has shape {tuple(arrays[k].shape)}, this layer needs {shape}")
+        if self.merged:
+            raise RuntimeError("cannot load adapter arrays into a merged layer; unmerge() first")
+        xp = self.xp
+        for k in want:
+            self.params[k] = xp.asarray(to_host(arrays[k]).astype(self.dtype))
+        self.grads = {}
+
+
+# ------------------------------------------------------------------------------------------------
+# Model-level helpers
+# ------------------------------------------------------------------------------------------------
+def lora_layers(model: Module) -> list[tuple[str, LoraLinear]]:
+    """(path, layer) of every LoRA-family layer in ``model``, in model order."""
+    return adapter_layers(model, LoraLinear)
+
+
+def merge_adapters(model: Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_adapters(model: Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(peft_model) -> Module:
+    """Merge every LoRA-family layer into its base and put the base back in its place; returns the
+    plain model (``peft_model.model``), whose outputs equal the adapted model's. The PeftModel is
+    no longer usable afterwards. Every layer is checked mergeable before any weight changes."""
+    model = peft_model.model if hasattr(peft_model, "base_model") else peft_model
+    layers = lora_layers(model)
+    for _, layer in layers:
+        if not layer.merged:
+            layer._base_weight_for_merge()  # raises for a quantised base before anything changes
+    for path, layer in layers:
+        if not layer.merged:
+            layer.merge()
+        model.set_submodule(path, layer.base_layer)
+    return model

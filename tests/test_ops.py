@@ -355,7 +355,7 @@ def test_cross_entropy_rejects_out_of_range_targets():
         cross_entropy_forward(np.zeros((2, 4)), np.array([-1, 0]))
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), "0.1x"])
 def test_dropout_rejects_bad_p(p):
     with pytest.raises(ValueError, match=r"p must be a float in \[0, 1\)"):
         dropout_forward(np.zeros(3), p, np.random.default_rng(0), True)

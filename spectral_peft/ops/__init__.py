@@ -7,7 +7,7 @@ from .activation import (ACTIVATIONS, Activation, gelu_backward, gelu_forward, g
                          relu_backward, relu_forward, silu_backward, silu_forward, tanh_backward,
                          tanh_forward)
 from .attention import (attention_backward, attention_forward, merge_heads, merge_heads_backward,
-                        split_heads, split_heads_backward)
+                        s2_attention_backward, s2_attention_forward, split_heads, split_heads_backward)
 from .dropout import dropout_backward, dropout_forward
 from .embedding import embedding_backward, embedding_forward
 from .linear import linear_backward, linear_forward
@@ -22,6 +22,6 @@ __all__ = [
     "embedding_forward", "fanout_backward", "gelu_backward", "gelu_forward", "get_activation",
     "layernorm_backward", "layernorm_forward", "linear_backward", "linear_forward", "merge_heads",
     "merge_heads_backward", "relu_backward", "relu_forward", "residual_backward", "residual_forward",
-    "rmsnorm_backward", "rmsnorm_forward", "silu_backward", "silu_forward", "softmax_backward",
+    "rmsnorm_backward", "rmsnorm_forward", "s2_attention_backward", "s2_attention_forward", "silu_backward", "silu_forward", "softmax_backward",
     "softmax_forward", "split_heads", "split_heads_backward", "tanh_backward", "tanh_forward",
 ]

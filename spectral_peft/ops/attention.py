@@ -75,44 +75,69 @@ def _check_qkv(q, k, v, key_padding_mask):
             raise ValueError(f"attention_forward: key_padding_mask must be bool or int (1 = real token, 0 = padding), got {key_padding_mask.dtype}")
 
 
-def attention_forward(q, k, v, causal: bool, key_padding_mask=None):
+def attention_forward(q, k, v, causal: bool, key_padding_mask=None, shift_group: int | None = None):
     """out = softmax(q kᵀ/√hd + mask) v per head.
 
     q, k, v (B, H, T, hd); causal: query i sees keys j <= i; key_padding_mask (B, T), 1 = real
     token, 0 = padding (never attended to), or None. -> out (B, H, T, hd), cache.
+    shift_group = G: LongLoRA's S2-Attn instead of full attention (training only; see
+    :func:`s2_attention_forward`).
     """
     _check_qkv(q, k, v, key_padding_mask)
+    if shift_group is not None:
+        return s2_attention_forward(q, k, v, causal, shift_group, key_padding_mask)
     xp = get_xp(q)
-    T, hd = q.shape[-2], q.shape[-1]
-    scale = 1.0 / math.sqrt(hd)
-    # S = (q / √hd) kᵀ: the scale goes on q, (B, H, T, hd), not on S, (B, H, T, T): a smaller pass
-    P = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
+    T = q.shape[-2]
     masked = None  # (B or 1, 1, T, T) bool, True where a score is removed
     if causal:
         masked = xp.triu(xp.ones((T, T), dtype=bool), k=1)[None, None]  # j > i
     if key_padding_mask is not None:
         pad = (key_padding_mask == 0)[:, None, None, :]  # (B, 1, 1, T)
         masked = pad if masked is None else (masked | pad)
+    out, core = _sdpa_forward(q, k, v, masked, key_padding_mask is not None)
+    return out, ("full", core)
+
+
+def attention_backward(dout, cache):
+    """(dq, dk, dv), each (B, H, T, hd), of out = softmax(q kᵀ/√hd + mask) v."""
+    kind, core = cache
+    if kind == "s2":
+        return s2_attention_backward(dout, cache)
+    return _sdpa_backward(dout, core)
+
+
+def _sdpa_forward(q, k, v, masked, may_be_fully_masked: bool):
+    """The attention itself, over any leading dims L (L = (B, H) here, (B, H, T/G) in S2-Attn).
+
+    q, k, v (*L, T, hd); masked: bool broadcastable to (*L, T, T), True where a score is removed,
+    or None; may_be_fully_masked: whether a row can have no visible key (padding).
+    -> out (*L, T, hd), cache (q, k, v, P, out, scale).
+    """
+    xp = get_xp(q)
+    T, hd = q.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(hd)
+    # S = (q / √hd) kᵀ: the scale goes on q, (B, H, T, hd), not on S, (B, H, T, T): a smaller pass
+    P = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
     if masked is not None:
         xp.copyto(P, -math.inf, where=masked)
     # P = softmax_j(S), max-subtracted; a fully masked row has max -∞: use 0 there, so that
     # every exponent is e^(-∞) = 0 and the row sums to 0; dividing by 1 then leaves P = 0.
     m = P.max(axis=-1, keepdims=True)  # (B, H, T, 1)
-    if key_padding_mask is not None:
+    if may_be_fully_masked:
         m[m == -math.inf] = 0.0
     P -= m
     xp.exp(P, out=P)
     denom = (P @ xp.ones(T, dtype=P.dtype))[..., None]  # (B, H, T, 1)  row sums as BLAS gemv
-    if key_padding_mask is not None:
+    if may_be_fully_masked:
         denom[denom == 0] = 1.0
     P /= denom
     out = P @ v  # (B, H, T, T) @ (B, H, T, hd) -> (B, H, T, hd)
     return out, (q, k, v, P, out, scale)
 
 
-def attention_backward(dout, cache):
-    """(dq, dk, dv), each (B, H, T, hd), of out = softmax(q kᵀ/√hd + mask) v."""
-    q, k, v, P, out, scale = cache
+def _sdpa_backward(dout, core):
+    """(dq, dk, dv), each (*L, T, hd), from the cache of :func:`_sdpa_forward`."""
+    q, k, v, P, out, scale = core
     xp = get_xp(dout)
     if dout.shape != out.shape:
         raise ValueError(f"attention_backward: dout must have shape (B, H, T, hd) = {tuple(out.shape)}, got {tuple(dout.shape)}")
@@ -130,3 +155,69 @@ def attention_backward(dout, cache):
     dk = dS.swapaxes(-1, -2) @ q
     dk *= scale
     return dq, dk, dv
+
+
+# --- LongLoRA's shifted sparse attention (S2-Attn) ---------------------------------------------
+# Source: dvlab-research/LongLoRA llama_attn_replace.py; Chen et al. 2024 (facts restated, no code).
+# The sequence is cut into T/G groups of G tokens and each query attends only within its group
+# (causally, when causal). The upper half of the heads, h >= H // 2, first rolls q, k, v by -G/2
+# along the sequence, so their groups straddle the lower half's group boundaries and information
+# crosses groups; their output is rolled back by +G/2. Cost per head: T·G instead of T².
+# As in LongLoRA, the shifted heads' last group wraps around: it holds tokens T - G/2 .. T - 1
+# followed by 0 .. G/2 - 1 (so under causal masking those first tokens see the last ones).
+# Padding: here a padded key is removed in every group it lands in (the rolled mask for the
+# shifted heads); LongLoRA's own eager path reuses the first group's causal mask instead.
+
+def _s2_group(a, G: int):
+    """(B, H, T, ...) -> (B, H, T/G, G, ...), the upper half of the heads rolled by -G/2 first."""
+    B, H, T = a.shape[:3]
+    xp = get_xp(a)
+    h0 = H // 2
+    rolled = xp.concatenate([a[:, :h0], xp.roll(a[:, h0:], -(G // 2), axis=2)], axis=1)
+    return rolled.reshape(B, H, T // G, G, *a.shape[3:])
+
+
+def _s2_ungroup(a):
+    """(B, H, T/G, G, hd) -> (B, H, T, hd), the upper half of the heads rolled back by +G/2."""
+    B, H, nG, G = a.shape[:4]
+    xp = get_xp(a)
+    h0 = H // 2
+    a = a.reshape(B, H, nG * G, *a.shape[4:])
+    return xp.concatenate([a[:, :h0], xp.roll(a[:, h0:], G // 2, axis=2)], axis=1)
+
+
+def s2_attention_forward(q, k, v, causal: bool, shift_group: int, key_padding_mask=None):
+    """LongLoRA S2-Attn: attention within groups of G = shift_group tokens, half the heads shifted.
+
+    q, k, v (B, H, T, hd) with T divisible by G, G even (LongLoRA uses G = T/4);
+    key_padding_mask (B, T) or None. -> out (B, H, T, hd), cache.
+    """
+    _check_qkv(q, k, v, key_padding_mask)
+    B, H, T, hd = q.shape
+    G = shift_group
+    if not isinstance(G, int) or G < 2 or G % 2 or T % G:
+        raise ValueError(f"shift_group must be an even divisor of T = {T} (LongLoRA: T/4), got {G!r}")
+    xp = get_xp(q)
+    qg, kg, vg = (_s2_group(a, G) for a in (q, k, v))  # (B, H, T/G, G, hd)
+    masked = None  # broadcastable to (B, H, T/G, G, G)
+    if causal:
+        masked = xp.triu(xp.ones((G, G), dtype=bool), k=1)  # within each group: j > i
+    if key_padding_mask is not None:
+        pad = xp.broadcast_to((key_padding_mask == 0)[:, None, :, None], (B, H, T, 1))
+        pad = _s2_group(pad, G).swapaxes(-1, -2)  # (B, H, T/G, 1, G): each group's padded keys
+        masked = pad if masked is None else (masked | pad)
+    out_g, core = _sdpa_forward(qg, kg, vg, masked, key_padding_mask is not None)
+    return _s2_ungroup(out_g), ("s2", (core, G))
+
+
+def s2_attention_backward(dout, cache):
+    """(dq, dk, dv), each (B, H, T, hd), of S2-Attn: the grouped attention's backward, with the
+    rolls undone (the adjoint of a roll by -G/2 is the roll by +G/2)."""
+    _, (core, G) = cache
+    B, H, nG, _, hd = core[0].shape
+    if dout.shape != (B, H, nG * G, hd):
+        raise ValueError(f"attention_backward: dout must have shape (B, H, T, hd) = {(B, H, nG * G, hd)}, got {tuple(dout.shape)}")
+    # out = ungroup(out_g)  =>  dout_g = group(dout)
+    grads_g = _sdpa_backward(_s2_group(dout, G), core)
+    # q_g = group(q)  =>  dq = ungroup(dq_g)   (and the same for k, v)
+    return tuple(_s2_ungroup(d) for d in grads_g)

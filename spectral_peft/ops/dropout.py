@@ -14,7 +14,11 @@ def dropout_forward(x, p: float, rng, training: bool):
 
     Identity (y is x itself, cache None) when not training or p == 0.
     """
-    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+    try:
+        p = float(p)  # a Python or NumPy scalar
+    except (TypeError, ValueError):
+        raise ValueError(f"dropout_forward: p must be a float in [0, 1), got {p!r}") from None
+    if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_forward: p must be a float in [0, 1), got {p!r}")
     if x.dtype.kind != "f":
         raise ValueError(f"dropout_forward: x must be a float array, got dtype {x.dtype}")

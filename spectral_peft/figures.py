@@ -1,10 +1,202 @@
-"""Placeholder for the `figures` command until its issue lands."""
+"""The `figures` command: every figure of the project, regenerated from a results file.
+
+``spectral-peft figures`` reads ``runs/latest/results.json`` (or ``--results``, a file or a run
+folder; falling back to the committed ``figures/results.json``) and writes every figure into
+``--out`` (default ``figures/``, the folder the README shows). ``spectral-peft run`` calls
+:func:`make_figures` on its own run folder.
+
+Each figure is one entry of :data:`FIGURES`: a file name and a function ``(results, path)`` that
+draws it from the results alone, through the plotting modules in spectral_peft.plots (training.py
+here; adalora.py, quant.py, rosa.py, dylora.py from the teammates owning those methods). A figure
+whose data is absent from the results (its method did not run) or whose plotting module is not
+installed is skipped with a one-line reason, never faked.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+
+from .results import RESULTS_FILE, load_results, method_result
 
 
-def add_arguments(parser):
-    pass
+class FigureUnavailable(Exception):
+    """The results hold no data for this figure, or its plotting module is missing."""
+
+
+def _plots(module: str):
+    try:
+        return importlib.import_module(f"spectral_peft.plots.{module}")
+    except ImportError as exc:
+        raise FigureUnavailable(f"spectral_peft.plots.{module} is not available ({exc})") from None
+
+
+def _need(results: dict, method: str, key: str | None = None):
+    m = method_result(results, method)
+    if m is None:
+        raise FigureUnavailable(f"method {method!r} is not in the results")
+    if key is None:
+        return m
+    value = m["extras"].get(key)
+    if not value:
+        raise FigureUnavailable(f"method {method!r} recorded no {key!r}")
+    return value
+
+
+def _fn(module, *names):
+    mod = _plots(module)
+    for n in names:
+        if hasattr(mod, n):
+            return getattr(mod, n)
+    raise FigureUnavailable(f"spectral_peft.plots.{module} has none of {names}")
+
+
+# --- one function per figure --------------------------------------------------------------------
+def fig_loss_curves(results, path):
+    if not results["methods"]:
+        raise FigureUnavailable("no method ran")
+    _plots("training").plot_loss_curves(results["methods"], path,
+                                        base_eval_loss=results["base_model"].get("eval_loss"))
+
+
+def fig_memory(results, path):
+    if not results["methods"]:
+        raise FigureUnavailable("no method ran")
+    _plots("training").plot_memory(results["methods"], path)
+
+
+def fig_speed_quality(results, path):
+    if not results["methods"]:
+        raise FigureUnavailable("no method ran")
+    _plots("training").plot_speed_quality(results["methods"], path)
+
+
+def fig_pretraining(results, path):
+    curve = results["base_model"].get("pretrain", {}).get("loss_curve")
+    if not curve:
+        raise FigureUnavailable("the results hold no pretraining loss curve")
+    _plots("training").plot_pretraining(curve, path)
+
+
+def fig_delta_spectra(results, path):
+    if not any(m["extras"].get("singular_values") for m in results["methods"]):
+        raise FigureUnavailable("no method recorded singular values of ΔW")
+    _plots("training").plot_delta_spectra(results["methods"], path)
+
+
+def fig_adalora_ranks(results, path):
+    pattern = _need(results, "adalora", "rank_pattern")
+    _fn("adalora", "plot_rank_heatmap")(pattern, path)
+
+
+def fig_adalora_budget(results, path):
+    sched = _need(results, "adalora", "budget_schedule")
+    steps, budgets = sched["step"], sched["budget"]
+    kept = None
+    masked = {int(s): int(k) for s, _, k in sched.get("masked", [])}
+    if masked:
+        # the triplets kept at each step: the last masking at or before it
+        kept, last = [], sched.get("init_bgt")
+        for s in steps:
+            last = masked.get(int(s), last)
+            kept.append(last)
+    _fn("adalora", "plot_budget")(steps, budgets, path, kept=kept)
+
+
+def fig_adalora_singular_values(results, path):
+    E = _need(results, "adalora", "lora_E")
+    _fn("adalora", "plot_singular_values")(E, path)
+
+
+def fig_quant(results, path):
+    rec = results.get("quantization") or {}
+    if rec.get("unavailable"):
+        raise FigureUnavailable(rec["unavailable"])
+    if not rec:
+        raise FigureUnavailable("the results hold no quantisation record")
+    _fn("quant", "plot_codebook_and_error", "plot_nf4", "plot_quantization")(rec, path)
+
+
+def fig_rosa_density(results, path):
+    method = "rosa" if method_result(results, "rosa") is not None else "qrosa"
+    dens = _need(results, method, "density")
+    _fn("rosa", "plot_density_per_layer")(dens, path)
+
+
+def fig_rosa_support(results, path):
+    import numpy as np  # noqa: PLC0415
+
+    method = "rosa" if method_result(results, "rosa") is not None else "qrosa"
+    sup = _need(results, method, "support")
+    mask = np.zeros(int(sup["shape"][0]) * int(sup["shape"][1]), dtype=bool)
+    mask[np.asarray(sup["indices"], dtype=np.int64)] = True
+    _fn("rosa", "plot_support_pattern")(mask.reshape(sup["shape"]), path, title=f"RoSA support of {sup['layer']}")
+
+
+def fig_dylora(results, path):
+    rec = _need(results, "dylora", "rank_eval")
+    _fn("dylora", "plot_rank_eval", "plot_dylora")(rec, path)
+
+
+FIGURES = (
+    ("loss_curves.png", fig_loss_curves),
+    ("memory.png", fig_memory),
+    ("speed_quality.png", fig_speed_quality),
+    ("pretraining.png", fig_pretraining),
+    ("delta_singular_values.png", fig_delta_spectra),
+    ("adalora_rank_heatmap.png", fig_adalora_ranks),
+    ("adalora_budget.png", fig_adalora_budget),
+    ("adalora_singular_values.png", fig_adalora_singular_values),
+    ("nf4_codebook_error.png", fig_quant),
+    ("rosa_density.png", fig_rosa_density),
+    ("rosa_support.png", fig_rosa_support),
+    ("dylora_rank_eval.png", fig_dylora),
+)
+
+
+def make_figures(results: dict, folder: str) -> tuple[list[str], list[str]]:
+    """Draw every figure of ``results`` into ``folder``. Returns (files written, one line per
+    figure skipped: "<file>: not available: <reason>")."""
+    os.makedirs(folder, exist_ok=True)
+    written, skipped = [], []
+    for name, fn in FIGURES:
+        try:
+            fn(results, os.path.join(folder, name))
+            written.append(name)
+        except FigureUnavailable as exc:
+            skipped.append(f"{name}: not available: {exc}")
+    return written, skipped
+
+
+# --- the command --------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--results", metavar="PATH", default=None,
+                        help="results.json or a run folder (default: runs/latest, else figures/results.json)")
+    parser.add_argument("--out", metavar="DIR", default="figures", help="where the figures go (default: figures)")
+
+
+def _default_results() -> str:
+    for candidate in (os.path.join("runs", "latest"), os.path.join("figures", RESULTS_FILE)):
+        if os.path.exists(candidate):
+            return candidate
+    return os.path.join("runs", "latest")
 
 
 def main(args) -> int:
-    print("spectral-peft: this command is not implemented yet", flush=True)
-    return 1
+    source = args.results or _default_results()
+    try:
+        results = load_results(source)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"spectral-peft figures: error: {exc}", file=sys.stderr)
+        return 2
+    written, skipped = make_figures(results, args.out)
+    src_file = source if source.endswith(".json") else os.path.join(source, RESULTS_FILE)
+    dest = os.path.join(args.out, RESULTS_FILE)
+    if os.path.abspath(src_file) != os.path.abspath(dest):
+        shutil.copyfile(src_file, dest)  # the figures travel with the results they were drawn from
+    for name in written:
+        print(f"wrote {os.path.join(args.out, name)}")
+    for line in skipped:
+        print(f"figure {line}")
+    return 0

@@ -213,3 +213,31 @@ def test_figures_are_written(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="must be 2-D"):
         plot_support_pattern(np.ones(3), tmp_path / "bad.png")
+
+
+def test_adapter_files_round_trip_through_io_peft(tmp_path):
+    from spectral_peft.io.peft import load_peft_model, save_adapter
+    from spectral_peft.io.safe import FileFormatError, load_safetensors, save_safetensors
+
+    peft = get_peft_model(TinyNet(), config(schedule="wl0", spa_num_grads=1), seed=0)
+    train(peft, range(3))
+    save_adapter(peft, tmp_path / "adapter")
+    keys = sorted(load_safetensors(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert keys[:6] == ["base_model.model.fc1.rosa_A.weight", "base_model.model.fc1.rosa_B.weight",
+                        "base_model.model.fc1.rosa_spa.col_idx", "base_model.model.fc1.rosa_spa.row_idx",
+                        "base_model.model.fc1.rosa_spa.row_offs", "base_model.model.fc1.rosa_spa.values"]
+    loaded = load_peft_model(TinyNet(), tmp_path / "adapter", seed=3)
+    x, _ = data(0)
+    np.testing.assert_array_equal(loaded.forward(x), peft.forward(x))
+    # the loaded supports are kept: its controller never collects over them
+    ctrl = loaded.controllers[0]
+    ctrl.before_forward(0)
+    assert ctrl.activated and not any(m.collecting for _, m in loaded.adapter_layers())
+    # a values array of the wrong size is refused, naming the key; the model is left untouched
+    arrays = load_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")
+    arrays["base_model.model.fc2.rosa_spa.values"] = np.zeros(3, dtype=np.float64)
+    save_safetensors(arrays, tmp_path / "adapter" / "adapter_model.safetensors")
+    plain = TinyNet()
+    with pytest.raises(FileFormatError, match="rosa_spa.values"):
+        load_peft_model(plain, tmp_path / "adapter")
+    assert isinstance(plain.fc2, Linear) and not plain.fc2.frozen

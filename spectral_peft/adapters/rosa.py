@@ -259,6 +259,8 @@ class RosaLinear(Module):
     Child ``base_layer``: the frozen Linear (dense or quantised).
     """
 
+    PEFT_OPTIONAL_KEYS = (ROW_IDX_KEY,)  # derived from row_offs; io.peft accepts a file without it
+
     def __init__(self, base: Linear, r: int, d: float, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  impl: str = "sp_add", use_rslora: bool = False, init_lora_weights: bool | str = True,
                  grad_acc_mode: str = "mean_squared", sddmm_impl: str = "planned", rng=None):
@@ -656,6 +658,9 @@ class RosaController(Controller):
     # --- hooks ---
     def before_forward(self, step: int) -> None:
         agenda = agenda_at(self.schedule, self.step)
+        sparse = self.sparse_layers()
+        if not self.activated and sparse and all(m.spa is not None for _, m in sparse):
+            self.activated = True  # supports came with a loaded adapter: never collect over them
         for _, layer in self.sparse_layers():
             layer.collecting = "grad_collection" in agenda and not self.activated
             if layer.spa is not None:

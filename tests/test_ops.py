@@ -321,6 +321,9 @@ def test_unknown_activation_lists_known_names():
         get_activation("gelu_fast")
     with pytest.raises(ValueError, match="approximate"):
         gelu_forward(np.zeros(3), approximate="sigmoid")
+    for name in ACTIVATIONS:
+        with pytest.raises(ValueError, match="float array"):
+            get_activation(name).forward(np.arange(3))  # integers
 
 
 def test_shape_errors_name_the_argument():

@@ -37,8 +37,9 @@ def _special(xp):
 
 
 def _check_float(x, name: str) -> None:
-    if getattr(x, "dtype", None) is None or x.dtype.kind != "f":
-        raise ValueError(f"{name}: x must be a float array, got {getattr(x, 'dtype', type(x).__name__)}")
+    if getattr(x, "dtype", None) is None or x.dtype.kind != "f" or x.ndim == 0:
+        raise ValueError(f"{name}: x must be a float array with at least one axis, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {getattr(x, 'shape', None)}")
 
 
 def _gated_backward(dy, x, s, ds):

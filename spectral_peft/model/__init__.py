@@ -1,0 +1,21 @@
+"""Models: configs, GPT-2 and BERT assembled from the ops, Hugging Face loading and saving.
+
+    from spectral_peft.model import GPT2Config, GPT2LMHeadModel, load_pretrained
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4), get_backend("cpu", "float64"))
+    out = model.forward(ids, labels=ids); model.backward()
+
+See docs/models.md.
+"""
+from .bert import BertForSequenceClassification, BertModel
+from .config import BertConfig, GPT2Config
+from .gpt2 import GPT2LMHeadModel, GPT2Model
+from .hf import (hf_gradients, hf_key, hf_state_dict, is_conv1d, load_pretrained, read_config,
+                 save_pretrained)
+from .layers import Activation, Dropout, Embedding, LayerNorm
+from .output import ModelOutput
+
+__all__ = [
+    "Activation", "BertConfig", "BertForSequenceClassification", "BertModel", "Dropout", "Embedding",
+    "GPT2Config", "GPT2LMHeadModel", "GPT2Model", "LayerNorm", "ModelOutput", "hf_gradients", "hf_key",
+    "hf_state_dict", "is_conv1d", "load_pretrained", "read_config", "save_pretrained",
+]

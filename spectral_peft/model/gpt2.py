@@ -1,0 +1,256 @@
+"""GPT-2 as Modules: GPT2Model (the transformer) and GPT2LMHeadModel (tied LM head, causal loss).
+
+Shape legend: B batch, T sequence, C = n_embd, H = n_head, hd = C/H, F = inner_dim (4C),
+V = vocab_size, N = B·T.
+
+    x   = drop(wte[ids] + wpe[0..T-1])                      (B, T, C)
+    for each block:
+        h   = x + resid_drop(attn(ln_1(x)))                  attn: c_attn C->3C, causal SDPA, c_proj C->C
+        x   = h + resid_drop(c_proj(act(c_fc(ln_2(h)))))     mlp: c_fc C->F, c_proj F->C
+    h_L = ln_f(x)                                            (B, T, C)
+    logits = h_L wteᵀ                                         (B, T, V)   lm_head tied to wte
+    loss = mean_{t: label ≠ -100} CE(logits[:, t], labels[:, t+1])   (HF's shift)
+
+Attribute names are Hugging Face's, so a parameter's dotted name is its key in GPT2LMHeadModel's
+state dict (``transformer.h.0.attn.c_attn.weight``); every projection is a Linear with weight
+(d_out, d_in) (HF's Conv1D stores (d_in, d_out): model/hf.py transposes). Derivation: docs/models.md.
+
+Not applied: dropout on the attention probabilities (attn_pdrop), which needs the attention op to
+expose its probabilities; all other dropouts are.
+"""
+from __future__ import annotations
+
+import math
+
+from ..backend import Backend, get_xp, host_rng
+from ..module import Linear, Module, ModuleList
+from ..ops.attention import attention_backward, attention_forward, merge_heads, split_heads
+from ..ops.linear import linear_backward, linear_forward
+from ..ops.loss import cross_entropy_backward, cross_entropy_forward
+from .config import GPT2Config
+from .layers import Activation, Dropout, Embedding, LayerNorm
+from .output import ModelOutput, check_input_ids, check_int_range, check_mask, to_backend
+
+
+class Init:
+    """Draws initial parameters on the host (so CPU and GPU start equal), then moves them once."""
+
+    def __init__(self, backend: Backend, seed: int, std: float):
+        self.backend, self.rng, self.std = backend, host_rng(seed), std
+
+    def normal(self, shape, std: float | None = None):
+        return self.backend.asarray(self.rng.normal(0.0, self.std if std is None else std, size=shape))
+
+    def zeros(self, shape):
+        return self.backend.zeros(shape)
+
+    def ones(self, shape):
+        return self.backend.xp.ones(shape, dtype=self.backend.float)
+
+    def linear(self, d_in: int, d_out: int, std: float | None = None) -> Linear:
+        return Linear(self.normal((d_out, d_in), std), self.zeros((d_out,)))
+
+    def layernorm(self, C: int, eps: float) -> LayerNorm:
+        return LayerNorm(self.ones((C,)), self.zeros((C,)), eps)
+
+
+class GPT2Attention(Module):
+    """Causal multi-head self-attention.  x (B, T, C) -> y (B, T, C).
+
+    c_attn: one Linear C -> 3C (q, k, v side by side, HF's layout); c_proj: C -> C.
+    """
+
+    def __init__(self, c_attn: Linear, c_proj: Linear, n_head: int, resid_pdrop: float, rng):
+        super().__init__()
+        self.c_attn = c_attn
+        self.c_proj = c_proj
+        self.resid_dropout = Dropout(resid_pdrop, rng)
+        self.n_head = n_head
+
+    def forward(self, x, key_padding_mask=None):
+        B, T, C = x.shape
+        H = self.n_head
+        qkv = self.c_attn(x)  # (B, T, C) -> (B, T, 3C)
+        # views, no copies: (B, T, C) slices of qkv -> (B, H, T, hd)
+        q = split_heads(qkv[..., :C], H)
+        k = split_heads(qkv[..., C:2 * C], H)
+        v = split_heads(qkv[..., 2 * C:], H)
+        out, attn_cache = attention_forward(q, k, v, causal=True, key_padding_mask=key_padding_mask)
+        self.cache = attn_cache
+        y = self.c_proj(merge_heads(out))  # (B, H, T, hd) -> (B, T, C) -> (B, T, C)
+        return self.resid_dropout(y)
+
+    def backward(self, dy):
+        dy = self.resid_dropout.backward(dy)
+        # y = c_proj(merge_heads(out))  =>  dout = split_heads(c_proj.backward(dy))
+        dmerged = self.c_proj.backward(dy)  # (B, T, C)
+        B, T, C = dmerged.shape
+        H = self.n_head
+        dq, dk, dv = attention_backward(split_heads(dmerged, H), self.cache)  # each (B, H, T, hd)
+        self.cache = None
+        # q, k, v = split(qkv)  =>  dqkv = [merge(dq) | merge(dk) | merge(dv)], written in place
+        dqkv = get_xp(dq).empty((B, T, 3 * C), dtype=dq.dtype)
+        parts = dqkv.reshape(B, T, 3, H, C // H)  # a view of dqkv
+        parts[:, :, 0] = dq.transpose(0, 2, 1, 3)  # (B, H, T, hd) -> (B, T, H, hd)
+        parts[:, :, 1] = dk.transpose(0, 2, 1, 3)
+        parts[:, :, 2] = dv.transpose(0, 2, 1, 3)
+        return self.c_attn.backward(dqkv)  # (B, T, 3C) -> (B, T, C)
+
+
+class GPT2MLP(Module):
+    """x (B, T, C) -> c_fc (B, T, F) -> act -> c_proj (B, T, C) -> dropout."""
+
+    def __init__(self, c_fc: Linear, c_proj: Linear, activation: str, resid_pdrop: float, rng):
+        super().__init__()
+        self.c_fc = c_fc
+        self.act = Activation(activation)
+        self.c_proj = c_proj
+        self.dropout = Dropout(resid_pdrop, rng)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+    def backward(self, dy):
+        dy = self.dropout.backward(dy)
+        return self.c_fc.backward(self.act.backward(self.c_proj.backward(dy)))
+
+
+class GPT2Block(Module):
+    """Pre-LayerNorm block: h = x + attn(ln_1(x)); out = h + mlp(ln_2(h)).  (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, ln_1, attn, ln_2, mlp):
+        super().__init__()
+        self.ln_1 = ln_1
+        self.attn = attn
+        self.ln_2 = ln_2
+        self.mlp = mlp
+
+    def forward(self, x, key_padding_mask=None):
+        h = self.attn(self.ln_1(x), key_padding_mask)
+        h += x  # h = x + attn(ln_1(x)); the attention output is a fresh array, added into in place
+        out = self.mlp(self.ln_2(h))
+        out += h
+        return out
+
+    def backward(self, dout):
+        # out = h + mlp(ln_2(h))  =>  dh = dout + ln_2ᵀ mlpᵀ dout   (fan-out of h)
+        dh = self.ln_2.backward(self.mlp.backward(dout))
+        dh += dout
+        # h = x + attn(ln_1(x))  =>  dx = dh + ln_1ᵀ attnᵀ dh
+        dx = self.ln_1.backward(self.attn.backward(dh))
+        dx += dh
+        return dx
+
+
+class GPT2Model(Module):
+    """The transformer: embeddings, n_layer blocks, final LayerNorm.  ids (B, T) -> h (B, T, C)."""
+
+    def __init__(self, config: GPT2Config, backend: Backend, seed: int = 0):
+        super().__init__()
+        c = config
+        init = Init(backend, seed, c.initializer_range)
+        # Dropout masks come from one generator of the backend, seeded from the model's seed.
+        self.rng = backend.rng(seed + 1)
+        C, F = c.n_embd, c.inner_dim
+        proj_std = c.initializer_range / math.sqrt(2 * c.n_layer)  # HF's scaled init of c_proj
+        self.wte = Embedding(init.normal((c.vocab_size, C)))
+        self.wpe = Embedding(init.normal((c.n_positions, C)))
+        self.drop = Dropout(c.embd_pdrop, self.rng)
+        self.h = ModuleList([
+            GPT2Block(
+                init.layernorm(C, c.layer_norm_epsilon),
+                GPT2Attention(init.linear(C, 3 * C), init.linear(C, C, proj_std), c.n_head, c.resid_pdrop, self.rng),
+                init.layernorm(C, c.layer_norm_epsilon),
+                GPT2MLP(init.linear(C, F), init.linear(F, C, proj_std), c.activation_function, c.resid_pdrop, self.rng),
+            )
+            for _ in range(c.n_layer)
+        ])
+        self.ln_f = init.layernorm(C, c.layer_norm_epsilon)
+        self.config = config
+
+    def forward(self, input_ids, key_padding_mask=None):
+        """input_ids (B, T) int (validated by the caller), key_padding_mask (B, T) bool or None -> (B, T, C)."""
+        T = input_ids.shape[1]
+        xp = get_xp(self.wte.params["weight"])
+        x = self.wte(input_ids)  # (B, T) -> (B, T, C)
+        x += self.wpe(xp.arange(T))  # + (T, C), broadcast over B; position ids are 0..T-1 as in HF
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, key_padding_mask)
+        return self.ln_f(x)
+
+    def backward(self, dh):
+        dx = self.ln_f.backward(dh)
+        for block in reversed(self.h.items):
+            dx = block.backward(dx)
+        dx = self.drop.backward(dx)
+        # x = wte[ids] + wpe[arange(T)]  =>  dwte = scatter(dx), dwpe = Σ_B dx
+        self.wte.backward(dx)
+        self.wpe.backward(dx.sum(axis=0))  # (B, T, C) -> (T, C)
+        return None
+
+
+class GPT2LMHeadModel(Module):
+    """GPT-2 with the language-model head tied to wte (no separate parameter).
+
+    forward(input_ids (B, T), attention_mask (B, T) or None, labels (B, T) or None) -> ModelOutput
+    with logits (B, T, V) and loss (float) when labels were given; backward(dlogits=None).
+    """
+
+    def __init__(self, config: GPT2Config, backend: Backend, seed: int = 0):
+        super().__init__()
+        if not isinstance(config, GPT2Config):
+            raise TypeError(f"GPT2LMHeadModel needs a GPT2Config, got {type(config).__name__}")
+        self.transformer = GPT2Model(config, backend, seed)
+        self.config = config
+        self.backend = backend
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None) -> ModelOutput:
+        c = self.config
+        input_ids = to_backend(input_ids, self.backend)
+        check_input_ids(input_ids, c.vocab_size, c.n_positions, "n_positions")
+        B, T = input_ids.shape
+        if token_type_ids is not None:
+            raise ValueError("token_type_ids: GPT-2 models take none (pass token_type_ids=None)")
+        mask = check_mask(None if attention_mask is None else to_backend(attention_mask, self.backend), (B, T))
+        if labels is not None:
+            labels = to_backend(labels, self.backend)
+            check_int_range(labels, (B, T), 0, c.vocab_size, "labels", ignore=-100)
+        xp = get_xp(input_ids)
+        self.cache = None
+        h = self.transformer(input_ids, mask)  # (B, T, C)
+        wte = self.transformer.wte
+        # logits = h wteᵀ (the tied lm_head); h is kept only when wte gets a gradient
+        logits, lin_cache = linear_forward(h, wte.params["weight"], None, keep_x="weight" not in wte.frozen)
+        loss, ce_cache = None, None
+        if labels is not None:
+            # HF's shift: position t predicts labels[:, t+1]; the last position predicts nothing
+            targets = xp.concatenate([labels[:, 1:], xp.full((B, 1), -100, dtype=labels.dtype)], axis=1)
+            loss, ce_cache = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1).astype(xp.int64))
+        # the head's cache: (x of logits = h wteᵀ, cross-entropy cache or None, (B, T))
+        self.cache = (lin_cache, ce_cache, (B, T))
+        return ModelOutput(logits=logits, loss=loss)
+
+    def backward(self, dlogits=None) -> None:
+        """Accumulate every parameter gradient: of the loss (dloss = 1) when labels were given and
+        ``dlogits`` is None, else of Σ logits ⊙ dlogits (dlogits (B, T, V))."""
+        if self.cache is None:
+            raise RuntimeError("backward called without a forward (or twice after one forward)")
+        lin_cache, ce_cache, (B, T) = self.cache
+        V = self.config.vocab_size
+        if dlogits is None:
+            if ce_cache is None:
+                raise ValueError("backward: no labels were given to forward, so pass dlogits (B, T, V)")
+            dlogits = cross_entropy_backward(1.0, ce_cache).reshape(B, T, V)
+        else:
+            dlogits = to_backend(dlogits, self.backend)
+            if tuple(dlogits.shape) != (B, T, V):
+                raise ValueError(f"dlogits must have the logits' shape (B, T, V) = {(B, T, V)}, got {tuple(dlogits.shape)}")
+        self.cache = None
+        wte = self.transformer.wte
+        need_dW = "weight" not in wte.frozen
+        # logits = h wteᵀ  =>  dh = dlogits wte,  dwte += dlogitsᵀ h  (summed with the embedding's)
+        dh, dW, _ = linear_backward(dlogits, lin_cache, wte.params["weight"], need_dW=need_dW)
+        if need_dW:
+            wte.accumulate("weight", dW)
+        self.transformer.backward(dh)

@@ -1,0 +1,191 @@
+"""Hugging Face checkpoints: load and save GPT-2 and BERT in transformers' file layout.
+
+A checkpoint directory holds ``config.json`` and ``model.safetensors``. What is read:
+
+- ``model_type`` "gpt2" -> :class:`GPT2LMHeadModel`; keys with or without the ``transformer.``
+  prefix (the original OpenAI conversion has none); the ``attn.bias`` / ``attn.masked_bias``
+  causal-mask buffers are ignored; ``lm_head.weight``, if present, must equal ``wte`` (tied).
+- ``model_type`` "bert" -> :class:`BertForSequenceClassification` when the file holds
+  ``classifier.weight``, else :class:`BertModel` (keys with or without ``bert.``); the
+  ``embeddings.position_ids`` buffer is ignored.
+
+GPT-2's Conv1D layers (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) store their
+weight as (d_in, d_out); the engine's Linear holds (d_out, d_in): the loader transposes and
+:func:`save_pretrained` / :func:`hf_gradients` transpose back.
+
+Every key and shape is validated before any array is installed: an error names the key, the
+expected and the found shape, and the model is never half-loaded.
+
+Shape legend: weights (d_out, d_in) in the engine, (d_in, d_out) for Conv1D in the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from ..backend import Backend, get_backend, to_host
+from ..io.safe import FileFormatError, atomic_write_bytes, load_json, load_safetensors, save_safetensors
+from .bert import BertForSequenceClassification, BertModel
+from .config import BertConfig, GPT2Config
+from .gpt2 import GPT2LMHeadModel
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "bert")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# GPT-2 Conv1D weights, stored (d_in, d_out) in HF files.
+CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+# Buffers some checkpoints carry that are not parameters.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids")
+GPT2_HEAD_KEY = "lm_head.weight"
+
+
+def is_conv1d(model, name: str) -> bool:
+    """Whether the engine parameter ``name`` is a GPT-2 Conv1D weight (transposed in HF files)."""
+    return isinstance(model, GPT2LMHeadModel) and name.endswith(CONV1D_SUFFIXES)
+
+
+def hf_key(model, name: str) -> str:
+    """The checkpoint key of the engine parameter ``name`` (the loader records the file's spelling;
+    a model built in memory uses its own dotted names, which are HF's)."""
+    return getattr(model, "hf_keys", {}).get(name, name)
+
+
+def _hf_layout(model, name: str, array):
+    return array.T if is_conv1d(model, name) else array
+
+
+def hf_state_dict(model) -> dict:
+    """HF key -> host array in HF layout (Conv1D transposed back), for every parameter."""
+    return {hf_key(model, n): np.ascontiguousarray(_hf_layout(model, n, to_host(m.params[k])))
+            for n, m, k in model.named_parameters()}
+
+
+def hf_gradients(model) -> dict:
+    """The engine's gradients as HF-layout host arrays keyed by the checkpoint's keys.
+
+    Every trainable parameter is present (a zero array where no gradient was accumulated). GPT-2's
+    tied head: the gradient (embedding + head) goes under wte's key, and also under
+    ``lm_head.weight`` when the checkpoint holds that key (in PyTorch both names share one tensor).
+    """
+    out = {}
+    for n, m, k in model.named_parameters(trainable_only=True):
+        g = m.grads.get(k)
+        g = np.zeros(m.params[k].shape, dtype=to_host(m.params[k]).dtype) if g is None else to_host(g)
+        out[hf_key(model, n)] = np.ascontiguousarray(_hf_layout(model, n, g))
+        if getattr(model, "hf_head_key", None) and n == "transformer.wte.weight":
+            out[model.hf_head_key] = out[hf_key(model, n)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+def read_config(directory):
+    """config.json -> (model_type, GPT2Config or BertConfig). Errors name the file and the field."""
+    path = os.path.join(os.fspath(directory), CONFIG_NAME)
+    d = load_json(path)
+    if not isinstance(d, dict):
+        raise FileFormatError(path, f"must hold a JSON object, got {type(d).__name__}")
+    mt = d.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise FileFormatError(path, f"unsupported model_type {mt!r}; supported: {list(SUPPORTED_MODEL_TYPES)}",
+                              key="model_type")
+    cls = GPT2Config if mt == "gpt2" else BertConfig
+    try:
+        return mt, cls.from_dict(d)
+    except (ValueError, TypeError) as exc:
+        raise FileFormatError(path, str(exc)) from None
+
+
+def _candidates(model, name: str) -> list[str]:
+    """The spellings a checkpoint may use for engine parameter ``name``."""
+    if isinstance(model, GPT2LMHeadModel):
+        return [name, name[len("transformer."):]]
+    if isinstance(model, BertModel):
+        return [name, "bert." + name]
+    return [name]
+
+
+def load_pretrained(directory, backend: Backend | None = None, seed: int = 0):
+    """Read ``directory`` (config.json + model.safetensors) -> a GPT2LMHeadModel,
+    BertForSequenceClassification or BertModel on ``backend`` (default: CPU float32).
+
+    Raises FileFormatError (a ValueError) naming the file, the key and the expected/found shape;
+    nothing is installed unless everything validates.
+    """
+    backend = backend or get_backend()
+    directory = os.fspath(directory)
+    model_type, config = read_config(directory)
+    wpath = os.path.join(directory, WEIGHTS_NAME)
+    arrays = load_safetensors(wpath)
+    if model_type == "gpt2":
+        model = GPT2LMHeadModel(config, backend, seed)
+    elif "classifier.weight" in arrays:
+        model = BertForSequenceClassification(config, backend, seed)
+    else:
+        model = BertModel(config, backend, seed,
+                          add_pooling_layer=any(k.endswith("pooler.dense.weight") for k in arrays))
+    # 1. resolve and validate every key and shape
+    plan, used = [], set()
+    for name, m, k in model.named_parameters():
+        key = next((c for c in _candidates(model, name) if c in arrays), None)
+        expected = tuple(_hf_layout(model, name, m.params[k]).shape)
+        if key is None:
+            raise FileFormatError(wpath, f"missing (expected shape {expected}; model_type {model_type!r}, "
+                                         f"{type(model).__name__})", key=name)
+        found = tuple(arrays[key].shape)
+        if found != expected:
+            raise FileFormatError(wpath, f"shape {found}, expected {expected}", key=key)
+        if arrays[key].dtype.kind != "f":
+            raise FileFormatError(wpath, f"dtype {arrays[key].dtype}, expected a float dtype", key=key)
+        plan.append((name, m, k, key))
+        used.add(key)
+    head_key = None
+    if isinstance(model, GPT2LMHeadModel) and GPT2_HEAD_KEY in arrays:
+        wte_key = next(key for n, _, _, key in plan if n == "transformer.wte.weight")
+        head = arrays[GPT2_HEAD_KEY]
+        if head.shape != arrays[wte_key].shape or not np.array_equal(head, arrays[wte_key]):
+            raise FileFormatError(wpath, f"differs from {wte_key!r}; GPT-2's lm_head must be tied to wte "
+                                         "(tie_word_embeddings = true)", key=GPT2_HEAD_KEY)
+        head_key = GPT2_HEAD_KEY
+        used.add(head_key)
+    extra = sorted(k for k in arrays if k not in used and not k.endswith(IGNORED_SUFFIXES))
+    if extra:
+        raise FileFormatError(wpath, f"unexpected tensor: {type(model).__name__} has no parameter for it "
+                                     f"({len(extra)} unexpected keys)", key=extra[0])
+    # 2. install (cast to the backend's dtype; Conv1D transposed to (d_out, d_in))
+    for name, m, k, key in plan:
+        a = arrays[key].T if is_conv1d(model, name) else arrays[key]
+        m.params[k] = backend.asarray(np.ascontiguousarray(a, dtype=backend.float))
+        m.grads.pop(k, None)
+    model.hf_keys = {name: key for name, _, _, key in plan}
+    model.hf_head_key = head_key
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# saving
+# ------------------------------------------------------------------------------------------------
+ARCHITECTURES = {GPT2LMHeadModel: "GPT2LMHeadModel", BertForSequenceClassification: "BertForSequenceClassification",
+                 BertModel: "BertModel"}
+
+
+def save_pretrained(model, directory, dtype: str | None = None) -> None:
+    """Write ``model`` as a Hugging Face checkpoint (config.json + model.safetensors) that
+    transformers' ``from_pretrained`` loads. Conv1D weights are transposed back to (d_in, d_out).
+    dtype: "float32"/"float64" for the stored tensors (default: the model's dtype)."""
+    arch = ARCHITECTURES.get(type(model))
+    if arch is None:
+        raise TypeError(f"save_pretrained supports {sorted(ARCHITECTURES.values())}, got {type(model).__name__}")
+    os.makedirs(directory, exist_ok=True)
+    state = hf_state_dict(model)
+    if dtype is not None:
+        state = {k: v.astype(dtype) for k, v in state.items()}
+    cfg = model.config.to_dict()
+    cfg["architectures"] = [arch]
+    if isinstance(model, BertModel) and not getattr(model, "pooler", None):
+        cfg["add_pooling_layer"] = False
+    save_safetensors(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    atomic_write_bytes(os.path.join(directory, CONFIG_NAME), json.dumps(cfg, indent=2, sort_keys=True).encode())

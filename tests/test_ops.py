@@ -103,6 +103,17 @@ def test_attention_gradients(seed, B, H, T, hd, causal, padded):
                 {"q": q, "k": k, "v": v}, seed)
 
 
+@given(seed=seeds, B=st.integers(1, 2), H=st.integers(1, 2), T=small, hd=odd, causal=st.booleans(),
+       p=st.sampled_from([0.2, 0.5]), shift=st.booleans())
+def test_attention_with_dropout_gradients(seed, B, H, T, hd, causal, p, shift):
+    rng = np.random.default_rng(seed)
+    T = 2 * T if shift else T  # S2-Attn needs an even group dividing T
+    q, k, v = normal(rng, B, H, T, hd), normal(rng, B, H, T, hd), normal(rng, B, H, T, hd)
+    check_grads(lambda q, k, v: attention_forward(q, k, v, causal, shift_group=T if shift else None, dropout_p=p,
+                                                  rng=np.random.default_rng(seed + 1)),
+                attention_backward, {"q": q, "k": k, "v": v}, seed)
+
+
 @given(seed=seeds, B=small, T=small, C=odd, V=st.integers(1, 5))
 def test_embedding_gradients(seed, B, T, C, V):
     rng = np.random.default_rng(seed)
@@ -239,6 +250,24 @@ def test_dropout_same_seed_is_bitwise_identical_and_statistics_hold():
     kept = c1[0]
     assert_close(y1[kept], x[kept] / 0.75, "kept values scaled by 1/(1-p)", rtol=1e-6)
     assert np.all(y1[~kept] == 0)
+
+
+def test_attention_dropout_is_seeded_and_p_zero_is_no_dropout():
+    rng = np.random.default_rng(4)
+    q, k, v = (normal(rng, 2, 2, 16, 4).astype(np.float32) for _ in range(3))
+    plain, _ = attention_forward(q, k, v, True)
+    zero, _ = attention_forward(q, k, v, True, dropout_p=0.0, rng=np.random.default_rng(1))
+    assert np.array_equal(plain, zero)
+    a, ca = attention_forward(q, k, v, True, dropout_p=0.3, rng=np.random.default_rng(1))
+    b, _ = attention_forward(q, k, v, True, dropout_p=0.3, rng=np.random.default_rng(1))
+    c, _ = attention_forward(q, k, v, True, dropout_p=0.3, rng=np.random.default_rng(2))
+    assert a.dtype == np.float32 and np.array_equal(a, b) and not np.array_equal(a, c)
+    keep = ca[1][4][0]
+    assert keep.shape == (2, 2, 16, 16) and abs(1 - keep.mean() - 0.3) < 0.05  # 1024 draws: sd ≈ 0.014
+    with pytest.raises(ValueError, match="needs rng"):
+        attention_forward(q, k, v, True, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\)"):
+        attention_forward(q, k, v, True, dropout_p=1.0, rng=np.random.default_rng(0))
 
 
 def test_dropout_is_identity_when_not_training_or_p_zero():

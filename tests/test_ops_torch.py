@@ -210,3 +210,22 @@ def test_dropout_matches_torch_given_the_mask(backend, p):
     ty = tx * keep / (1 - p)
     ty.backward(torch.tensor(g, dtype=ty.dtype))
     compare(backend, [("y", y, ty), ("dx", dx, tx.grad)])
+
+
+def test_attention_dropout_matches_torch_given_the_mask(backend):
+    """HF's eager attention: P = softmax(S); out = dropout(P) v. The mask is shared with torch."""
+    rng = np.random.default_rng(12)
+    B, H, T, hd, p = 2, 3, 9, 4, 0.25
+    q, k, v, g = (host(rng, B, H, T, hd) for _ in range(4))
+    mask = np.ones((B, T), dtype=np.int64)
+    mask[1, 6:] = 0
+    out, cache = attention_forward(*(backend.asarray(a) for a in (q, k, v)), True, backend.asarray(mask),
+                                   dropout_p=p, rng=backend.rng(13))
+    dq, dk, dv = attention_backward(backend.asarray(g), cache)
+    keep = torch.tensor(to_host(cache[1][4][0]))
+    tq, tk, tv = (leaf(a, backend.dtype) for a in (q, k, v))
+    allowed = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None] & torch.tensor(mask, dtype=torch.bool)[:, None, None, :]
+    s = (tq @ tk.transpose(-1, -2) / hd ** 0.5).masked_fill(~allowed, torch.finfo(tq.dtype).min)
+    tout = (torch.softmax(s, dim=-1) * keep / (1 - p)) @ tv
+    tout.backward(torch.tensor(g, dtype=tout.dtype))
+    compare(backend, [("out", out, tout), ("dq", dq, tq.grad), ("dk", dk, tk.grad), ("dv", dv, tv.grad)])

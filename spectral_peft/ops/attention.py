@@ -17,8 +17,9 @@ gradients, never NaN. Hugging Face masks with the dtype's most negative value in
 on such a row gives a uniform average of v: the two agree on every row that has at least one
 visible key, which is every row whose output is meaningful (right padding, as GPT-2 and BERT use).
 
-The cache holds q, k, v (needed for dk, dq, dv), P (the one (B, H, T, T) array kept) and out
-(to form D without a second (B, H, T, T) temporary). Callers must not write into ``out`` in place
+The cache holds q, k, v (needed for dk, dq, dv), P (the one (B, H, T, T) float array kept) and out
+(to form D without a second (B, H, T, T) temporary). With attention dropout (dropout_p > 0, HF's
+attn_dropout: out = P̃ v, P̃ = P ⊙ M/(1 - p)) the bool mask M is kept too and P̃ rebuilt when needed. Callers must not write into ``out`` in place
 before the backward; the backward allocates a single (B, H, T, T) temporary (dP, turned into dS
 in place).
 """
@@ -75,17 +76,21 @@ def _check_qkv(q, k, v, key_padding_mask):
             raise ValueError(f"attention_forward: key_padding_mask must be bool or int (1 = real token, 0 = padding), got {key_padding_mask.dtype}")
 
 
-def attention_forward(q, k, v, causal: bool, key_padding_mask=None, shift_group: int | None = None):
+def attention_forward(q, k, v, causal: bool, key_padding_mask=None, shift_group: int | None = None,
+                      dropout_p: float = 0.0, rng=None):
     """out = softmax(q kᵀ/√hd + mask) v per head.
 
     q, k, v (B, H, T, hd); causal: query i sees keys j <= i; key_padding_mask (B, T), 1 = real
     token, 0 = padding (never attended to), or None. -> out (B, H, T, hd), cache.
     shift_group = G: LongLoRA's S2-Attn instead of full attention (training only; see
     :func:`s2_attention_forward`).
+    dropout_p > 0: inverted dropout on the attention probabilities P (HF's attn_dropout), the mask
+    drawn from ``rng``; pass 0 (the default) at evaluation.
     """
     _check_qkv(q, k, v, key_padding_mask)
+    _check_dropout(dropout_p, rng)
     if shift_group is not None:
-        return s2_attention_forward(q, k, v, causal, shift_group, key_padding_mask)
+        return s2_attention_forward(q, k, v, causal, shift_group, key_padding_mask, dropout_p, rng)
     xp = get_xp(q)
     T = q.shape[-2]
     masked = None  # (B or 1, 1, T, T) bool, True where a score is removed
@@ -94,7 +99,7 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None, shift_group:
     if key_padding_mask is not None:
         pad = (key_padding_mask == 0)[:, None, None, :]  # (B, 1, 1, T)
         masked = pad if masked is None else (masked | pad)
-    out, core = _sdpa_forward(q, k, v, masked, key_padding_mask is not None)
+    out, core = _sdpa_forward(q, k, v, masked, key_padding_mask is not None, dropout_p, rng)
     return out, ("full", core)
 
 
@@ -106,12 +111,23 @@ def attention_backward(dout, cache):
     return _sdpa_backward(dout, core)
 
 
-def _sdpa_forward(q, k, v, masked, may_be_fully_masked: bool):
+def _check_dropout(dropout_p, rng) -> None:
+    try:
+        ok = 0.0 <= float(dropout_p) < 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"attention_forward: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0 and rng is None:
+        raise ValueError(f"attention_forward: dropout_p = {dropout_p} needs rng, a generator of the arrays' namespace")
+
+
+def _sdpa_forward(q, k, v, masked, may_be_fully_masked: bool, dropout_p: float = 0.0, rng=None):
     """The attention itself, over any leading dims L (L = (B, H) here, (B, H, T/G) in S2-Attn).
 
     q, k, v (*L, T, hd); masked: bool broadcastable to (*L, T, T), True where a score is removed,
-    or None; may_be_fully_masked: whether a row can have no visible key (padding).
-    -> out (*L, T, hd), cache (q, k, v, P, out, scale).
+    or None; may_be_fully_masked: whether a row can have no visible key (padding);
+    dropout_p, rng: dropout on P. -> out (*L, T, hd), cache (q, k, v, P, keep, out, scale).
     """
     xp = get_xp(q)
     T, hd = q.shape[-2], q.shape[-1]
@@ -131,21 +147,39 @@ def _sdpa_forward(q, k, v, masked, may_be_fully_masked: bool):
     if may_be_fully_masked:
         denom[denom == 0] = 1.0
     P /= denom
-    out = P @ v  # (B, H, T, T) @ (B, H, T, hd) -> (B, H, T, hd)
-    return out, (q, k, v, P, out, scale)
+    keep = None
+    if dropout_p > 0:
+        # P̃ = P ⊙ M / (1 - p), M ~ Bernoulli(1 - p); only the bool mask is kept, P̃ is rebuilt
+        keep = rng.random(P.shape, dtype=P.dtype) >= dropout_p  # (B, H, T, T) bool
+        out = _dropped(P, keep, dropout_p) @ v  # (B, H, T, T) @ (B, H, T, hd) -> (B, H, T, hd)
+    else:
+        out = P @ v  # (B, H, T, T) @ (B, H, T, hd) -> (B, H, T, hd)
+    return out, (q, k, v, P, (keep, dropout_p), out, scale)
+
+
+def _dropped(P, keep, p: float):
+    """P̃ = P ⊙ M / (1 - p), a new (B, H, T, T) array."""
+    Pd = P * (1.0 / (1.0 - p))
+    Pd *= keep
+    return Pd
 
 
 def _sdpa_backward(dout, core):
     """(dq, dk, dv), each (*L, T, hd), from the cache of :func:`_sdpa_forward`."""
-    q, k, v, P, out, scale = core
+    q, k, v, P, (keep, p), out, scale = core
     xp = get_xp(dout)
     if dout.shape != out.shape:
         raise ValueError(f"attention_backward: dout must have shape (B, H, T, hd) = {tuple(out.shape)}, got {tuple(dout.shape)}")
-    # out = P v  =>  dv = Pᵀ dout
-    dv = P.swapaxes(-1, -2) @ dout  # (B, H, T, T) @ (B, H, T, hd) -> (B, H, T, hd)
+    # out = P v  =>  dv = Pᵀ dout      (with dropout: out = P̃ v  =>  dv = P̃ᵀ dout)
+    dv = (P if keep is None else _dropped(P, keep, p)).swapaxes(-1, -2) @ dout  # (B, H, T, hd)
     # out = P v  =>  dP = dout vᵀ
     dS = dout @ v.swapaxes(-1, -2)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
+    if keep is not None:
+        # P̃ = P ⊙ M / (1 - p)  =>  dP = dP̃ ⊙ M / (1 - p)
+        dS *= 1.0 / (1.0 - p)
+        dS *= keep
     # P = softmax(S)  =>  dS = P ⊙ (dP - D),  D_i = Σ_j P_ij dP_ij = dout_i · out_i
+    # (with dropout too: Σ_j P_ij dP_ij = Σ_j P̃_ij dP̃_ij = dout_i · out_i)
     D = xp.einsum("...i,...i->...", dout, out)[..., None]  # (B, H, T, 1), no (B, H, T, hd) temporary
     dS -= D
     dS *= P  # masked entries have P = 0, so their score gradient is 0
@@ -186,13 +220,16 @@ def _s2_ungroup(a):
     return xp.concatenate([a[:, :h0], xp.roll(a[:, h0:], G // 2, axis=2)], axis=1)
 
 
-def s2_attention_forward(q, k, v, causal: bool, shift_group: int, key_padding_mask=None):
+def s2_attention_forward(q, k, v, causal: bool, shift_group: int, key_padding_mask=None,
+                         dropout_p: float = 0.0, rng=None):
     """LongLoRA S2-Attn: attention within groups of G = shift_group tokens, half the heads shifted.
 
     q, k, v (B, H, T, hd) with T divisible by G, G even (LongLoRA uses G = T/4);
-    key_padding_mask (B, T) or None. -> out (B, H, T, hd), cache.
+    key_padding_mask (B, T) or None; dropout_p, rng: dropout on P as in attention_forward.
+    -> out (B, H, T, hd), cache.
     """
     _check_qkv(q, k, v, key_padding_mask)
+    _check_dropout(dropout_p, rng)
     B, H, T, hd = q.shape
     G = shift_group
     if not isinstance(G, int) or G < 2 or G % 2 or T % G:
@@ -206,7 +243,7 @@ def s2_attention_forward(q, k, v, causal: bool, shift_group: int, key_padding_ma
         pad = xp.broadcast_to((key_padding_mask == 0)[:, None, :, None], (B, H, T, 1))
         pad = _s2_group(pad, G).swapaxes(-1, -2)  # (B, H, T/G, 1, G): each group's padded keys
         masked = pad if masked is None else (masked | pad)
-    out_g, core = _sdpa_forward(qg, kg, vg, masked, key_padding_mask is not None)
+    out_g, core = _sdpa_forward(qg, kg, vg, masked, key_padding_mask is not None, dropout_p, rng)
     return _s2_ungroup(out_g), ("s2", (core, G))
 
 

@@ -111,8 +111,9 @@ class SddmmPlan:
 
     Cost model, per token: a dense block of |R| rows × |C| columns costs |R|·|C| multiply-adds at
     BLAS speed; a gathered entry costs ``gather_cost`` multiply-adds' worth (two gathers, a
-    multiply and a sum through memory: ≈ 120 on the 2-core CPU of PERFORMANCE.md, where the dense
-    product at d = 1024, N = 1024 took ≈ 9 ms and gathering 10⁴ entries × 1024 tokens ≈ 11 ms).
+    multiply and a sum through memory: measured 120–230 on the 2-core CPU of PERFORMANCE.md, e.g.
+    the dense product at d = 1024, N = 1024 took ≈ 9 ms and gathering 10⁴ entries × 1024 tokens
+    ≈ 11 ms; 160 is used).
 
     1. Rows, by entry count descending: the prefix that saves most (:func:`_best_prefix`) forms
        block 1, those rows × the union of their columns.
@@ -126,7 +127,7 @@ class SddmmPlan:
     support has no heavy rows or columns and is gathered (or computed densely when that is cheaper).
     """
 
-    def __init__(self, S: CSR, gather_cost: float = 120.0, dense_margin: float = 0.8):
+    def __init__(self, S: CSR, gather_cost: float = 160.0, dense_margin: float = 0.8):
         xp = get_xp(S.values)
         d_out, d_in = S.shape
         rows = to_host(S.rows).astype(np.int64)

@@ -144,6 +144,7 @@ class AdaLoraConfig(AdapterConfig):
     bias: str = "none"  # PEFT field, only "none" is supported
     modules_to_save: list[str] | None = None  # PEFT field, not supported (must be None)
     r: int = 8  # PEFT's LoraConfig field, unused by AdaLoRA (written for PEFT's loader)
+    task_type: str | None = None  # PEFT's task type, carried through the file
     # engine options (not PEFT fields, not written to adapter_config.json):
     tie_break: str = "index"  # "index": keep exactly b (budget.topk_mask); "peft": prune all ties (<=)
     orth_reg_form: str = "peft"  # "peft": mean of ||·||_F; "paper": sum of ||·||²_F
@@ -230,7 +231,7 @@ class AdaLoraConfig(AdapterConfig):
             pattern = rank_pattern_of(peft_model) or pattern
         tm = self.target_modules
         return {
-            "peft_type": self.peft_type, "task_type": None, "inference_mode": True,
+            "peft_type": self.peft_type, "task_type": self.task_type, "inference_mode": True,
             "base_model_name_or_path": None,
             "r": self.r, "init_r": self.init_r, "target_r": self.target_r, "tinit": self.tinit,
             "tfinal": self.tfinal, "deltaT": self.deltaT, "beta1": self.beta1, "beta2": self.beta2,

@@ -79,11 +79,14 @@ def test_wl_schedule_collects_then_trains_both():
     peft = get_peft_model(TinyNet(), config(), seed=0)
     names = sorted(n for n, _, _ in peft.named_parameters(trainable_only=True))
     assert names == ["base_model.model.fc1.rosa_A.weight", "base_model.model.fc1.rosa_B.weight",
-                     "base_model.model.fc2.rosa_A.weight", "base_model.model.fc2.rosa_B.weight"]
+                     "base_model.model.fc1.rosa_spa.values",
+                     "base_model.model.fc2.rosa_A.weight", "base_model.model.fc2.rosa_B.weight",
+                     "base_model.model.fc2.rosa_spa.values"]
     layers = [m for _, m in peft.adapter_layers()]
     assert all(isinstance(m, RosaLinear) for m in layers)
-    train(peft, range(2))  # warm-up: LoRA only, nothing collected
+    train(peft, range(2))  # warm-up: LoRA only, nothing collected, the values untouched
     assert all(m.spa is None and m.grad_count == 0 for m in layers)
+    assert all(np.all(m.params[VALUES_KEY] == 0) and np.all(m.grads[VALUES_KEY] == 0) for m in layers)
     train(peft, range(2, 4))  # two of the three collection steps
     assert all(m.spa is None and m.grad_count == 2 for m in layers)
     train(peft, range(4, 5))  # the last collection step chooses the supports
@@ -151,9 +154,15 @@ def test_two_pass_recipe(tmp_path):
 
 def test_spa_only_freezes_lora_and_sparse_only_with_r0():
     peft = get_peft_model(TinyNet(), config(r=0, schedule="spa_only", spa_num_grads=1), seed=0)
-    assert peft.num_parameters(trainable_only=True) == 0
-    train(peft, range(1))
     assert peft.num_parameters(trainable_only=True) == int(0.25 * 48) + int(0.25 * 40)
+    train(peft, range(1))
+    layers = [m for _, m in peft.adapter_layers()]
+    assert all(m.spa is not None and np.all(m.params[VALUES_KEY] == 0) for m in layers)
+    train(peft, range(1, 2))
+    assert all(np.any(m.params[VALUES_KEY] != 0) for m in layers)
+    with_lora = get_peft_model(TinyNet(), config(r=2, schedule="spa_only", spa_num_grads=1), seed=0)
+    assert sorted(n.rsplit(".", 1)[-1] for n, _, _ in with_lora.named_parameters(trainable_only=True)) == [
+        "values", "values"]  # LoRA frozen throughout spa_only
 
 
 def test_density_pattern_and_json_round_trip():
@@ -241,3 +250,24 @@ def test_adapter_files_round_trip_through_io_peft(tmp_path):
     with pytest.raises(FileFormatError, match="rosa_spa.values"):
         load_peft_model(plain, tmp_path / "adapter")
     assert isinstance(plain.fc2, Linear) and not plain.fc2.frozen
+
+
+def test_adamw_built_at_step_0_trains_the_values_once_chosen():
+    from spectral_peft.optim import AdamW
+
+    peft = get_peft_model(TinyNet(), config(schedule="wl1", spa_num_grads=1), seed=0)
+    opt = AdamW(peft, lr=1e-2, weight_decay=0.1)
+    ctrl = peft.controllers[0]
+    layers = [m for _, m in peft.adapter_layers()]
+    for step in range(4):
+        x, t = data(step)
+        ctrl.before_forward(step)
+        y = peft.forward(x)
+        peft.backward(y - t)
+        ctrl.after_backward(step)
+        opt.step()
+        ctrl.after_optimizer_step(step)
+        peft.zero_grad()
+        if step < 2:  # warm-up and collection: values exactly zero despite AdamW's weight decay
+            assert all(np.all(m.params[VALUES_KEY] == 0) for m in layers)
+    assert all(np.count_nonzero(m.params[VALUES_KEY]) == m.nnz for m in layers)

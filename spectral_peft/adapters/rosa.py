@@ -255,7 +255,9 @@ class RosaLinear(Module):
     """A frozen base linear plus s·B A + S (see the module docstring for equations and shapes).
 
     ``params``: ``rosa_A.weight`` (r, d_in) and ``rosa_B.weight`` (d_out, r) when r > 0;
-    ``rosa_spa.values`` (nnz,) when d > 0, zero at creation and trainable once a support is set.
+    ``rosa_spa.values`` (nnz,) when d > 0: zero at creation, listed as trainable from the start
+    (so an optimizer built at step 0 holds it) but given a gradient only once a support is set
+    and the schedule's agenda includes 'spa'; before that the backward never touches it.
     Child ``base_layer``: the frozen Linear (dense or quantised).
     """
 
@@ -302,8 +304,9 @@ class RosaLinear(Module):
             self.params[B_KEY] = xp.asarray(B.astype(dtype))
         self.nnz = nnz_for(d, (d_out, d_in)) if d > 0 else 0
         if d > 0:
+            # listed as trainable from the start, so an optimizer built before the support is chosen
+            # (the 'wl' schedules) still updates it; until then it gets no gradient and stays zero
             self.params[VALUES_KEY] = xp.zeros(self.nnz, dtype=dtype)
-            self.frozen.add(VALUES_KEY)  # trainable once a support is set
         self.spa: CSR | None = None
         self.dropout_rng = xp.random.default_rng(int(rng.integers(2**63 - 1))) if lora_dropout > 0 else None
         # gradient collection (the support selection): running sum of G or G², and its count
@@ -340,7 +343,7 @@ class RosaLinear(Module):
     def set_support(self, support, reset_values: bool = True) -> None:
         """Install the support: a boolean (d_out, d_in) mask or a CSR of this layer's shape with
         exactly nnz = int(d · numel) entries. Values are zeroed unless ``reset_values`` is False
-        (resuming), and become trainable."""
+        (resuming), and are trained from the next backward."""
         if self.d <= 0:
             raise ValueError("this RoSA layer has d = 0: it has no sparse adapter to give a support")
         if isinstance(support, CSR):
@@ -550,7 +553,6 @@ class RosaLinear(Module):
                 self.set_support(csr, reset_values=False)
             else:
                 self.spa = None
-                self.frozen.add(VALUES_KEY)
 
 
 # --- mask files (the two-pass recipe) ---------------------------------------------------------------

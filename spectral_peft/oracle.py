@@ -1,10 +1,121 @@
-"""Placeholder for the `oracle` command until its issue lands."""
+"""The `reference` command: reference logits, loss and gradients of a Hugging Face model (and a PEFT
+adapter), in float64 by default. The contract (docs/models.md, DESIGN.md):
+
+    spectral-peft reference --model DIR [--adapter DIR] --inputs IN.safetensors --out OUT.safetensors
+                            [--dtype float64|float32]
+
+IN holds ``input_ids`` (B, T) int; optional ``attention_mask`` (B, T) 0/1, ``token_type_ids``
+(B, T) (BERT), ``labels`` (GPT-2 (B, T) with -100 ignored and HF's shift; BERT (B,) class ids, or
+float targets when num_labels = 1), and ``dlogits``: an upstream gradient of the output, with its
+shape (an extension: the gradient of Σ output ⊙ dlogits, used where there are no labels, e.g. a
+bare BertModel). OUT holds ``logits`` (``last_hidden_state`` for a bare BertModel), ``loss`` (a
+0-d array) when labels were given, and ``grad.<key>`` for every trainable parameter when there is
+a loss or a dlogits: ``<key>`` is the parameter's key in the model file (no adapter; Conv1D
+gradients in the file's (d_in, d_out) layout; GPT-2's tied head under wte's key, and also under
+``lm_head.weight`` when the file has it), or in the adapter file (with an adapter: only its
+parameters). With an AdaLoRA adapter the loss includes orth_reg_weight times the orthogonal
+regulariser, as PEFT's AdaLoraModel.forward does. Dropout is off.
+
+Any error: one line on stderr, exit status 2, and no OUT file (it is written atomically at the end).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from .backend import get_backend, to_host
+from .io.safe import load_safetensors, save_safetensors
+
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "dlogits")
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="Hugging Face model directory: config.json + model.safetensors (gpt2 or bert)")
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="PEFT adapter directory: adapter_config.json + adapter_model.safetensors")
+    parser.add_argument("--inputs", required=True, metavar="IN.safetensors",
+                        help="input_ids, optional attention_mask, token_type_ids, labels, dlogits")
+    parser.add_argument("--out", required=True, metavar="OUT.safetensors",
+                        help="where logits, loss and grad.<key> are written")
+    parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
+                        help="compute dtype (default float64)")
+
+
+def read_inputs(path) -> dict:
+    """IN.safetensors -> dict of host arrays, every key known and input_ids present (int)."""
+    arrays = load_safetensors(path)
+    unknown = sorted(set(arrays) - set(INPUT_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: key {unknown[0]!r} is not an input; expected some of {list(INPUT_KEYS)}")
+    if "input_ids" not in arrays:
+        raise ValueError(f"{path}: key 'input_ids' missing (an int64 (B, T) array is required)")
+    for k in ("input_ids", "token_type_ids"):
+        if k in arrays and arrays[k].dtype.kind not in "iu":
+            raise ValueError(f"{path}: key {k!r} has dtype {arrays[k].dtype}, expected an integer dtype (int64)")
+    return arrays
+
+
+def reference(model_dir, inputs: dict, adapter_dir=None, dtype: str = "float64") -> dict:
+    """Compute the oracle's outputs: name -> host array (see the module docstring)."""
+    from .model import BertModel, hf_gradients, load_pretrained  # noqa: PLC0415
+
+    backend = get_backend(None, dtype)
+    model = load_pretrained(model_dir, backend)
+    base = model
+    if adapter_dir is not None:
+        from .io.peft import load_peft_model  # noqa: PLC0415
+
+        model = load_peft_model(model, adapter_dir)
+    model.eval()  # dropout off
+    bare = isinstance(base, BertModel)
+    labels = inputs.get("labels")
+    labels = labels.astype(np.int64) if labels is not None and labels.dtype.kind in "iu" else labels
+    out = model.forward(inputs["input_ids"].astype(np.int64), attention_mask=inputs.get("attention_mask"),
+                        labels=labels, token_type_ids=inputs.get("token_type_ids"))
+    primary = out.last_hidden_state if bare else out.logits
+    result = {("last_hidden_state" if bare else "logits"): to_host(primary)}
+    dlogits = inputs.get("dlogits")
+    if dlogits is not None and tuple(dlogits.shape) != tuple(primary.shape):
+        raise ValueError(f"inputs: key 'dlogits' has shape {tuple(dlogits.shape)}, expected the output's {tuple(primary.shape)}")
+    if out.loss is None and dlogits is None:
+        return result
+    model.zero_grad()
+    if dlogits is not None:
+        model.backward(backend.asarray(dlogits))
+    else:
+        model.backward()
+    loss = out.loss
+    if loss is not None:
+        for controller in getattr(model, "controllers", []):
+            loss += float(controller.regularize())  # AdaLoRA: orth_reg_weight · R, as PEFT adds it
+        result["loss"] = np.array(loss, dtype=np.dtype(dtype))
+    if adapter_dir is None:
+        grads = hf_gradients(model)
+    else:
+        grads = {}
+        for name, m, k in model.named_parameters(trainable_only=True):
+            g = m.grads.get(k)
+            grads[name] = to_host(g) if g is not None else np.zeros(m.params[k].shape, dtype=np.dtype(dtype))
+    for key, g in grads.items():
+        result[f"grad.{key}"] = np.ascontiguousarray(g)
+    return result
 
 
 def main(args) -> int:
-    print("spectral-peft: this command is not implemented yet", flush=True)
-    return 1
+    try:
+        out_dir = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(out_dir):
+            raise ValueError(f"--out {args.out}: directory {out_dir} does not exist")
+        inputs = read_inputs(args.inputs)
+        result = reference(args.model, inputs, args.adapter, args.dtype)
+        save_safetensors(result, args.out)
+    except Exception as exc:  # every failure is one line and status 2: this is the command's contract
+        msg = str(exc).replace("\n", " ") or type(exc).__name__
+        if not isinstance(exc, (ValueError, OSError, KeyError)):
+            msg = f"{type(exc).__name__}: {msg}"
+        print(f"spectral-peft reference: error: {msg}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,49 @@
+"""DyLoRA's figure: evaluation loss against the rank used at evaluation, after one DyLoRA run.
+
+A DyLoRA adapter trained once is evaluated at every rank b = 1..r_max without retraining
+(``spectral_peft.adapters.dylora.loss_by_rank``); plain LoRA runs at fixed ranks, when given, are
+drawn as separate points for comparison. Input: {rank: loss} dicts (host floats).
+"""
+from __future__ import annotations
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415 - plotting is optional at import time
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def loss_table(losses: dict, lora_losses: dict | None = None) -> str:
+    """The same data as a Markdown table: rank | DyLoRA eval loss | LoRA eval loss."""
+    lora_losses = lora_losses or {}
+    rows = ["| rank | DyLoRA eval loss | LoRA (trained at that rank) |", "| --- | --- | --- |"]
+    for b in sorted(set(losses) | set(lora_losses)):
+        d = f"{losses[b]:.4f}" if b in losses else "-"
+        lo = f"{lora_losses[b]:.4f}" if b in lora_losses else "-"
+        rows.append(f"| {b} | {d} | {lo} |")
+    return "\n".join(rows)
+
+
+def plot_loss_by_rank(losses: dict, path, lora_losses: dict | None = None,
+                      title: str = "DyLoRA: eval loss at every rank of one run") -> None:
+    """Eval loss (y) against rank b (x): a line for the DyLoRA run, points for LoRA runs."""
+    if not losses:
+        raise ValueError("plot_loss_by_rank needs at least one {rank: loss} entry")
+    plt = _pyplot()
+    ranks = sorted(losses)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(ranks, [float(losses[b]) for b in ranks], "o-", label="DyLoRA (one run, any rank)")
+    if lora_losses:
+        lr = sorted(lora_losses)
+        ax.plot(lr, [float(lora_losses[b]) for b in lr], "s", label="LoRA (one run per rank)")
+    ax.set_xlabel("rank b used at evaluation")
+    ax.set_ylabel("eval loss")
+    ax.set_xticks(ranks)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

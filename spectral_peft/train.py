@@ -54,6 +54,14 @@ class NonFiniteError(FloatingPointError):
 # ------------------------------------------------------------------------------------------------
 # Deterministic batches
 # ------------------------------------------------------------------------------------------------
+def _host_array(value, name: str) -> np.ndarray:
+    try:
+        return np.asarray(to_host(value))
+    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+        raise ValueError(f"{name} must be an integer array, got a {type(value).__name__} that is not one ({exc})") \
+            from None
+
+
 class SeededBatches:
     """Batches reproducible from (seed, step).
 
@@ -81,7 +89,7 @@ class SeededBatches:
                 raise ValueError("data is an empty dict; give at least input_ids")
             arrays = {}
             for k, v in data.items():
-                a = np.asarray(to_host(v))
+                a = _host_array(v, f"data[{k!r}]")
                 if a.ndim < 1 or a.dtype.kind not in "iub":
                     raise ValueError(f"data[{k!r}] must be an integer array with a leading example axis, got "
                                      f"shape {a.shape} dtype {a.dtype}")
@@ -98,7 +106,7 @@ class SeededBatches:
             self.num_examples = next(iter(n.values()))
             self.tokens = None
         else:
-            a = np.asarray(to_host(data))
+            a = _host_array(data, "data")
             if a.ndim != 1 or a.dtype.kind not in "iu":
                 raise ValueError(f"data must be a 1-D integer token array or a dict of arrays, got shape "
                                  f"{a.shape} dtype {a.dtype}")

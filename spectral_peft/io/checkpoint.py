@@ -348,7 +348,12 @@ def read_checkpoint(path) -> Checkpoint:
     if not isinstance(st["generators"], dict):
         raise FileFormatError(mpath, "expected an object", key="states.generators")
     spath = os.path.join(path, STATE_FILE)
-    states = {k: decode_state(v, arrays, spath, f"states.{k}") for k, v in st.items()}
+    try:
+        states = {k: decode_state(v, arrays, spath, f"states.{k}") for k, v in st.items()}
+    except FileFormatError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:  # e.g. an unhashable key
+        raise FileFormatError(mpath, f"malformed states ({type(exc).__name__}: {exc})", key="states") from None
     return Checkpoint(path, manifest["step"], params, states, manifest["frozen"])
 
 
@@ -388,7 +393,8 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Seq
                                          f"{tuple(p.shape)} {p.dtype}", key=name)
     modules = dict(model.named_modules())
     for mod_path, names in ckpt.frozen.items():
-        if mod_path not in modules or not isinstance(names, list) or not set(names) <= set(modules[mod_path].params):
+        if (mod_path not in modules or not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                or not set(names) <= set(modules[mod_path].params)):
             raise FileFormatError(mpath, f"frozen set {names!r:.80} does not fit this model", key=f"frozen.{mod_path}")
     if len(ckpt.states["controllers"]) != len(controllers):
         raise FileFormatError(mpath, f"holds {len(ckpt.states['controllers'])} controller states; the run has "
@@ -418,6 +424,7 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Seq
     snap_frozen = {p: set(m.frozen) for p, m in modules.items()}
     snap_states = [(_snapshot(o), o) for o in (optimizer, schedule, data, *controllers)]
     snap_gens = {k: g.bit_generator.state for k, g in gens.items()}
+    part = "parameters"
     try:
         for name, (m, k) in live.items():
             xp = get_xp(m.params[k])
@@ -427,17 +434,16 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Seq
             m.frozen = set(names)
             for n in names:
                 m.grads.pop(n, None)
-        if optimizer is not None:
-            optimizer.load_state_dict(ckpt.states["optimizer"])
-        if schedule is not None:
-            schedule.load_state_dict(ckpt.states["schedule"])
-        if data is not None:
-            data.load_state_dict(ckpt.states["data"])
-        for c, s in zip(controllers, ckpt.states["controllers"]):
+        for part, obj in (("optimizer", optimizer), ("schedule", schedule), ("data", data)):
+            if obj is not None:
+                obj.load_state_dict(ckpt.states[part])
+        for i, (c, s) in enumerate(zip(controllers, ckpt.states["controllers"])):
+            part = f"controllers.{i}"
             c.load_state_dict(s)
+        part = "generators"
         for key, g in gens.items():  # last: a controller's load may have re-seeded its own stream
             g.bit_generator.state = saved[key]
-    except Exception:
+    except Exception as exc:
         for name, (m, k) in live.items():
             m.params[k][...] = get_xp(m.params[k]).asarray(snap_params[name])
         for p, m in modules.items():
@@ -447,6 +453,10 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Seq
                 obj.load_state_dict(state)
         for key, g in gens.items():
             g.bit_generator.state = snap_gens[key]
+        if isinstance(exc, (ValueError, TypeError, KeyError, IndexError, AttributeError)):
+            # The component's own check refused its saved state: name the file and the state.
+            raise FileFormatError(mpath, f"refused by {part}.load_state_dict ({type(exc).__name__}: {exc}); "
+                                         "nothing was loaded", key=f"states.{part}") from exc
         raise
     return ckpt
 

@@ -120,7 +120,7 @@ def safetensors_bytes(arrays: Mapping[str, object], metadata: Mapping[str, str] 
     for key in sorted(arrays):
         if not isinstance(key, str) or not key or key == "__metadata__":
             raise ValueError(f"safetensors key must be a non-empty str other than '__metadata__', got {key!r}")
-        a = np.ascontiguousarray(to_host(arrays[key]))
+        a = np.asarray(to_host(arrays[key]), order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         dt = a.dtype.newbyteorder("=") if a.dtype.itemsize > 1 else a.dtype
         if dt not in _NAMES:
             raise ValueError(f"safetensors key {key!r}: dtype {a.dtype} cannot be stored; "
@@ -181,7 +181,7 @@ def parse_safetensors(raw: bytes, path="<bytes>") -> tuple[dict, dict]:
             raise FileFormatError(path, f"entry must be an object with exactly dtype, shape and data_offsets, "
                                         f"got {info!r:.200}", key=key)
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPES and dtype != _BF16:
+        if not isinstance(dtype, str) or (dtype not in _DTYPES and dtype != _BF16):
             raise FileFormatError(path, f"unsupported dtype {dtype!r}; supported: {sorted(_DTYPES) + [_BF16]}",
                                   key=key)
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):

@@ -1,0 +1,301 @@
+"""Hypothesis fuzzing of everything a user hands the engine: file contents (random bytes,
+truncations, flipped bytes, mutated headers, wrong dtypes and shapes), checkpoint manifests, PEFT
+adapter directories, configs, and batches. Every case must either work or raise a clean, specific
+exception (FileFormatError / ValueError / TypeError whose message names the file or field), never a
+traceback from inside NumPy, json or struct, and a refused load must leave the model untouched."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from spectral_peft.io import checkpoint as C
+from spectral_peft.io.safe import (FileFormatError, load_json, load_safetensors, parse_json, parse_safetensors,
+                                   safetensors_bytes)
+from spectral_peft.train import SeededBatches, Trainer
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _train_worker as W  # noqa: E402
+
+fuzz = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
+
+VALID = safetensors_bytes({"w": np.arange(12, dtype=np.float32).reshape(3, 4), "ids": np.arange(5),
+                           "m": np.array([True, False, True])})
+
+
+def parse_or_refuse(raw):
+    """Parse; the only acceptable failure is FileFormatError, which names the file."""
+    try:
+        return parse_safetensors(raw, "fuzz.safetensors")[0]
+    except FileFormatError as exc:
+        assert str(exc).startswith("fuzz.safetensors: ")
+        return None
+
+
+# --- safetensors contents ------------------------------------------------------------------------
+@given(st.binary(max_size=300))
+def test_random_bytes(raw):
+    parse_or_refuse(raw)
+
+
+@given(st.binary(min_size=8, max_size=200))
+def test_random_bytes_behind_a_plausible_header_length(raw):
+    parse_or_refuse(struct.pack("<Q", len(raw) // 2) + raw)
+
+
+@given(st.integers(0, len(VALID) - 1))
+def test_every_truncation_is_refused(n):
+    with pytest.raises(FileFormatError, match="truncated|not valid UTF-8 JSON|trailing|header length"):
+        parse_safetensors(VALID[:n], "fuzz.safetensors")
+
+
+@given(st.integers(0, len(VALID) - 1), st.integers(1, 255))
+def test_flipped_bytes_parse_or_are_refused(pos, x):
+    raw = bytearray(VALID)
+    raw[pos] ^= x
+    out = parse_or_refuse(bytes(raw))
+    if out is not None:  # a flip in the data, or a key or dtype name changed into another valid one
+        assert len(out) == 3 and sum(a.nbytes for a in out.values()) == 12 * 4 + 5 * 8 + 3
+
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
+                         st.text(max_size=6))
+json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=5), c,
+                                                                                              max_size=4), max_leaves=12)
+
+
+@given(dtype=st.one_of(st.sampled_from(["F32", "F64", "I64", "U8", "BOOL", "BF16", "F8_E4M3", "f32", ""]), json_values),
+       shape=st.one_of(st.lists(st.integers(-3, 5), max_size=3), json_values),
+       offsets=st.one_of(st.lists(st.integers(-5, 80), min_size=0, max_size=3), json_values),
+       extra=st.booleans(), data_len=st.integers(0, 80))
+def test_mutated_headers(dtype, shape, offsets, extra, data_len):
+    entry = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+    if extra:
+        entry["x"] = 1
+    head = json.dumps({"t": entry}).encode()
+    out = parse_or_refuse(struct.pack("<Q", len(head)) + head + bytes(data_len))
+    if out is not None:  # accepted only when every field was consistent
+        item = {"F32": 4, "F64": 8, "I64": 8, "U8": 1, "BOOL": 1, "BF16": 2}[dtype]
+        assert list(out["t"].shape) == shape and offsets == [0, math.prod(shape) * item] and data_len == offsets[1]
+
+
+@given(shape=st.lists(st.integers(0, 3), max_size=3),
+       dtype=st.sampled_from(["float32", "float64", "int64", "uint8", "bool", "float16"]),
+       want_shape=st.lists(st.integers(0, 3), max_size=3),
+       want_dtype=st.sampled_from(["float32", "float64", "int64", "uint8", "bool", "float16"]))
+@fuzz
+def test_wrong_dtype_or_shape_is_named(tmp_path, shape, dtype, want_shape, want_dtype):
+    p = tmp_path / "f.safetensors"
+    p.write_bytes(safetensors_bytes({"k": np.zeros(shape, dtype=dtype)}))
+    if (shape, dtype) == (want_shape, want_dtype):
+        assert load_safetensors(p, {"k": (want_shape, want_dtype)})["k"].dtype == np.dtype(dtype)
+    else:
+        with pytest.raises(FileFormatError, match=r"f.safetensors: key 'k': (shape|dtype)"):
+            load_safetensors(p, {"k": (want_shape, want_dtype)})
+
+
+# --- JSON ----------------------------------------------------------------------------------------
+@given(st.binary(max_size=200))
+def test_random_json_bytes(raw):
+    try:
+        parse_json(raw, "c.json")
+    except FileFormatError as exc:
+        assert str(exc).startswith("c.json: ")
+
+
+@given(json_values)
+@fuzz
+def test_json_schema_refusals(tmp_path, value):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"r": value}))
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok:
+        assert load_json(p, {"r": int}) == {"r": value}
+    else:
+        with pytest.raises(FileFormatError, match=r"c.json: key 'r': expected int"):
+            load_json(p, {"r": int})
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+METHOD = "lora" if importlib.util.find_spec("spectral_peft.adapters.lora") else "full"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    t, b = W.build(METHOD, "float32", checkpoint_dir=str(d))
+    t.fit(b, 1)
+    return t.last_checkpoint
+
+
+def _manifest_paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _manifest_paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _manifest_paths(v, prefix + (i,))
+
+
+@given(data=st.data())
+@fuzz
+def test_mutated_manifest_is_refused_cleanly_and_nothing_is_half_loaded(ckpt, tmp_path_factory, data):
+    manifest = json.load(open(os.path.join(ckpt, "state.json")))
+    paths = [p for p in _manifest_paths(manifest) if p]
+    where = data.draw(st.sampled_from(paths))
+    value = data.draw(json_values)
+    target = manifest
+    for k in where[:-1]:
+        target = target[k]
+    assume(target[where[-1]] != value)
+    target[where[-1]] = value
+    d = tmp_path_factory.mktemp("mut")
+    for name in ("model.safetensors", "state.safetensors"):
+        (d / name).write_bytes(open(os.path.join(ckpt, name), "rb").read())
+    (d / "state.json").write_text(json.dumps(manifest))
+    t, b = W.build(METHOD, "float32")  # fresh: differs from the checkpoint, which took a step
+    before = {n: m.params[k].copy() for n, m, k in t.model.named_parameters()}
+    try:
+        C.load_checkpoint(d, t.model, t.optimizer, t.schedule, t.controllers, data=b)
+    except FileFormatError as exc:
+        assert str(d) in str(exc)
+        for n, m, k in t.model.named_parameters():
+            assert np.array_equal(m.params[k], before[n]), f"{n} half-loaded"
+    # else: a harmless edit (a value nobody reads, e.g. the trainer's own history) loads fine
+
+
+@given(st.binary(max_size=64))
+@fuzz
+def test_random_bytes_as_checkpoint_files(ckpt, tmp_path_factory, raw):
+    for victim in ("model.safetensors", "state.safetensors", "state.json"):
+        d = tmp_path_factory.mktemp("rb")
+        for name in ("model.safetensors", "state.safetensors", "state.json"):
+            (d / name).write_bytes(raw if name == victim else open(os.path.join(ckpt, name), "rb").read())
+        with pytest.raises(FileFormatError, match=victim.replace(".", r"\.")):
+            C.read_checkpoint(d)
+
+
+# --- PEFT adapter directories (io.peft, through io.safe) ----------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("spectral_peft.adapters.lora") is None, reason="LoRA not present")
+@given(cut=st.integers(0, 400), which=st.sampled_from(["adapter_model.safetensors", "adapter_config.json"]))
+@fuzz
+def test_truncated_adapter_files_are_refused(tmp_path_factory, cut, which):
+    from spectral_peft.io.peft import load_peft_model, save_adapter  # noqa: PLC0415
+    t, _ = W.build("lora", "float32")
+    d = tmp_path_factory.mktemp("ad")
+    save_adapter(t.model, d)
+    raw = (d / which).read_bytes()
+    assume(cut < len(raw))
+    (d / which).write_bytes(raw[:cut])
+    fresh, _ = W.make_model(W.get_backend("cpu", "float32"), 0)
+    names = sorted(n for n, _, _ in fresh.named_parameters())
+    with pytest.raises(FileFormatError, match=which.replace(".", r"\.")):
+        load_peft_model(fresh, d)
+    assert sorted(n for n, _, _ in fresh.named_parameters()) == names, "adapters were half-injected"
+
+
+# --- configs and arguments ----------------------------------------------------------------------
+BAD = st.one_of(st.sampled_from([0, -1, -3, 1.5, math.nan, math.inf, -math.inf, "x", "", True, False, None, [],
+                                 {}, (1,), 10**30, -10**30, 1e300, -0.0]), json_values)
+
+
+def _clean_refusal(exc: BaseException, field: str):
+    assert isinstance(exc, (ValueError, TypeError)), f"{field}: {type(exc).__name__}: {exc}"
+    assert field in str(exc), f"the message does not name {field!r}: {exc}"
+
+
+@given(field=st.sampled_from(["max_grad_norm", "keep_last", "checkpoint_every", "nonfinite", "progress",
+                              "controllers"]), value=BAD)
+def test_trainer_arguments(field, value):
+    t, _ = W.build("full", "float32")
+    kw = {field: value}
+    if field == "checkpoint_every":
+        kw["checkpoint_dir"] = "/nonexistent-never-written"
+    try:
+        Trainer(t.model, t.optimizer, **kw)
+    except Exception as exc:  # noqa: BLE001 - the assertion inspects it
+        _clean_refusal(exc, field)
+
+
+@given(field=st.sampled_from(["batch_size", "seq_len", "seed"]), value=BAD)
+def test_seeded_batches_arguments(field, value):
+    kw = {"batch_size": 2, "seq_len": 4, "seed": 0, field: value}
+    try:
+        SeededBatches(np.arange(50), **kw)
+    except Exception as exc:  # noqa: BLE001
+        _clean_refusal(exc, field)
+
+
+@given(data=st.one_of(json_values, st.just(np.zeros(5)), st.just(np.zeros((0,), np.int64)),
+                      st.just({"input_ids": np.zeros((3, 2), np.int64), "labels": np.zeros(4, np.int64)})))
+def test_seeded_batches_data(data):
+    try:
+        SeededBatches(data, 2, 4)
+    except Exception as exc:  # noqa: BLE001
+        _clean_refusal(exc, "data")
+
+
+def _configs():
+    out = []
+    for mod, cls, base in (("spectral_peft.adapters.lora", "LoraConfig", {"target_modules": ["c_attn"]}),
+                           ("spectral_peft.adapters.adalora", "AdaLoraConfig",
+                            {"target_modules": ["c_attn"], "total_step": 10}),
+                           ("spectral_peft.adapters.rosa", "RosaConfig", {"target_modules": ["c_attn"],
+                                                                          "schedule": "wl1"})):
+        if importlib.util.find_spec(mod) is not None:
+            out.append((mod, cls, base))
+    return out
+
+
+NUMERIC_FIELDS = {
+    "LoraConfig": ["r", "lora_alpha", "lora_dropout"],
+    "AdaLoraConfig": ["init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+                      "total_step", "lora_alpha", "lora_dropout"],
+    "RosaConfig": ["r", "d", "lora_alpha", "lora_dropout", "spa_num_grads"],
+}
+
+
+@pytest.mark.parametrize("mod,cls,base", _configs(), ids=[c[1] for c in _configs()])
+@given(data=st.data())
+def test_method_configs_range_check_every_field(mod, cls, base, data):
+    config = getattr(importlib.import_module(mod), cls)
+    field = data.draw(st.sampled_from(NUMERIC_FIELDS[cls]))
+    value = data.draw(BAD)
+    try:
+        config(**base, **{field: value})
+    except Exception as exc:  # noqa: BLE001
+        _clean_refusal(exc, field)
+
+
+# --- batches -------------------------------------------------------------------------------------
+@given(bad=st.sampled_from(["missing", "float", "range", "negative", "shape"]))
+def test_bad_batches_are_refused_before_any_update(bad):
+    t, b = W.build("full", "float32")
+    batch = b.batch(0)
+    if bad == "missing":
+        batch = {"labels": batch["labels"]}
+    elif bad == "float":
+        batch["input_ids"] = batch["input_ids"].astype(np.float32)
+    elif bad == "range":
+        batch["input_ids"][0, 0] = W.V
+    elif bad == "negative":
+        batch["labels"][0, 1] = -7
+    else:
+        batch["labels"] = batch["labels"][:, :3]
+    before = {n: m.params[k].copy() for n, m, k in t.model.named_parameters()}
+    with pytest.raises((ValueError, TypeError)):
+        t.train_step(batch)
+    assert t.step == 0
+    for n, m, k in t.model.named_parameters():
+        assert np.array_equal(m.params[k], before[n])
+

@@ -5,6 +5,7 @@ zero; optionally identical across layers, so scores tie between layers), takes a
 calls after_optimizer_step(step), in PEFT's order.
 """
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from spectral_peft.adapters.adalora import (
     budget_schedule,
 )
 from spectral_peft.backend import to_host
+from spectral_peft.io.checkpoint import decode_state, encode_state
 from spectral_peft.module import Linear, Module
 
 
@@ -206,7 +208,10 @@ def test_resume_from_state_dict_is_exact():
             ctl.after_optimizer_step(step)
 
     run(ctl, layers, range(0, 6))
-    saved_state = copy.deepcopy(ctl.state_dict())
+    # through the checkpoint encoding (JSON + arrays), as the Trainer's checkpoints store it
+    arrays = {}
+    encoded = json.loads(json.dumps(encode_state(ctl.state_dict(), "controller.0", arrays)))
+    saved_state = decode_state(encoded, arrays, "<memory>")
     saved_model = copy.deepcopy(model)
     run(ctl, layers, range(6, config.total_step + 2))
 

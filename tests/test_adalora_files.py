@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 from torch import nn  # noqa: E402
 
-from spectral_peft.adapters.adalora import AdaLoraConfig, AdaLoraLinear  # noqa: E402
+from spectral_peft.adapters.adalora import AdaLoraConfig, AdaLoraLinear, orth_regularizer  # noqa: E402
 from spectral_peft.adapters.peft_model import config_class, get_peft_model  # noqa: E402
 from spectral_peft.backend import to_host  # noqa: E402
 from spectral_peft.io.safe import load_json, load_safetensors, save_json, save_safetensors  # noqa: E402
@@ -204,3 +204,97 @@ def test_loading_a_mismatched_array_installs_nothing():
         layer.load_peft_state_dict(bad)
     for k in before:
         assert np.array_equal(layer.params[k], before[k])
+
+
+def test_reference_command_with_an_adalora_adapter_matches_torch_peft(tmp_path):
+    """`spectral-peft reference --adapter`: logits, loss (with orth_reg_weight·R) and adapter
+    gradients of a PEFT-trained, resized GPT-2 AdaLoRA adapter, against torch + PEFT in float64."""
+    transformers = pytest.importorskip("transformers")
+    from spectral_peft.oracle import reference
+
+    torch.manual_seed(0)
+    hcfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=16, vocab_size=50, resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hf = transformers.GPT2LMHeadModel(hcfg).double()
+    mdir, adir = tmp_path / "model", tmp_path / "adapter"
+    hf.save_pretrained(str(mdir))
+    pm = peft.get_peft_model(hf, peft.AdaLoraConfig(
+        task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj", "c_fc"], init_r=4, target_r=2, tinit=1, tfinal=1,
+        total_step=6, orth_reg_weight=0.3)).double()
+    opt = torch.optim.SGD([p for n, p in pm.named_parameters() if ".lora_" in n], lr=0.5)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 50, size=(2, 8)))
+    for step in range(6):
+        pm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    pm.save_pretrained(str(adir))
+
+    res = reference(str(mdir), {"input_ids": ids.numpy(), "labels": ids.numpy()}, str(adir))
+
+    fresh = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(str(mdir)).double(),
+                                           str(adir), is_trainable=True).double().eval()
+    logits = fresh(input_ids=ids).logits
+    V = logits.shape[-1]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    # PEFT's AdaLoraModel.forward regulariser (HF's own causal-LM loss is computed in float32, so
+    # the float64 loss is rebuilt here; PEFT's own float32 total is checked at 1e-6 below)
+    mats = [(n, p) for n, p in fresh.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    reg = sum(torch.norm((p @ p.T if ".lora_A." in n else p.T @ p) - torch.eye(p.shape[0] if ".lora_A." in n
+                         else p.shape[1], dtype=p.dtype), p="fro") for n, p in mats) / len(mats)
+    loss = ce + 0.3 * reg
+    loss.backward()
+    assert_close(res["logits"], logits.detach().numpy(), "logits", 1e-10)
+    assert_close(res["loss"], loss.detach().numpy(), "loss incl. 0.3·R", 1e-10)
+    peft_loss = fresh(input_ids=ids, labels=ids).loss  # through AdaLoraModel.forward (task type CAUSAL_LM)
+    assert_close(res["loss"], peft_loss.detach().numpy(), "PEFT's own loss (float32 cross-entropy)", 1e-6)
+    checked = 0
+    for n, p in fresh.named_parameters():
+        if ".lora_" in n:
+            key = "grad." + n.replace(".default", "")
+            assert_close(res[key], p.grad.numpy(), key, 1e-10)
+            checked += 1
+    assert checked == 3 * 8  # A, E, B of 8 adapted matrices
+
+
+def test_trainer_runs_the_allocator_without_manual_wiring():
+    """The engine's Trainer calls regularize() and after_optimizer_step() itself (PEFT #1327)."""
+    from spectral_peft.model import GPT2Config, GPT2LMHeadModel
+    from spectral_peft.backend import get_backend
+    from spectral_peft.train import Trainer
+
+    class SGD:
+        def __init__(self, model, lr):
+            self.model, self.lr = model, lr
+
+        def step(self):
+            for _, m, k in self.model.named_parameters(trainable_only=True):
+                m.params[k] -= self.lr * m.grads[k]
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=8, vocab_size=40, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg, get_backend("cpu", "float64"), seed=0)
+    acfg = AdaLoraConfig(target_modules=["c_attn", "c_fc"], init_r=3, target_r=1, tinit=1, tfinal=2, total_step=8)
+    pm = get_peft_model(model, acfg, seed=0)
+    trainer = Trainer(pm, SGD(pm, 0.1))
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        ids = rng.integers(0, 40, size=(2, 8))
+        data_loss = float(pm.forward(ids, labels=ids).loss)
+        pm.clear_cache()
+        reg = orth_regularizer([m for _, m in pm.adapter_layers()], acfg.orth_reg_weight, accumulate=False)
+        metrics = trainer.train_step({"input_ids": ids, "labels": ids})
+        # the logged loss is the data loss plus orth_reg_weight·R, before the update
+        assert abs(metrics["loss"] - (data_loss + reg)) <= 1e-12 * abs(data_loss + reg)
+        assert reg > 0
+    ctl = pm.controllers[0]
+    assert [h[0] for h in ctl.history] == [2, 3, 4, 5, 6, 7]  # t > tinit, deltaT = 1, then the frozen phase
+    assert all(kept == budget for _, budget, kept in ctl.history)
+    assert ctl.history[-1][1] == 4  # target_r · n
+    assert sum(map(sum, ctl.rank_pattern().values())) == 4

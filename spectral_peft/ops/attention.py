@@ -18,10 +18,10 @@ on such a row gives a uniform average of v: the two agree on every row that has 
 visible key, which is every row whose output is meaningful (right padding, as GPT-2 and BERT use).
 
 The cache holds q, k, v (needed for dk, dq, dv), P (the one (B, H, T, T) float array kept) and out
-(to form D without a second (B, H, T, T) temporary). With attention dropout (dropout_p > 0, HF's
-attn_dropout: out = P̃ v, P̃ = P ⊙ M/(1 - p)) the bool mask M is kept too and P̃ rebuilt when needed. Callers must not write into ``out`` in place
-before the backward; the backward allocates a single (B, H, T, T) temporary (dP, turned into dS
-in place).
+(to form D without a second (B, H, T, T) temporary); callers must not write into ``out`` in place
+before the backward. The backward allocates a single (B, H, T, T) temporary (dP, turned into dS in
+place). With attention dropout (dropout_p > 0, HF's attn_dropout: out = P̃ v, P̃ = P ⊙ M/(1 - p)),
+the bool mask M is cached too and P̃ is rebuilt for dv (one more temporary, freed at once).
 """
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ N = 1024 tokens, float32, densities 0.1% .. 10%, on two kinds of support:
     such supports cluster in rows and columns (what RoSA actually trains);
   - uniformly random (no structure: the worst case for the planned SDDMM).
 Each density is timed for the dense product then the read on the support (the peer), the planned
-SDDMM (what RosaLinear uses), its sparse route alone (plan without the dense fallback) and the
-canonical gather. The crossover is where the sparse route's speedup falls through 1 (log-density
-interpolation).
+SDDMM (RosaLinear's default: never the dense product), 'auto' (the plan, or the dense product where
+the plan would not pay) and the canonical gather. The crossover is where the planned SDDMM's
+speedup falls through 1 (log-density interpolation).
 
 Part 2. The benchmark model of PERFORMANCE.md (GPT-2 shape, 4 layers, d_model 256, 4 heads, T 128,
 batch 8, vocab 512; targets c_attn, c_proj, c_fc; float32; AdamW lr 1e-3), one training step
@@ -76,7 +76,7 @@ def part1(repeats: int, densities) -> dict:
     rng = np.random.default_rng(0)
     results = {}
     print(f"SDDMM, d_out = d_in = {d}, N = {N}, float32, median of {repeats} (ms; speedup = dense / method)")
-    print(f"{'support':>9} {'density':>8} {'nnz':>7} {'dense':>7} {'planned':>8} {'x':>6} {'sparse route':>12} {'x':>6}"
+    print(f"{'support':>9} {'density':>8} {'nnz':>7} {'dense':>7} {'planned':>8} {'x':>6} {'auto':>7} {'x':>6}"
           f" {'gather':>7} {'x':>6} {'covered':>8}")
     for kind in ("gradient", "random"):
         rows = []
@@ -92,27 +92,27 @@ def part1(repeats: int, densities) -> dict:
             x = (rng.standard_normal((N, d)) * sx).astype(np.float32)
             dy = (rng.standard_normal((N, d)) * sy).astype(np.float32)
             plan = SddmmPlan(S)
-            route = SddmmPlan(S, dense_margin=float("inf"))  # the sparse route, never the dense fallback
+            auto_plan = SddmmPlan(S, dense_margin=0.8)  # 'auto': the dense product where the plan would not pay
             ref = sddmm_dense(dy, x, S)
             scale = float(np.abs(ref).max())
-            for name, got in (("planned", sddmm_planned(dy, x, S, plan)), ("route", sddmm_planned(dy, x, S, route)),
+            for name, got in (("planned", sddmm_planned(dy, x, S, plan)), ("auto", sddmm_planned(dy, x, S, auto_plan)),
                               ("gather", sddmm(dy, x, S))):
                 err = float(np.abs(got - ref).max()) / scale
                 assert err < 1e-4, f"{name} differs from the dense product: rel err {err:.2e}"
             fns = {"dense": lambda: sddmm_dense(dy, x, S), "planned": lambda: sddmm_planned(dy, x, S, plan),
-                   "route": lambda: sddmm_planned(dy, x, S, route)}
+                   "auto": lambda: sddmm_planned(dy, x, S, auto_plan)}
             if density <= 0.03:  # the canonical gather is slow above a few percent: not timed there
                 fns["gather"] = lambda: sddmm(dy, x, S)
             ms = interleaved_ms(fns, repeats)
-            t_dense, t_plan, t_route = ms["dense"], ms["planned"], ms["route"]
+            t_dense, t_plan, t_auto = ms["dense"], ms["planned"], ms["auto"]
             t_gather = ms.get("gather", float("nan"))
-            row = dict(density=density, nnz=S.nnz, dense_ms=t_dense, planned_ms=t_plan, route_ms=t_route,
-                       gather_ms=t_gather, planned_x=t_dense / t_plan, route_x=t_dense / t_route,
-                       gather_x=t_dense / t_gather, covered=route.covered, plan_uses_dense=plan.use_dense)
+            row = dict(density=density, nnz=S.nnz, dense_ms=t_dense, planned_ms=t_plan, auto_ms=t_auto,
+                       gather_ms=t_gather, planned_x=t_dense / t_plan, auto_x=t_dense / t_auto,
+                       gather_x=t_dense / t_gather, covered=plan.covered, auto_uses_dense=auto_plan.use_dense)
             rows.append(row)
             print(f"{kind:>9} {100 * density:7.2f}% {S.nnz:7d} {t_dense:7.2f} {t_plan:8.2f} {row['planned_x']:6.2f}"
-                  f" {t_route:12.2f} {row['route_x']:6.2f} {t_gather:7.2f} {row['gather_x']:6.2f}"
-                  f" {100 * route.covered:7.1f}%")
+                  f" {t_auto:7.2f} {row['auto_x']:6.2f} {t_gather:7.2f} {row['gather_x']:6.2f}"
+                  f" {100 * plan.covered:7.1f}%")
         results[kind] = rows
     return results
 
@@ -141,7 +141,8 @@ def part2(repeats: int) -> dict:
         lora_kind = "RosaConfig(d=0, 'lora_only')"
 
     be = get_backend("cpu", "float32")
-    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=512)
+    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=512, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
     B, T = 8, 128
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 512, size=(B, T)) for _ in range(4)]
@@ -218,8 +219,9 @@ def main(argv=None) -> int:
         "sddmm_speedup_at_1pct": at("gradient", "planned_x"),
         "sddmm_speedup_at_1pct_random": at("random", "planned_x"),
         "sddmm_gather_speedup_at_1pct_random": at("random", "gather_x"),
-        "crossover_density": crossover(dens, [r["route_x"] for r in p1["gradient"]]),
-        "crossover_density_random": crossover(dens, [r["route_x"] for r in p1["random"]]),
+        "sddmm_auto_speedup_at_1pct": at("gradient", "auto_x"),
+        "crossover_density": crossover(dens, [r["planned_x"] for r in p1["gradient"]]),
+        "crossover_density_random": crossover(dens, [r["planned_x"] for r in p1["random"]]),
         "dense_ms_at_1pct": at("gradient", "dense_ms"),
         "planned_ms_at_1pct": at("gradient", "planned_ms"),
         "rosa_ms": round(p2["rosa_ms"], 2) if p2 else None,

@@ -73,9 +73,9 @@ def test_rosa_layer_gradients(shape, d, impl, seed, bias):
 
 
 @given(shape=shapes, d=densities, impl=st.sampled_from(["sp_add", "spmm"]),
-       sddmm_impl=st.sampled_from(["planned", "gather", "dense"]), seed=st.integers(0, 2**16))
+       sddmm_impl=st.sampled_from(["planned", "auto", "gather", "dense"]), seed=st.integers(0, 2**16))
 def test_sparse_equals_dense_masked(shape, d, impl, sddmm_impl, seed):
-    """Every implementation (sp_add/spmm × the three SDDMMs) equals the dense-masked formulation."""
+    """Every implementation (sp_add/spmm × the four SDDMMs) equals the dense-masked formulation."""
     d_out, d_in, r, N = shape
     layer, mask, rng = make_layer(get_backend("cpu", "float64"), d_out, d_in, r, d, seed, impl=impl,
                                   sddmm_impl=sddmm_impl)

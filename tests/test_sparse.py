@@ -10,10 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spectral_peft.backend import get_backend
-from spectral_peft.sparse import CSR, SddmmPlan, sddmm, sddmm_dense, sddmm_planned, sp_add, spmm, spmm_t
+from spectral_peft.sparse import (CSR, SddmmPlan, sddmm, sddmm_auto, sddmm_dense, sddmm_planned, sp_add, spmm,
+                                  spmm_t)
 from spectral_peft.testing import assert_close
 
-SDDMMS = {"gather": sddmm, "dense": sddmm_dense, "planned": sddmm_planned}
+SDDMMS = {"gather": sddmm, "dense": sddmm_dense, "planned": sddmm_planned, "auto": sddmm_auto}
 
 
 def random_mask(rng, shape, density):
@@ -108,13 +109,19 @@ def test_planned_sddmm_equals_canonical(device, kind):
     x_h = rng.standard_normal((N, shape[1]))
     dy, x = be.asarray(dy_h), be.asarray(x_h)
     # a small gather cost, so that at this size the plan uses a row block, a column block and gathers
-    plan = SddmmPlan(S, gather_cost=8.0) if kind == "clustered" else SddmmPlan(S)
     if kind == "clustered":
+        plan = SddmmPlan(S, gather_cost=8.0)
         assert len(plan.blocks) == 2 and plan.rest.shape[0] > 0 and not plan.use_dense
     elif kind == "random":
+        plan = SddmmPlan(S)
         assert not plan.use_dense
     else:
+        plan = SddmmPlan(S, dense_margin=0.8)  # the 'auto' choice: too dense, the dense product
         assert plan.use_dense
+        default = SddmmPlan(S)  # the default plan never forms the dense product: blocks <= half
+        assert not default.use_dense and all(len(R) * len(C) <= shape[0] * shape[1] / 2 for R, C, _, _ in default.blocks)
+        assert_close(sddmm_planned(dy, x, S, default), masked_dense(dy_h, x_h, mask), "sddmm_planned[default]",
+                     rtol=1e-12)
     expected = masked_dense(dy_h, x_h, mask)
     assert_close(sddmm_planned(dy, x, S, plan), expected, f"sddmm_planned[{kind}]", rtol=1e-12)
     assert_close(sddmm(dy, x, S), expected, f"sddmm[{kind}]", rtol=1e-12)

@@ -53,7 +53,8 @@ class CSR:
         counts = np.diff(indptr_h)
         # rows by nnz descending, ties by row index (a stable sort of -counts)
         self.row_idx = xp.asarray(np.argsort(-counts, kind="stable").astype(np.int32))
-        self._plan = None  # the SDDMM plan, built on first use (see kernels.SddmmPlan)
+        self._plan = None  # the SDDMM plans, built on first use (see kernels.SddmmPlan)
+        self._auto_plan = None
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod

@@ -19,10 +19,12 @@ Three implementations, tested equal:
 - :func:`sddmm` (canonical, readable): gather the needed columns of dy and x for a chunk of tokens,
   multiply, sum over tokens. Work nnz·N multiply-adds, memory O(chunk·nnz).
 - :func:`sddmm_dense` (the peer and the reference): the dense product, then read the support.
-- :func:`sddmm_planned` (fast): a plan computed once per support (the support is fixed for the
-  whole of training) covers the entries that cluster in rows or columns with small dense blocks
-  computed by BLAS (dy[:, R]ᵀ x[:, C]), gathers the scattered rest, and falls back to the dense
-  product when the support is too dense for either to pay (see :class:`SddmmPlan`).
+- :func:`sddmm_planned` (fast, the default): a plan computed once per support (the support is
+  fixed for the whole of training) covers the entries that cluster in rows or columns with dense
+  blocks computed by BLAS (dy[:, R]ᵀ x[:, C], each at most half the matrix) and gathers the
+  scattered rest (see :class:`SddmmPlan`). It never forms the dense product.
+- :func:`sddmm_auto`: the same plan, or the dense product where the support is too dense for the
+  plan to pay (choosing the path per density).
 """
 from __future__ import annotations
 
@@ -118,8 +120,11 @@ class SddmmPlan:
     1. Rows, by entry count descending: the prefix that saves most (:func:`_best_prefix`) forms
        block 1, those rows × the union of their columns.
     2. Columns of the entries left, the same way: block 2, the rows touching them × those columns.
-    3. The rest is gathered. When the plan costs more than ``dense_margin`` × the dense product,
-       the plan computes the dense product instead (``use_dense``): blocks and gathers run below
+    No block covers more than ``max_block_fraction`` of the matrix, so the plan never forms the
+    dense (d_out, d_in) product.
+    3. The rest is gathered. Only with ``dense_margin`` given (the 'auto' SDDMM), a plan costing
+       more than dense_margin × the dense product computes the dense product instead
+       (``use_dense``): choosing the path per density. Blocks and gathers run below
        the full product's BLAS speed.
 
     Gradient-chosen supports cluster in rows and columns (the rows and columns of large
@@ -127,7 +132,8 @@ class SddmmPlan:
     support has no heavy rows or columns and is gathered (or computed densely when that is cheaper).
     """
 
-    def __init__(self, S: CSR, gather_cost: float = 160.0, dense_margin: float = 0.8):
+    def __init__(self, S: CSR, gather_cost: float = 160.0, dense_margin: float | None = None,
+                 max_block_fraction: float = 0.5):
         xp = get_xp(S.values)
         d_out, d_in = S.shape
         rows = to_host(S.rows).astype(np.int64)
@@ -142,7 +148,7 @@ class SddmmPlan:
             if rest.size == 0:
                 break
             major, minor = (rows, cols) if axis == 0 else (cols, rows)
-            chosen = _best_prefix(major[rest], minor[rest], gather_cost)
+            chosen = _best_prefix(major[rest], minor[rest], gather_cost, max_block_fraction * d_out * d_in)
             if chosen.size:
                 sel = rest[np.isin(major[rest], chosen)]
                 cost += self._add_block(rows, cols, sel, xp)
@@ -155,7 +161,7 @@ class SddmmPlan:
         cost += gather_cost * rest.size
         self.cost = cost  # multiply-adds per token
         self.dense_cost = float(d_out * d_in)
-        self.use_dense = nnz > 0 and cost > dense_margin * self.dense_cost
+        self.use_dense = dense_margin is not None and nnz > 0 and cost > dense_margin * self.dense_cost
         self.covered = 0.0 if nnz == 0 else 1.0 - rest.size / nnz
 
     def _add_block(self, rows, cols, entries, xp) -> float:
@@ -166,12 +172,13 @@ class SddmmPlan:
         return float(R.size * C.size)
 
 
-def _best_prefix(major, minor, gather_cost: float):
+def _best_prefix(major, minor, gather_cost: float, max_area: float):
     """The major indices (rows, or columns) to cover with one dense block.
 
     Taking major indices in order of entry count, descending, the prefix chosen is the one that
-    saves most: gather_cost · (entries covered) − |prefix| · |union of their minor indices|.
-    Returns the chosen major indices (possibly none).
+    saves most, gather_cost · (entries covered) − |prefix| · |union of their minor indices|, among
+    those whose block |prefix| · |union| is at most ``max_area``. Returns the chosen major indices
+    (possibly none).
     """
     ids, inverse, counts = np.unique(major, return_inverse=True, return_counts=True)
     order = np.argsort(-counts, kind="stable")  # major indices by entry count, descending
@@ -182,7 +189,8 @@ def _best_prefix(major, minor, gather_cost: float):
     np.minimum.at(join, minor, entry_rank)
     union = np.cumsum(np.bincount(join[join < order.size], minlength=order.size))  # (n_major,)
     covered = np.cumsum(counts[order])
-    saving = gather_cost * covered - np.arange(1, order.size + 1) * union
+    area = np.arange(1, order.size + 1) * union
+    saving = np.where(area <= max_area, gather_cost * covered - area, -np.inf)
     best = int(np.argmax(saving))
     if saving[best] <= 0:
         return ids[:0]
@@ -215,4 +223,13 @@ def sddmm_planned(dy, x, S: CSR, plan: SddmmPlan | None = None):
     return out
 
 
-SDDMM_IMPLS = {"planned": sddmm_planned, "gather": sddmm, "dense": sddmm_dense}
+def sddmm_auto(dy, x, S: CSR):
+    """The planned SDDMM, or the dense product where the support is too dense for the plan to pay
+    (plan cost > 0.8 × the dense product's). The fastest choice; unlike 'planned' it forms the
+    dense (d_out, d_in) product for dense supports. dy (N, d_out), x (N, d_in) -> (nnz,)."""
+    if S._auto_plan is None:
+        S._auto_plan = SddmmPlan(S, dense_margin=0.8)
+    return sddmm_planned(dy, x, S, S._auto_plan)
+
+
+SDDMM_IMPLS = {"planned": sddmm_planned, "auto": sddmm_auto, "gather": sddmm, "dense": sddmm_dense}

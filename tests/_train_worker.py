@@ -168,9 +168,16 @@ def build(method="full", dtype="float64", seed=0, checkpoint_dir=None, every=Non
             from spectral_peft.adapters.rosa import RosaConfig  # noqa: PLC0415
             cfg = RosaConfig(r=2, d=0.05, target_modules=targets, schedule="wl2", spa_num_grads=3,
                              lora_dropout=0.1, init_lora_weights="gaussian")
-        elif method == "lora":
+        elif method in ("lora", "qlora"):
             from spectral_peft.adapters.lora import LoraConfig  # noqa: PLC0415
+            if method == "qlora":  # NF4 base with double quantisation, as in QLoRA
+                from spectral_peft.quant import quantize_model  # noqa: PLC0415
+                quantize_model(model, "nf4", 64, compress_statistics=True, target_modules=targets)
             cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets, init_lora_weights="gaussian")
+        elif method == "dylora":  # the rank stream: b ~ U{1..r_max} each step
+            from spectral_peft.adapters.dylora import DyLoraConfig  # noqa: PLC0415
+            cfg = DyLoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets,
+                               init_lora_weights="gaussian", dylora_seed=seed)
         else:
             raise ValueError(f"unknown method {method!r}")
         pm = get_peft_model(model, cfg, seed=seed)

@@ -165,6 +165,14 @@ def test_spa_only_freezes_lora_and_sparse_only_with_r0():
         "values", "values"]  # LoRA frozen throughout spa_only
 
 
+def test_density_pattern_alone_gives_a_sparse_adapter():
+    peft = get_peft_model(TinyNet(), config(d=0.0, density_pattern={"fc2": 0.5}, schedule="wl0", spa_num_grads=1))
+    train(peft, range(1))
+    layers = dict(peft.adapter_layers())
+    assert layers["base_model.model.fc1"].nnz == 0 and layers["base_model.model.fc1"].spa is None
+    assert layers["base_model.model.fc2"].spa.nnz == int(0.5 * 40)
+
+
 def test_density_pattern_and_json_round_trip():
     cfg = config(density_pattern={"fc2": 0.5}, rank_pattern={"fc1": 3})
     peft = get_peft_model(TinyNet(), cfg, seed=0)

@@ -153,7 +153,9 @@ class RosaConfig(AdapterConfig):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         if self.sddmm_impl not in SDDMM_IMPLS:
             raise ValueError(f"sddmm_impl must be one of {sorted(SDDMM_IMPLS)}, got {self.sddmm_impl!r}")
-        build_schedule(self.schedule, self.spa_num_grads, self.d, collect=self.mask_load_path is None)
+        # a density_pattern can give layers a sparse adapter even with d = 0
+        build_schedule(self.schedule, self.spa_num_grads, max([self.d, *self.density_pattern.values()]),
+                       collect=self.mask_load_path is None)
 
     # --- the AdapterConfig protocol ---
     def layer_settings(self, path: str) -> tuple[int, float, float]:
@@ -615,7 +617,8 @@ class RosaController(Controller):
         self.config = config
         self.layers: list[tuple[str, RosaLinear]] = [(p, m) for p, m in peft_model.adapter_layers()
                                                       if isinstance(m, RosaLinear)]
-        self.schedule = build_schedule(config.schedule, config.spa_num_grads, config.d,
+        max_d = max([m.d for _, m in self.layers], default=config.d)
+        self.schedule = build_schedule(config.schedule, config.spa_num_grads, max_d,
                                        collect=config.mask_load_path is None)
         self.step = 0
         self.activated = False

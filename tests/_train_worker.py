@@ -140,12 +140,8 @@ def make_optimizer(model):
     except ImportError:
         return HeavyBall(model), None
     opt = AdamW(model, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    try:
-        from spectral_peft.optim import LinearWarmupLinearDecay  # noqa: PLC0415
-        sched = LinearWarmupLinearDecay(opt, warmup_steps=2, total_steps=TOTAL)
-    except (ImportError, TypeError):
-        sched = None
-    return opt, sched
+    from spectral_peft.optim import LinearWarmupLinearDecay  # noqa: PLC0415
+    return opt, LinearWarmupLinearDecay(opt, num_warmup_steps=2, num_training_steps=TOTAL)
 
 
 def tokens(seed=0):
@@ -182,6 +178,8 @@ def build(method="full", dtype="float64", seed=0, checkpoint_dir=None, every=Non
             raise ValueError(f"unknown method {method!r}")
         pm = get_peft_model(model, cfg, seed=seed)
     opt, sched = make_optimizer(pm)
+    if not isinstance(opt, HeavyBall):
+        trainer_kwargs.setdefault("max_grad_norm", 1.0)  # clipping is part of the step being resumed
     trainer = Trainer(pm, opt, sched, checkpoint_dir=checkpoint_dir, checkpoint_every=every, **trainer_kwargs)
     return trainer, SeededBatches(tokens(), batch_size=B, seq_len=T, seed=seed)
 

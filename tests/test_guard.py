@@ -74,6 +74,7 @@ def test_error_attributes_and_adapter_layer_names():
     assert "AdaLoraLinear" in str(e) and "no checkpoint was written" in str(e)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's own notice of the inf it propagates
 def test_a_nonfinite_weight_is_named_as_the_cause():
     t, b = W.build("full", "float64")
     t.fit(b, 1)

@@ -52,10 +52,10 @@ def test_random_bytes_behind_a_plausible_header_length(raw):
     parse_or_refuse(struct.pack("<Q", len(raw) // 2) + raw)
 
 
-@given(st.integers(0, len(VALID) - 1))
-def test_every_truncation_is_refused(n):
-    with pytest.raises(FileFormatError, match="truncated|not valid UTF-8 JSON|trailing|header length"):
-        parse_safetensors(VALID[:n], "fuzz.safetensors")
+def test_every_truncation_is_refused():
+    for n in range(len(VALID)):
+        with pytest.raises(FileFormatError, match="truncated|not valid UTF-8 JSON|trailing|header length"):
+            parse_safetensors(VALID[:n], "fuzz.safetensors")
 
 
 @given(st.integers(0, len(VALID) - 1), st.integers(1, 255))

@@ -256,23 +256,42 @@ def _codes_into(s, midpoints, acc, cmp):
         acc += cmp.view(np.uint8)
 
 
+def _quad_table(quant_type):
+    """(65536,) complex128 used as 16-byte words: a little-endian uint16 of two packed bytes
+    (b0 | b1 << 8) -> the four float32 values code[b0 >> 4], code[b0 & 15], code[b1 >> 4],
+    code[b1 & 15]. 1 MiB; it halves the number of gathers of the 256-entry pair table."""
+    key = ("quad", quant_type)
+    if key not in _PAIR_TABLES:
+        code = get_4bit_code(quant_type)
+        v = np.arange(65536)
+        b0, b1 = v & 0xFF, v >> 8
+        quad = np.stack([code[b0 >> 4], code[b0 & 0x0F], code[b1 >> 4], code[b1 & 0x0F]], axis=1)
+        _PAIR_TABLES[key] = np.ascontiguousarray(quad.astype(np.float32)).view(np.complex128).reshape(65536)
+    return _PAIR_TABLES[key]
+
+
 def _dequantize_4bit_fast(packed: np.ndarray, absmax: np.ndarray, blocksize: int, quant_type: str, n: int):
-    """Table-driven NumPy dequantiser, bit-identical to dequantize_4bit_reference: each byte is
-    looked up as a 64-bit word holding its two float32 values, then each block is multiplied by its
-    absmax in place, chunk by chunk."""
-    table = _pair_table(quant_type)
-    flat = packed.reshape(-1)
+    """Table-driven NumPy dequantiser, bit-identical to dequantize_4bit_reference.
+
+    Every two packed bytes (four codes) are looked up at once as one 16-byte word of four float32
+    values (np.take into a view of the output), then each block is multiplied by its absmax in
+    place while the chunk is still in cache. A partial last block goes through the byte-pair table.
+    """
+    flat = np.ascontiguousarray(packed).reshape(-1)
     out = np.empty(2 * flat.size, dtype=np.float32)
-    words = out.view(np.uint64)  # (m,) one word per byte
-    full = n - n % blocksize
-    chunk = max(blocksize, (CHUNK // blocksize) * blocksize)
+    full = n - n % blocksize  # a multiple of 32 elements = 8 uint16 words
+    quads = out[:full].view(np.complex128)  # (full/4,) four values per word
+    words = flat[: full // 2].view(np.uint16)  # (full/4,) two bytes per word
+    table = _quad_table(quant_type)
+    chunk = max(blocksize, (CHUNK // blocksize) * blocksize)  # elements per chunk, whole blocks
     for start in range(0, full, chunk):
         stop = min(start + chunk, full)
-        np.take(table, flat[start // 2: stop // 2], out=words[start // 2: stop // 2])
+        np.take(table, words[start // 4: stop // 4], out=quads[start // 4: stop // 4], mode="clip")
         block = out[start:stop].reshape(-1, blocksize)
         block *= absmax[start // blocksize: stop // blocksize, None]
     if full < n:
-        np.take(table, flat[full // 2:], out=words[full // 2:])
+        tail = out[full:].view(np.uint64)  # one 8-byte word (two values) per remaining byte
+        np.take(_pair_table(quant_type), flat[full // 2:], out=tail)
         out[full:n] *= absmax[-1]
     return out[:n]
 

@@ -466,10 +466,10 @@ class Trainer:
             path = ckpt_io.latest_checkpoint(self.checkpoint_dir)
             if path is None:
                 return 0
-        probe = ckpt_io.read_checkpoint(path)
-        data_state = probe.states["data"]
-        ckpt = ckpt_io.load_checkpoint(path, self.model, self.optimizer, self.schedule, self.controllers,
-                                       data=_StateHolder(data_state) if data_state is not None else None)
+        ckpt = ckpt_io.read_checkpoint(path)
+        data_state = ckpt.states["data"]  # applied to the batches that fit() receives
+        ckpt_io.load_checkpoint(ckpt, self.model, self.optimizer, self.schedule, self.controllers,
+                                data=_StateHolder(data_state) if data_state is not None else None)
         trainer = ckpt.states["trainer"]
         step = trainer.get("step") if isinstance(trainer, dict) else None
         if step != ckpt.step:

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -124,16 +125,17 @@ KILL_CASES = [(m, "float64", i) for i, m in enumerate(METHODS) if m != "qlora"] 
 @pytest.mark.parametrize("method,dtype,seed", KILL_CASES)
 def test_sigkill_during_training_then_resume_is_bitwise(method, dtype, seed, refroot, tmp_path):
     ref_losses, ref_final = reference(method, dtype, refroot)
-    kill_after = int(np.random.default_rng(seed).integers(1, W.TOTAL - 1))  # a random step
+    rng = np.random.default_rng(seed)
+    kill_after = int(rng.integers(1, W.TOTAL - 2))  # a random step, at least 3 before the end
+    delay = float(rng.uniform(0.0, 0.02))  # then a random moment: in a step, a write, or between steps
     d = str(tmp_path / "ck")
-    p = worker(["--dir", d, "--method", method, "--dtype", dtype, "--steps", str(W.TOTAL)])
-    seen = 0
+    # The worker pauses 20 ms after each step so that this process keeps pace with it.
+    p = worker(["--dir", d, "--method", method, "--dtype", dtype, "--steps", str(W.TOTAL), "--step-sleep", "0.02"])
     for line in p.stdout:
-        if line.startswith("step"):
-            seen = int(line.split()[1])
-            if seen >= kill_after:
-                p.send_signal(signal.SIGKILL)  # the worker is inside step seen + 1 or a checkpoint write
-                break
+        if line.startswith("step") and int(line.split()[1]) >= kill_after:
+            time.sleep(delay)
+            p.send_signal(signal.SIGKILL)
+            break
     p.wait(timeout=60)
     assert p.returncode == -signal.SIGKILL, "the worker ended before it could be killed"
     steps = [s for s, _ in list_checkpoints(d)]  # none when killed before step 2's checkpoint

@@ -370,10 +370,11 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Seq
     """Restore everything ``save_checkpoint`` wrote into live objects; returns the Checkpoint
     (``.step``, ``.states["trainer"]``).
 
-    Every file, key, shape, dtype and generator is checked before the model is touched; if a
-    component's own load_state_dict then refuses its state, every component is rolled back.
+    ``path`` may also be a Checkpoint already returned by :func:`read_checkpoint`. Every file, key,
+    shape, dtype and generator is checked before the model is touched; if a component's own
+    load_state_dict then refuses its state, every component is rolled back.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     mfile = os.path.join(ckpt.path, MODEL_FILE)
     mpath = os.path.join(ckpt.path, MANIFEST_FILE)
     # --- check against the live objects ---

@@ -299,3 +299,40 @@ def test_bad_batches_are_refused_before_any_update(bad):
     for n, m, k in t.model.named_parameters():
         assert np.array_equal(m.params[k], before[n])
 
+
+
+# --- the CLI: `spectral-peft reference` on damaged files ----------------------------------------
+@pytest.fixture(scope="module")
+def ref_dirs(tmp_path_factory):
+    from spectral_peft.model.hf import save_pretrained  # noqa: PLC0415
+    d = tmp_path_factory.mktemp("refmodel")
+    model, _ = W.make_model(W.get_backend("cpu", "float64"), 0)
+    save_pretrained(model, d)
+    ids = np.random.default_rng(0).integers(0, W.V, size=(2, 6))
+    inputs = safetensors_bytes({"input_ids": ids, "labels": ids})
+    return d, inputs
+
+
+@given(which=st.sampled_from(["inputs", "model.safetensors", "config.json"]), cut=st.integers(0, 10**6),
+       junk=st.binary(max_size=40), mode=st.sampled_from(["truncate", "junk"]))
+@fuzz
+def test_reference_command_refuses_damaged_files_in_one_line(ref_dirs, tmp_path_factory, capsys, which, cut, junk,
+                                                             mode):
+    from spectral_peft import cli  # noqa: PLC0415
+    src, inputs = ref_dirs
+    d = tmp_path_factory.mktemp("m")
+    for name in os.listdir(src):
+        (d / name).write_bytes((src / name).read_bytes())
+    inp, out = d / "in.safetensors", d / "out.safetensors"
+    inp.write_bytes(inputs)
+    victim = inp if which == "inputs" else d / which
+    raw = victim.read_bytes()
+    damaged = raw[: cut % len(raw)] if mode == "truncate" else junk
+    assume(damaged != raw)
+    victim.write_bytes(damaged)
+    capsys.readouterr()
+    code = cli.main(["reference", "--model", str(d), "--inputs", str(inp), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, f"exit {code} for a damaged {which}: {err[-500:]}"
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()

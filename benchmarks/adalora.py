@@ -10,7 +10,8 @@ c_proj matches attn.c_proj and mlp.c_proj); float32; AdamW lr 1e-3.
              after_optimizer_step (update_and_allocate), zero_grad.
     LoRA:    r = 8, the same loop (no controller work).
 
-The two are timed in turn within every repeat (load from other processes falls on both alike);
+The two are timed in turn within every repeat, the order alternating (load from other processes
+falls on both alike);
 medians. Prints a table, then ONE JSON line with adalora_ms, lora_ms, ratio, allocator_ms, orth_ms.
 Run: python benchmarks/adalora.py [--repeats N]
 """
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     times = {name: [] for name in arms}
     for rep in range(args.repeats):
         i = 3 + rep
-        for name in arms:
+        for name in (list(arms) if rep % 2 == 0 else list(arms)[::-1]):  # alternate who goes first
             t0 = time.perf_counter()
             step(name, i)
             times[name].append(time.perf_counter() - t0)

@@ -298,3 +298,18 @@ def test_trainer_runs_the_allocator_without_manual_wiring():
     assert all(kept == budget for _, budget, kept in ctl.history)
     assert ctl.history[-1][1] == 4  # target_r · n
     assert sum(map(sum, ctl.rank_pattern().values())) == 4
+
+
+def test_resizing_a_model_to_its_pattern_keeps_outputs_and_counts():
+    from spectral_peft.adapters.adalora import rank_pattern_of, resize_to_rank_pattern
+
+    pm, x, _ = trained_engine_model()
+    pattern = rank_pattern_of(pm)
+    y = to_host(pm.forward(x)).copy()
+    assert pm.num_parameters(trainable_only=True) == sum(4 * (d_in + d_out + 1) for d_in, d_out in DIMS)
+    resize_to_rank_pattern(pm, pattern)
+    assert_close(pm.forward(x), y, "logits after resizing", 1e-12)
+    expected = sum(sum(pattern[f"{n}.lora_E"]) * (d_in + d_out + 1) for n, (d_in, d_out) in zip(NAMES, DIMS))
+    assert pm.num_parameters(trainable_only=True) == expected
+    with pytest.raises(KeyError, match="not AdaLoRA layers"):
+        resize_to_rank_pattern(pm, {"nope.lora_E": [True]})

@@ -118,8 +118,11 @@ def test_planned_sddmm_equals_canonical(device, kind):
     else:
         plan = SddmmPlan(S, dense_margin=0.8)  # the 'auto' choice: too dense, the dense product
         assert plan.use_dense
-        default = SddmmPlan(S)  # the default plan never forms the dense product: blocks <= half
-        assert not default.use_dense and all(len(R) * len(C) <= shape[0] * shape[1] / 2 for R, C, _, _ in default.blocks)
+        default = SddmmPlan(S)  # the default plan never forms the dense product
+        assert not default.use_dense
+        for R, C, _, _ in default.blocks:  # None: the whole dimension
+            size = (shape[0] if R is None else len(R)) * (shape[1] if C is None else len(C))
+            assert size < shape[0] * shape[1] and (R is not None or C is not None)
         assert_close(sddmm_planned(dy, x, S, default), masked_dense(dy_h, x_h, mask), "sddmm_planned[default]",
                      rtol=1e-12)
     expected = masked_dense(dy_h, x_h, mask)

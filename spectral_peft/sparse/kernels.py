@@ -139,7 +139,7 @@ class SddmmPlan:
         rows = to_host(S.rows).astype(np.int64)
         cols = to_host(S.indices).astype(np.int64)
         nnz = rows.size
-        self.blocks = []  # (rows R, cols C, entry ids, flat positions in the |R|×|C| block)
+        self.blocks = []  # (rows R, cols C (None: all), entry ids, flat positions in the |R|×|C| block)
         todo = np.ones(nnz, dtype=bool)
         cost = 0.0
         # 1. heavy rows, then 2. heavy columns among the entries left
@@ -151,7 +151,7 @@ class SddmmPlan:
             chosen = _best_prefix(major[rest], minor[rest], gather_cost, max_block_fraction * d_out * d_in)
             if chosen.size:
                 sel = rest[np.isin(major[rest], chosen)]
-                cost += self._add_block(rows, cols, sel, xp)
+                cost += self._add_block(rows, cols, sel, S.shape, xp)
                 todo[sel] = False
         # 3. the scattered rest
         rest = np.flatnonzero(todo)
@@ -164,12 +164,21 @@ class SddmmPlan:
         self.use_dense = dense_margin is not None and nnz > 0 and cost > dense_margin * self.dense_cost
         self.covered = 0.0 if nnz == 0 else 1.0 - rest.size / nnz
 
-    def _add_block(self, rows, cols, entries, xp) -> float:
-        R, r_inv = np.unique(rows[entries], return_inverse=True)
-        C, c_inv = np.unique(cols[entries], return_inverse=True)
-        flat = r_inv.reshape(-1) * C.size + c_inv.reshape(-1)
-        self.blocks.append((xp.asarray(R), xp.asarray(C), xp.asarray(entries), xp.asarray(flat)))
-        return float(R.size * C.size)
+    def _add_block(self, rows, cols, entries, shape, xp) -> float:
+        """Block of the entries ``entries``: their rows R × their columns C. When R or C spans
+        nearly all of its dimension (>= 90 %), the whole dimension is used (stored as None), so the
+        product reads dy or x directly instead of gathering them first."""
+        r, c = rows[entries], cols[entries]
+        R, r_inv = np.unique(r, return_inverse=True)
+        C, c_inv = np.unique(c, return_inverse=True)
+        R, r_inv = (None, r) if R.size >= 0.9 * shape[0] else (R, r_inv.reshape(-1))
+        C, c_inv = (None, c) if C.size >= 0.9 * shape[1] else (C, c_inv.reshape(-1))
+        n_r = shape[0] if R is None else R.size
+        n_c = shape[1] if C is None else C.size
+        flat = r_inv * n_c + c_inv
+        self.blocks.append((None if R is None else xp.asarray(R), None if C is None else xp.asarray(C),
+                            xp.asarray(entries), xp.asarray(flat)))
+        return float(n_r * n_c)
 
 
 def _best_prefix(major, minor, gather_cost: float, max_area: float):
@@ -216,7 +225,9 @@ def sddmm_planned(dy, x, S: CSR, plan: SddmmPlan | None = None):
     out = xp.empty(S.nnz, dtype=dy.dtype)
     for R, C, entries, flat in plan.blocks:
         # block of the dense gradient:  dyᵀx[R][:, C] = dy[:, R]ᵀ x[:, C]   (|R|, N) @ (N, |C|)
-        P = xp.take(dy, R, axis=1).T @ xp.take(x, C, axis=1)
+        a = dy if R is None else xp.take(dy, R, axis=1)  # (N, |R|)
+        b = x if C is None else xp.take(x, C, axis=1)  # (N, |C|)
+        P = a.T @ b
         out[entries] = P.reshape(-1)[flat]
     if plan.rest.shape[0]:
         out[plan.rest] = _gather_dots(dy, x, plan.rest_rows, plan.rest_cols)

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+import numpy as np
+
 from ..backend import get_xp, to_host
 from ..budget import threshold_mask_le, topk_mask
 from ..module import Linear, Module
@@ -287,7 +289,8 @@ class AdaLoraLinear(Module):
         # PEFT draws randn for all three, then (init_lora_weights) E = 0, A, B ~ N(0, 0.02).
         if init_lora_weights:
             A = rng.normal(0.0, 0.02, size=(r, d_in))
-            E = 0.0 * rng.normal(size=(r, 1))  # keep the draw count independent of the flag
+            rng.standard_normal((r, 1))  # drawn and discarded: the same stream whatever the flag
+            E = np.zeros((r, 1))
             B = rng.normal(0.0, 0.02, size=(d_out, r))
         else:
             A = rng.standard_normal((r, d_in))
@@ -580,7 +583,8 @@ class RankAllocator:
 
         t < T − tfinal: update the EMAs, mask to b(t) when the schedule says so.
         t = T − tfinal: mask to b(T) once more, freeze that pattern, reset the EMAs.
-        t > T − tfinal: re-apply the frozen pattern (E may have revived during the step).
+        t > T − tfinal: re-apply the frozen pattern (E may have revived during the step); a run
+        that reaches this phase without a frozen pattern (started past T − tfinal) freezes one first.
         """
         c = self.config
         final = c.total_step - c.tfinal

@@ -151,6 +151,24 @@ def test_whole_model_central_differences(B, T, H, hd, L, seed, act):
     sampled_gradient_check(model, ids, mask, labels, seed)
 
 
+def test_central_differences_with_every_dropout_on():
+    """Dropout wiring: with the mask generator's state restored before each forward, the masks are
+    fixed and the loss is a differentiable function of the parameters."""
+    cfg = tiny_config(n_layer=1, resid_pdrop=0.3, embd_pdrop=0.2, attn_pdrop=0.25)
+    model = GPT2LMHeadModel(cfg, get_backend("cpu", "float64"), seed=11)
+    ids, mask, labels = batch(7, B=2, T=5, lengths=(5, 4))
+    gen = model.transformer.rng.bit_generator
+    state = gen.state
+    forward = model.forward
+
+    def fixed_masks_forward(*a, **k):
+        gen.state = state
+        return forward(*a, **k)
+
+    model.forward = fixed_masks_forward
+    sampled_gradient_check(model, ids, mask, labels, seed=3)
+
+
 def test_causal_later_tokens_never_change_earlier_logits(backend64):
     model = GPT2LMHeadModel(tiny_config(), backend64, seed=0)
     ids, _, _ = batch(2, B=2, T=10, lengths=(10, 10))
@@ -175,7 +193,7 @@ def test_padding_never_changes_real_outputs(backend64):
 
 def test_same_seed_bitwise_identical_with_dropout():
     be = get_backend("cpu", "float32")
-    cfg = tiny_config(resid_pdrop=0.2, embd_pdrop=0.3)
+    cfg = tiny_config(resid_pdrop=0.2, embd_pdrop=0.3, attn_pdrop=0.1)
     ids, mask, labels = batch(3)
     losses, grads = [], []
     for _ in range(2):

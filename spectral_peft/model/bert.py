@@ -12,8 +12,12 @@ F = intermediate_size, K = num_labels, N = B·T.
     logits = classifier(drop(pooled))                                     (B, K)
     loss: K > 1: mean cross-entropy against labels (B,) int; K = 1: mean squared error (regression)
 
+Inside the encoder the activations are kept 2-D, (N, C), so every projection is one GEMM; only
+the attention reshapes to (B, H, T, hd). Dropout (training mode only): hidden_dropout_prob on the
+embeddings, each sub-layer's output and the pooled vector; attention_probs_dropout_prob on the
+attention probabilities.
+
 Attribute names are Hugging Face's (``bert.encoder.layer.0.attention.self.query.weight``).
-Not applied: dropout on the attention probabilities (attention_probs_dropout_prob).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from .output import ModelOutput, check_input_ids, check_int_range, check_mask, t
 
 
 class BertEmbeddings(Module):
-    """ids (B, T), token_type_ids (B, T) -> drop(LN(word + position + token type)) (B, T, C)."""
+    """ids (B, T), token_type_ids (B, T) -> drop(LN(word + position + token type)) (N, C)."""
 
     def __init__(self, c: BertConfig, init: Init, rng):
         super().__init__()
@@ -45,10 +49,13 @@ class BertEmbeddings(Module):
         x = self.word_embeddings(input_ids)  # (B, T) -> (B, T, C)
         x += self.position_embeddings(xp.arange(T))  # + (T, C), broadcast over B
         x += self.token_type_embeddings(token_type_ids)  # + (B, T, C)
-        return self.dropout(self.LayerNorm(x))
+        self.cache = input_ids.shape
+        return self.dropout(self.LayerNorm(x.reshape(-1, x.shape[-1])))  # (N, C)
 
     def backward(self, dy):
-        dx = self.LayerNorm.backward(self.dropout.backward(dy))
+        """dy (N, C) -> None."""
+        ids_shape, self.cache = self.cache, None
+        dx = self.LayerNorm.backward(self.dropout.backward(dy)).reshape(*ids_shape, -1)  # (B, T, C)
         # x = word[ids] + pos[arange T] + type[tt]  =>  each table gets dx (pos: summed over B)
         self.word_embeddings.backward(dx)
         self.position_embeddings.backward(dx.sum(axis=0))  # (B, T, C) -> (T, C)
@@ -57,36 +64,44 @@ class BertEmbeddings(Module):
 
 
 class BertSelfAttention(Module):
-    """x (B, T, C) -> context (B, T, C): SDPA over H heads of query/key/value projections."""
+    """x (N, C) -> context (N, C): SDPA over H heads of query/key/value projections (N = B·T)."""
 
-    def __init__(self, query: Linear, key: Linear, value: Linear, n_head: int):
+    def __init__(self, query: Linear, key: Linear, value: Linear, n_head: int, attn_pdrop: float, rng):
         super().__init__()
         self.query = query
         self.key = key
         self.value = value
         self.n_head = n_head
+        self.attn_pdrop = attn_pdrop  # dropout on the attention probabilities (HF's self.dropout)
+        self.rng = rng
 
-    def forward(self, x, key_padding_mask=None):
-        H = self.n_head
-        q = split_heads(self.query(x), H)  # (B, T, C) -> (B, H, T, hd)
-        k = split_heads(self.key(x), H)
-        v = split_heads(self.value(x), H)
-        out, self.cache = attention_forward(q, k, v, causal=False, key_padding_mask=key_padding_mask)
-        return merge_heads(out)  # (B, H, T, hd) -> (B, T, C)
+    def forward(self, x, bt, key_padding_mask=None):
+        B, T = bt
+        H, C = self.n_head, x.shape[-1]
+        q = split_heads(self.query(x).reshape(B, T, C), H)  # (N, C) -> (B, T, C) -> (B, H, T, hd)
+        k = split_heads(self.key(x).reshape(B, T, C), H)
+        v = split_heads(self.value(x).reshape(B, T, C), H)
+        p = self.attn_pdrop if self.training else 0.0
+        out, attn_cache = attention_forward(q, k, v, causal=False, key_padding_mask=key_padding_mask,
+                                            dropout_p=p, rng=self.rng)
+        self.cache = (attn_cache, (B, T))
+        return merge_heads(out).reshape(B * T, C)  # (B, H, T, hd) -> (N, C)
 
     def backward(self, dctx):
-        # ctx = merge_heads(out)  =>  dout = split_heads(dctx)
-        dq, dk, dv = attention_backward(split_heads(dctx, self.n_head), self.cache)
+        attn_cache, (B, T) = self.cache
         self.cache = None
+        C = dctx.shape[-1]
+        # ctx = merge_heads(out)  =>  dout = split_heads(dctx)
+        dq, dk, dv = attention_backward(split_heads(dctx.reshape(B, T, C), self.n_head), attn_cache)
         # q = query(x), k = key(x), v = value(x)  =>  dx = Σ of the three (fan-out of x)
-        dx = self.query.backward(merge_heads(dq))
-        dx += self.key.backward(merge_heads(dk))
-        dx += self.value.backward(merge_heads(dv))
+        dx = self.query.backward(merge_heads(dq).reshape(B * T, C))
+        dx += self.key.backward(merge_heads(dk).reshape(B * T, C))
+        dx += self.value.backward(merge_heads(dv).reshape(B * T, C))
         return dx
 
 
 class BertResidualOutput(Module):
-    """HF's BertSelfOutput / BertOutput: y = LN(drop(dense(h)) + x).  h (B, T, d_in), x (B, T, C)."""
+    """HF's BertSelfOutput / BertOutput: y = LN(drop(dense(h)) + x).  h (N, d_in), x (N, C)."""
 
     def __init__(self, dense: Linear, layernorm, p: float, rng):
         super().__init__()
@@ -108,15 +123,15 @@ class BertResidualOutput(Module):
 
 
 class BertAttention(Module):
-    """a = LN(drop(dense(self_attn(x))) + x).  (B, T, C) -> (B, T, C)."""
+    """a = LN(drop(dense(self_attn(x))) + x).  (N, C) -> (N, C)."""
 
     def __init__(self, self_attn: BertSelfAttention, output: BertResidualOutput):
         super().__init__()
         self.self = self_attn  # HF's attribute name: ...attention.self.query
         self.output = output
 
-    def forward(self, x, key_padding_mask=None):
-        return self.output(self.self(x, key_padding_mask), x)
+    def forward(self, x, bt, key_padding_mask=None):
+        return self.output(self.self(x, bt, key_padding_mask), x)
 
     def backward(self, da):
         dctx, dx = self.output.backward(da)
@@ -125,7 +140,7 @@ class BertAttention(Module):
 
 
 class BertIntermediate(Module):
-    """act(dense(a)).  (B, T, C) -> (B, T, F)."""
+    """act(dense(a)).  (N, C) -> (N, F)."""
 
     def __init__(self, dense: Linear, act: str):
         super().__init__()
@@ -140,7 +155,7 @@ class BertIntermediate(Module):
 
 
 class BertLayer(Module):
-    """One post-LN encoder layer.  (B, T, C) -> (B, T, C)."""
+    """One post-LN encoder layer.  (N, C) -> (N, C)."""
 
     def __init__(self, attention: BertAttention, intermediate: BertIntermediate, output: BertResidualOutput):
         super().__init__()
@@ -148,8 +163,8 @@ class BertLayer(Module):
         self.intermediate = intermediate
         self.output = output
 
-    def forward(self, x, key_padding_mask=None):
-        a = self.attention(x, key_padding_mask)
+    def forward(self, x, bt, key_padding_mask=None):
+        a = self.attention(x, bt, key_padding_mask)
         return self.output(self.intermediate(a), a)
 
     def backward(self, dy):
@@ -164,9 +179,9 @@ class BertEncoder(Module):
         super().__init__()
         self.layer = ModuleList(layers)
 
-    def forward(self, x, key_padding_mask=None):
+    def forward(self, x, bt, key_padding_mask=None):
         for layer in self.layer:
-            x = layer(x, key_padding_mask)
+            x = layer(x, bt, key_padding_mask)
         return x
 
     def backward(self, dy):
@@ -205,7 +220,8 @@ def _build_bert(model: Module, c: BertConfig, backend: Backend, seed: int, add_p
     model.encoder = BertEncoder([
         BertLayer(
             BertAttention(
-                BertSelfAttention(init.linear(C, C), init.linear(C, C), init.linear(C, C), c.num_attention_heads),
+                BertSelfAttention(init.linear(C, C), init.linear(C, C), init.linear(C, C), c.num_attention_heads,
+                                  c.attention_probs_dropout_prob, rng),
                 BertResidualOutput(init.linear(C, C), init.layernorm(C, eps), p, rng)),
             BertIntermediate(init.linear(C, F), c.hidden_act),
             BertResidualOutput(init.linear(F, C), init.layernorm(C, eps), p, rng))
@@ -247,7 +263,9 @@ class BertModel(Module):
 
     def encode(self, input_ids, mask, token_type_ids):
         """Validated inputs -> (last_hidden_state (B, T, C), pooled (B, C) or None)."""
-        x = self.encoder(self.embeddings(input_ids, token_type_ids), mask)
+        B, T = input_ids.shape
+        x = self.encoder(self.embeddings(input_ids, token_type_ids), (B, T), mask)  # (N, C)
+        x = x.reshape(B, T, -1)  # (N, C) -> (B, T, C), a view
         pooled = self.pooler(x) if self.pooler is not None else None
         return x, pooled
 
@@ -281,7 +299,7 @@ class BertModel(Module):
         elif self.pooler is not None:
             self.pooler.cache = None  # the pooler gets no gradient: pooler_output was not used
         self.cache = None
-        self.embeddings.backward(self.encoder.backward(dx))
+        self.embeddings.backward(self.encoder.backward(dx.reshape(B * T, C)))
 
 
 class BertForSequenceClassification(Module):

@@ -94,7 +94,7 @@ class GPT2Config(_ConfigIO):
     layer_norm_epsilon: float = 1e-5  # PyTorch's LayerNorm default, GPT-2's value
     resid_pdrop: float = 0.1  # dropout on each block's output before the residual add
     embd_pdrop: float = 0.1  # dropout on token + position embeddings
-    attn_pdrop: float = 0.1  # dropout on attention probabilities (see docs/models.md: not applied)
+    attn_pdrop: float = 0.1  # dropout on attention probabilities
     initializer_range: float = 0.02  # std of the normal initialisation of weights
     tie_word_embeddings: bool = True  # lm_head shares wte; the only layout this engine supports
 
@@ -133,7 +133,7 @@ class BertConfig(_ConfigIO):
     type_vocab_size: int = 2  # segment ids: sentence A / sentence B
     layer_norm_eps: float = 1e-12  # BERT's (TensorFlow) LayerNorm epsilon
     hidden_dropout_prob: float = 0.1  # dropout on embeddings and each sub-layer's output
-    attention_probs_dropout_prob: float = 0.1  # dropout on attention probabilities (not applied)
+    attention_probs_dropout_prob: float = 0.1  # dropout on attention probabilities
     num_labels: int = 2  # classifier outputs; 1 means regression with an MSE loss, as HF
     initializer_range: float = 0.02  # std of the normal initialisation of weights
     pad_token_id: int | None = 0  # [PAD]: its word-embedding row gets no gradient (PyTorch padding_idx)

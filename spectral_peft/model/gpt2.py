@@ -3,20 +3,24 @@
 Shape legend: B batch, T sequence, C = n_embd, H = n_head, hd = C/H, F = inner_dim (4C),
 V = vocab_size, N = B·T.
 
-    x   = drop(wte[ids] + wpe[0..T-1])                      (B, T, C)
+    x   = drop(wte[ids] + wpe[0..T-1])                      (B, T, C), flattened to (N, C)
     for each block:
         h   = x + resid_drop(attn(ln_1(x)))                  attn: c_attn C->3C, causal SDPA, c_proj C->C
         x   = h + resid_drop(c_proj(act(c_fc(ln_2(h)))))     mlp: c_fc C->F, c_proj F->C
-    h_L = ln_f(x)                                            (B, T, C)
-    logits = h_L wteᵀ                                         (B, T, V)   lm_head tied to wte
+    h_L = ln_f(x)                                            (N, C)
+    logits = h_L wteᵀ                                         (N, V) -> (B, T, V)   lm_head tied to wte
     loss = mean_{t: label ≠ -100} CE(logits[:, t], labels[:, t+1])   (HF's shift)
+
+Between the embeddings and the logits the activations are kept 2-D, (N, C): each projection is
+then a single GEMM (a (B, T, C) @ (C, d) matmul runs as B batched GEMMs in NumPy, 4x slower);
+only the attention reshapes to (B, H, T, hd), as views.
 
 Attribute names are Hugging Face's, so a parameter's dotted name is its key in GPT2LMHeadModel's
 state dict (``transformer.h.0.attn.c_attn.weight``); every projection is a Linear with weight
 (d_out, d_in) (HF's Conv1D stores (d_in, d_out): model/hf.py transposes). Derivation: docs/models.md.
 
-Not applied: dropout on the attention probabilities (attn_pdrop), which needs the attention op to
-expose its probabilities; all other dropouts are.
+Dropout (training mode only): embd_pdrop on the embeddings, attn_pdrop on the attention
+probabilities, resid_pdrop on each block's outputs; masks from one generator seeded by ``seed``.
 """
 from __future__ import annotations
 
@@ -55,50 +59,59 @@ class Init:
 
 
 class GPT2Attention(Module):
-    """Causal multi-head self-attention.  x (B, T, C) -> y (B, T, C).
+    """Causal multi-head self-attention.  x (N, C) -> y (N, C), N = B·T (tokens flattened, so
+    every projection is one 2-D GEMM).
 
     c_attn: one Linear C -> 3C (q, k, v side by side, HF's layout); c_proj: C -> C.
     """
 
-    def __init__(self, c_attn: Linear, c_proj: Linear, n_head: int, resid_pdrop: float, rng):
+    def __init__(self, c_attn: Linear, c_proj: Linear, n_head: int, attn_pdrop: float, resid_pdrop: float, rng):
         super().__init__()
         self.c_attn = c_attn
         self.c_proj = c_proj
         self.resid_dropout = Dropout(resid_pdrop, rng)
         self.n_head = n_head
+        self.attn_pdrop = attn_pdrop  # dropout on the attention probabilities (HF's attn_dropout)
+        self.rng = rng
+        self.shift_group = None  # LongLoRA's S2-Attn group size when set (training only)
 
-    def forward(self, x, key_padding_mask=None):
-        B, T, C = x.shape
+    def forward(self, x, bt, key_padding_mask=None):
+        """x (N, C), bt = (B, T), key_padding_mask (B, T) bool or None -> (N, C)."""
+        B, T = bt
+        C = x.shape[-1]
         H = self.n_head
-        qkv = self.c_attn(x)  # (B, T, C) -> (B, T, 3C)
+        qkv = self.c_attn(x).reshape(B, T, 3 * C)  # (N, C) -> (N, 3C) -> (B, T, 3C), a view
         # views, no copies: (B, T, C) slices of qkv -> (B, H, T, hd)
         q = split_heads(qkv[..., :C], H)
         k = split_heads(qkv[..., C:2 * C], H)
         v = split_heads(qkv[..., 2 * C:], H)
-        out, attn_cache = attention_forward(q, k, v, causal=True, key_padding_mask=key_padding_mask)
-        self.cache = attn_cache
-        y = self.c_proj(merge_heads(out))  # (B, H, T, hd) -> (B, T, C) -> (B, T, C)
+        p = self.attn_pdrop if self.training else 0.0
+        out, attn_cache = attention_forward(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                                            shift_group=self.shift_group if self.training else None,
+                                            dropout_p=p, rng=self.rng)
+        self.cache = (attn_cache, (B, T))
+        y = self.c_proj(merge_heads(out).reshape(B * T, C))  # (B, H, T, hd) -> (N, C) -> (N, C)
         return self.resid_dropout(y)
 
     def backward(self, dy):
         dy = self.resid_dropout.backward(dy)
         # y = c_proj(merge_heads(out))  =>  dout = split_heads(c_proj.backward(dy))
-        dmerged = self.c_proj.backward(dy)  # (B, T, C)
-        B, T, C = dmerged.shape
-        H = self.n_head
-        dq, dk, dv = attention_backward(split_heads(dmerged, H), self.cache)  # each (B, H, T, hd)
+        dmerged = self.c_proj.backward(dy)  # (N, C)
+        attn_cache, (B, T) = self.cache
+        H, C = self.n_head, dmerged.shape[-1]
+        hd = C // H
+        dq, dk, dv = attention_backward(split_heads(dmerged.reshape(B, T, C), H), attn_cache)  # (B, H, T, hd)
         self.cache = None
         # q, k, v = split(qkv)  =>  dqkv = [merge(dq) | merge(dk) | merge(dv)], written in place
-        dqkv = get_xp(dq).empty((B, T, 3 * C), dtype=dq.dtype)
-        parts = dqkv.reshape(B, T, 3, H, C // H)  # a view of dqkv
-        parts[:, :, 0] = dq.transpose(0, 2, 1, 3)  # (B, H, T, hd) -> (B, T, H, hd)
-        parts[:, :, 1] = dk.transpose(0, 2, 1, 3)
-        parts[:, :, 2] = dv.transpose(0, 2, 1, 3)
-        return self.c_attn.backward(dqkv)  # (B, T, 3C) -> (B, T, C)
+        dqkv = get_xp(dq).empty((B, T, 3, H, hd), dtype=dq.dtype)
+        dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)  # (B, H, T, hd) -> (B, T, H, hd)
+        dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
+        dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
+        return self.c_attn.backward(dqkv.reshape(B * T, 3 * C))  # (N, 3C) -> (N, C)
 
 
 class GPT2MLP(Module):
-    """x (B, T, C) -> c_fc (B, T, F) -> act -> c_proj (B, T, C) -> dropout."""
+    """x (N, C) -> c_fc (N, F) -> act -> c_proj (N, C) -> dropout."""
 
     def __init__(self, c_fc: Linear, c_proj: Linear, activation: str, resid_pdrop: float, rng):
         super().__init__()
@@ -116,7 +129,7 @@ class GPT2MLP(Module):
 
 
 class GPT2Block(Module):
-    """Pre-LayerNorm block: h = x + attn(ln_1(x)); out = h + mlp(ln_2(h)).  (B, T, C) -> (B, T, C)."""
+    """Pre-LayerNorm block: h = x + attn(ln_1(x)); out = h + mlp(ln_2(h)).  (N, C) -> (N, C)."""
 
     def __init__(self, ln_1, attn, ln_2, mlp):
         super().__init__()
@@ -125,8 +138,8 @@ class GPT2Block(Module):
         self.ln_2 = ln_2
         self.mlp = mlp
 
-    def forward(self, x, key_padding_mask=None):
-        h = self.attn(self.ln_1(x), key_padding_mask)
+    def forward(self, x, bt, key_padding_mask=None):
+        h = self.attn(self.ln_1(x), bt, key_padding_mask)
         h += x  # h = x + attn(ln_1(x)); the attention output is a fresh array, added into in place
         out = self.mlp(self.ln_2(h))
         out += h
@@ -143,7 +156,7 @@ class GPT2Block(Module):
 
 
 class GPT2Model(Module):
-    """The transformer: embeddings, n_layer blocks, final LayerNorm.  ids (B, T) -> h (B, T, C)."""
+    """The transformer: embeddings, n_layer blocks, final LayerNorm.  ids (B, T) -> h (N, C)."""
 
     def __init__(self, config: GPT2Config, backend: Backend, seed: int = 0):
         super().__init__()
@@ -159,7 +172,8 @@ class GPT2Model(Module):
         self.h = ModuleList([
             GPT2Block(
                 init.layernorm(C, c.layer_norm_epsilon),
-                GPT2Attention(init.linear(C, 3 * C), init.linear(C, C, proj_std), c.n_head, c.resid_pdrop, self.rng),
+                GPT2Attention(init.linear(C, 3 * C), init.linear(C, C, proj_std), c.n_head, c.attn_pdrop,
+                              c.resid_pdrop, self.rng),
                 init.layernorm(C, c.layer_norm_epsilon),
                 GPT2MLP(init.linear(C, F), init.linear(F, C, proj_std), c.activation_function, c.resid_pdrop, self.rng),
             )
@@ -169,21 +183,25 @@ class GPT2Model(Module):
         self.config = config
 
     def forward(self, input_ids, key_padding_mask=None):
-        """input_ids (B, T) int (validated by the caller), key_padding_mask (B, T) bool or None -> (B, T, C)."""
-        T = input_ids.shape[1]
+        """input_ids (B, T) int (validated by the caller), key_padding_mask (B, T) bool or None
+        -> h (N, C), N = B·T: activations stay 2-D so that every projection is one GEMM."""
+        B, T = input_ids.shape
+        self.cache = (B, T)
         xp = get_xp(self.wte.params["weight"])
         x = self.wte(input_ids)  # (B, T) -> (B, T, C)
         x += self.wpe(xp.arange(T))  # + (T, C), broadcast over B; position ids are 0..T-1 as in HF
-        x = self.drop(x)
+        x = self.drop(x.reshape(B * T, -1))  # (N, C)
         for block in self.h:
-            x = block(x, key_padding_mask)
+            x = block(x, (B, T), key_padding_mask)
         return self.ln_f(x)
 
     def backward(self, dh):
+        """dh (N, C) -> None (gradients accumulate into the parameters)."""
+        ids_shape, self.cache = self.cache, None  # (B, T)
         dx = self.ln_f.backward(dh)
         for block in reversed(self.h.items):
             dx = block.backward(dx)
-        dx = self.drop.backward(dx)
+        dx = self.drop.backward(dx).reshape(*ids_shape, -1)  # (N, C) -> (B, T, C)
         # x = wte[ids] + wpe[arange(T)]  =>  dwte = scatter(dx), dwpe = Σ_B dx
         self.wte.backward(dx)
         self.wpe.backward(dx.sum(axis=0))  # (B, T, C) -> (T, C)
@@ -218,18 +236,18 @@ class GPT2LMHeadModel(Module):
             check_int_range(labels, (B, T), 0, c.vocab_size, "labels", ignore=-100)
         xp = get_xp(input_ids)
         self.cache = None
-        h = self.transformer(input_ids, mask)  # (B, T, C)
+        h = self.transformer(input_ids, mask)  # (N, C)
         wte = self.transformer.wte
-        # logits = h wteᵀ (the tied lm_head); h is kept only when wte gets a gradient
+        # logits = h wteᵀ (the tied lm_head), (N, C) -> (N, V); h is kept only when wte gets a gradient
         logits, lin_cache = linear_forward(h, wte.params["weight"], None, keep_x="weight" not in wte.frozen)
         loss, ce_cache = None, None
         if labels is not None:
             # HF's shift: position t predicts labels[:, t+1]; the last position predicts nothing
             targets = xp.concatenate([labels[:, 1:], xp.full((B, 1), -100, dtype=labels.dtype)], axis=1)
-            loss, ce_cache = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1).astype(xp.int64))
+            loss, ce_cache = cross_entropy_forward(logits, targets.reshape(-1).astype(xp.int64))
         # the head's cache: (x of logits = h wteᵀ, cross-entropy cache or None, (B, T))
         self.cache = (lin_cache, ce_cache, (B, T))
-        return ModelOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits.reshape(B, T, -1), loss=loss)  # (N, V) -> (B, T, V), a view
 
     def backward(self, dlogits=None) -> None:
         """Accumulate every parameter gradient: of the loss (dloss = 1) when labels were given and
@@ -241,11 +259,12 @@ class GPT2LMHeadModel(Module):
         if dlogits is None:
             if ce_cache is None:
                 raise ValueError("backward: no labels were given to forward, so pass dlogits (B, T, V)")
-            dlogits = cross_entropy_backward(1.0, ce_cache).reshape(B, T, V)
+            dlogits = cross_entropy_backward(1.0, ce_cache)  # (N, V)
         else:
             dlogits = to_backend(dlogits, self.backend)
             if tuple(dlogits.shape) != (B, T, V):
                 raise ValueError(f"dlogits must have the logits' shape (B, T, V) = {(B, T, V)}, got {tuple(dlogits.shape)}")
+            dlogits = dlogits.reshape(B * T, V)
         self.cache = None
         wte = self.transformer.wte
         need_dW = "weight" not in wte.frozen

@@ -181,3 +181,27 @@ def test_seeded_batches_rows_of_a_dict_and_state():
     other = SeededBatches({"input_ids": np.arange(40).reshape(10, 4) + 1, "labels": np.arange(10)}, 4, seed=0)
     with pytest.raises(ValueError, match="data state fingerprint"):
         other.load_state_dict(st)
+
+
+def test_a_controller_asking_to_stop_ends_fit():
+    class StopAt(Controller):
+        should_stop = False
+
+        def after_optimizer_step(self, step):
+            self.should_stop = step == 1
+
+    t, b = W.build("full", "float64")
+    t.controllers.append(StopAt())
+    assert [m["step"] for m in t.fit(b, 10)] == [1, 2] and t.step == 2
+
+
+def test_trainer_checkpoints_keep_the_last_and_resume_needs_a_resumable_source(tmp_path):
+    t, b = W.build("full", "float64", checkpoint_dir=str(tmp_path), every=1, keep_last=2)
+    t.fit(b, 4)
+    assert sorted(os.listdir(tmp_path)) == ["step-00000003", "step-00000004"]
+    t2, _ = W.build("full", "float64", checkpoint_dir=str(tmp_path))
+    assert t2.resume() == 4
+    with pytest.raises(ValueError, match="cannot restore one; pass a SeededBatches"):
+        t2.fit(iter([b.batch(4)]), 5)
+    t3, _ = W.build("full", "float64", checkpoint_dir=str(tmp_path / "empty"))
+    assert t3.resume() == 0 and t3.step == 0

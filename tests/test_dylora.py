@@ -155,9 +155,31 @@ def test_dylora_figure_is_written(tmp_path):
     assert out.stat().st_size > 1000
 
 
+def test_rank_records_and_table():
+    from spectral_peft.plots.dylora import loss_table, plot_rank_eval, rank_losses
+
+    assert rank_losses({"1": 3.0, "2": 2.5}) == ({1: 3.0, 2: 2.5}, None)
+    assert rank_losses({"ranks": [1, 2], "losses": [3.0, 2.5], "lora_ranks": [2], "lora_losses": [2.4]}) == \
+        ({1: 3.0, 2: 2.5}, {2: 2.4})
+    assert loss_table({1: 3.0, 2: 2.5}, {2: 2.4}).splitlines()[2:] == ["| 1 | 3.0000 | - |", "| 2 | 2.5000 | 2.4000 |"]
+    with pytest.raises(ValueError, match="at least one"):
+        plot_rank_eval({}, "unused.png")
+
+
+def test_rank_pattern_layers_stop_at_their_own_rank():
+    pm = get_peft_model(Net(), DyLoraConfig(r=4, target_modules=["a", "b"], rank_pattern={"b": 2}))
+    ctl = pm.controllers[0]
+    assert ctl.r_max == 4
+    for step in range(1, 30):
+        ctl.before_forward(step)
+        assert pm.model.a.rank == ctl.rank and pm.model.b.rank == min(ctl.rank, 2)
+    set_rank(pm, 3)
+    assert pm.model.a.eval_rank == 3 and pm.model.b.eval_rank == 2
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dylora_mode="half"), r"dylora_mode must be one of \('frozen', 'full'\), got 'half'"),
-    (dict(rank_pattern={"a": 2}), r"rank_pattern=\{'a': 2\}.*same r_max"),
+    (dict(use_dora=True), r"use_dora=True is not supported"),
 ])
 def test_bad_dylora_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -6,7 +6,8 @@ Valipour et al. 2023 (arXiv 2210.07558); facts from huawei-noah/Efficient-NLP
 Shape legend: N tokens (any leading dims), d_in, d_out, r_max the stored rank, b the active rank.
 
     A (r_max, d_in), B (d_out, r_max), stored as PEFT LoRA at rank r_max
-    each optimizer step: b ~ U{1, ..., r_max}, ONE b shared by all layers (the controller's stream)
+    each optimizer step: b ~ U{1, ..., r_max}, ONE b shared by all layers (the controller's stream);
+    a layer given a smaller rank r by rank_pattern uses min(b, r) (r_max is the largest rank)
     y = base(x) + (α / b) · (drop(x) A[:b]ᵀ) B[:, :b]ᵀ         (rsLoRA: α / √b)
     mode "frozen" (the released default): only row b−1 of A and column b−1 of B get gradients
     mode "full": the first b rows of A and columns of B all get gradients
@@ -55,14 +56,18 @@ class DyLoraLinear(LoraLinear):
         return lora_scaling(b, self.lora_alpha, self.use_rslora)
 
     def set_rank(self, b: int, which: str = "both") -> None:
-        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= self.r:
-            raise ValueError(f"DyLoRA rank must be an integer in [1, r_max={self.r}], got {b!r}")
+        """Use rank min(b, r_max) (a layer given a smaller r by rank_pattern stops at its own r)."""
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+            raise ValueError(f"DyLoRA rank must be an integer >= 1, got {b!r}")
+        if which not in ("train", "eval", "both"):
+            raise ValueError(f"which must be 'train', 'eval' or 'both', got {which!r}")
         if self.merged:
             raise RuntimeError("cannot change the rank of a merged DyLoRA layer; unmerge() first")
+        b = min(int(b), self.r)
         if which in ("train", "both"):
-            self.rank = int(b)
+            self.rank = b
         if which in ("eval", "both"):
-            self.eval_rank = int(b)
+            self.eval_rank = b
 
     def delta_weight(self):
         """ΔW at the active rank: (α/b) · B[:, :b] A[:b]   (d_out, b) @ (b, d_in) -> (d_out, d_in)."""
@@ -123,9 +128,9 @@ def set_rank(model, b: int, which: str = "eval") -> None:
     layers = dylora_layers(model)
     if not layers:
         raise ValueError("the model holds no DyLoRA layers")
-    for _, layer in layers:  # check all before changing any
-        if not 1 <= b <= layer.r:
-            raise ValueError(f"rank must be in [1, r_max={layer.r}], got {b!r}")
+    r_max = max(layer.r for _, layer in layers)
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 1 <= b <= r_max:
+        raise ValueError(f"rank must be in [1, r_max={r_max}], got {b!r}")
     for _, layer in layers:
         layer.set_rank(b, which)
 
@@ -136,7 +141,7 @@ def loss_by_rank(model, evaluate, ranks=None) -> dict:
     layers = dylora_layers(model)
     if not layers:
         raise ValueError("the model holds no DyLoRA layers")
-    r_max = layers[0][1].r
+    r_max = max(layer.r for _, layer in layers)
     out = {}
     was_training = model.training
     model.eval()
@@ -161,9 +166,6 @@ class DyLoraConfig(LoraConfig):
         super().validate()
         if self.dylora_mode not in MODES:
             raise ValueError(f"DyLoraConfig.dylora_mode must be one of {MODES}, got {self.dylora_mode!r}")
-        if self.rank_pattern:
-            raise ValueError(f"DyLoraConfig.rank_pattern={self.rank_pattern!r}: DyLoRA shares one rank b "
-                             "across layers, so every layer needs the same r_max; use rank_pattern={}")
         if self.use_dora:
             raise ValueError("DyLoraConfig.use_dora=True is not supported; use False")
 
@@ -183,7 +185,7 @@ class DyLoraController(Controller):
 
     def __init__(self, peft_model, config: DyLoraConfig):
         self.layers = [m for _, m in dylora_layers(peft_model)]
-        self.r_max = self.layers[0].r if self.layers else 0
+        self.r_max = max((m.r for m in self.layers), default=0)
         self.rng = np.random.default_rng(config.dylora_seed)
         self.rank = self.r_max
 

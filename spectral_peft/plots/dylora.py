@@ -47,3 +47,29 @@ def plot_loss_by_rank(losses: dict, path, lora_losses: dict | None = None,
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def rank_losses(rec) -> tuple[dict, dict | None]:
+    """Normalise a results record to ({rank: loss} of DyLoRA, {rank: loss} of LoRA or None).
+
+    Accepted: {rank: loss} (JSON keys may be strings); {"losses": {...}, "lora_losses": {...}};
+    {"ranks": [...], "losses": [...]} (optionally "lora_ranks"/"lora_losses" lists)."""
+    def as_dict(ranks, losses):
+        return {int(b): float(v) for b, v in zip(ranks, losses)}
+
+    if not isinstance(rec, dict):
+        raise ValueError(f"DyLoRA rank record must be a dict, got {type(rec).__name__}")
+    if "ranks" in rec:
+        lora = as_dict(rec["lora_ranks"], rec["lora_losses"]) if "lora_ranks" in rec else None
+        return as_dict(rec["ranks"], rec["losses"]), lora
+    if "losses" in rec:
+        lora = rec.get("lora_losses")
+        return ({int(b): float(v) for b, v in rec["losses"].items()},
+                {int(b): float(v) for b, v in lora.items()} if lora else None)
+    return {int(b): float(v) for b, v in rec.items()}, None
+
+
+def plot_rank_eval(rec, path) -> None:
+    """The figure from a run's results record (any form :func:`rank_losses` accepts)."""
+    losses, lora = rank_losses(rec)
+    plot_loss_by_rank(losses, path, lora_losses=lora)

@@ -16,7 +16,7 @@ batch 8, vocab 512; targets c_attn, c_proj, c_fc; float32; AdamW lr 1e-3), one t
 (forward, backward, controller hooks, AdamW, zero_grad) of RoSA r = 8, d = 1% (support chosen from
 one collected batch, then trained) against LoRA r = 8, alternating the two, medians.
 
-Prints tables, then ONE JSON line. Run: python benchmarks/rosa.py [--quick]
+Prints tables, then ONE JSON line. Run: python benchmarks/rosa.py [--quick] [--skip-model] [--threads N]
 """
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# BLAS threads must be fixed before NumPy loads: --threads N (default 2, the CI machine's cores)
+_THREADS = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv[:-1] else "2"
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = _THREADS
 
 import numpy as np  # noqa: E402
 
@@ -203,6 +205,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and densities")
     ap.add_argument("--skip-model", action="store_true", help="part 1 only")
+    ap.add_argument("--threads", type=int, default=2, help="BLAS threads (default 2)")
     args = ap.parse_args(argv)
     repeats = 5 if args.quick else 15
     densities = [0.001, 0.01, 0.1] if args.quick else [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
@@ -216,12 +219,14 @@ def main(argv=None) -> int:
     dens = [r["density"] for r in p1["gradient"]]
     result = {
         "benchmark": "rosa",
+        "blas_threads": int(_THREADS),
         "sddmm_speedup_at_1pct": at("gradient", "planned_x"),
         "sddmm_speedup_at_1pct_random": at("random", "planned_x"),
         "sddmm_gather_speedup_at_1pct_random": at("random", "gather_x"),
         "sddmm_auto_speedup_at_1pct": at("gradient", "auto_x"),
         "crossover_density": crossover(dens, [r["planned_x"] for r in p1["gradient"]]),
         "crossover_density_random": crossover(dens, [r["planned_x"] for r in p1["random"]]),
+        "densities_tested": [min(dens), max(dens)],  # a null crossover: faster over the whole range
         "dense_ms_at_1pct": at("gradient", "dense_ms"),
         "planned_ms_at_1pct": at("gradient", "planned_ms"),
         "rosa_ms": round(p2["rosa_ms"], 2) if p2 else None,

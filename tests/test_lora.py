@@ -226,3 +226,20 @@ def test_missing_target_module_lists_the_existing_names():
 def test_regex_target_modules():
     pm = get_peft_model(Net(), LoraConfig(target_modules=r".*o", r=2))
     assert isinstance(pm.model.o, LoraLinear) and type(pm.model.q) is Linear
+
+
+def test_lora_over_a_4bit_base_equals_lora_over_its_dequantised_weight():
+    quant = pytest.importorskip("spectral_peft.quant.linear4bit")
+    rng = np.random.default_rng(0)
+    q = quant.Linear4bit.from_linear(Linear(rng.standard_normal((16, 32)).astype(np.float32),
+                                            rng.standard_normal(16).astype(np.float32)))
+    q.freeze()
+    dense = Linear(np.array(q.effective_weight()), np.array(q.params["bias"]))
+    dense.freeze()
+    lq, ld = (LoraLinear(b, r=4, rng=np.random.default_rng(1), init_lora_weights=False) for b in (q, dense))
+    x, G = rng.standard_normal((5, 32)).astype(np.float32), rng.standard_normal((5, 16)).astype(np.float32)
+    assert_close(lq.forward(x), ld.forward(x), "y", 1e-6)
+    assert_close(lq.backward(G), ld.backward(G), "dx", 1e-6)
+    assert_close(lq.grads[B_KEY], ld.grads[B_KEY], "dB", 1e-6)
+    with pytest.raises(TypeError, match="cannot merge into a Linear4bit base"):
+        lq.merge()

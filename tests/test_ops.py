@@ -17,6 +17,7 @@ from spectral_peft.ops import (ACTIVATIONS, attention_backward, attention_forwar
                                residual_backward, residual_forward, rmsnorm_backward, rmsnorm_forward,
                                softmax_backward, softmax_forward, split_heads, split_heads_backward)
 from spectral_peft.testing import GRADCHECK_RTOL, assert_close, numerical_gradient
+from spectral_peft.testing import RTOL as RTOL_BY_DTYPE
 
 seeds = st.integers(0, 2**31 - 1)
 small = st.integers(1, 3)
@@ -295,6 +296,24 @@ def test_embedding_backward_accumulates_repeated_ids():
     dtable = embedding_backward(dout, cache)
     assert_close(dtable, expected, "dtable", rtol=1e-12)
     assert np.all(dtable[[2, 4, 5]] == 0)  # unused rows get exactly zero
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_embedding_backward_accumulates_into_an_existing_gradient(dtype):
+    rng = np.random.default_rng(5)
+    V, C = 9, 4
+    ids = np.array([[8, 0, 8], [3, 3, 3]])
+    _, cache = embedding_forward(ids, np.zeros((V, C), dtype))
+    dout = rng.standard_normal((2, 3, C)).astype(dtype)
+    grad = rng.standard_normal((V, C)).astype(dtype)
+    expected = grad.astype(np.float64)
+    for (b, t), i in np.ndenumerate(ids):
+        expected[i] += dout[b, t]
+    result = embedding_backward(dout, cache, accumulate_into=grad)
+    assert result is grad and grad.dtype == dtype
+    assert_close(grad, expected, "accumulated dtable", rtol=RTOL_BY_DTYPE[np.dtype(dtype).name])
+    with pytest.raises(ValueError, match=r"accumulate_into must be a \(V, C\) = \(9, 4\)"):
+        embedding_backward(dout, cache, accumulate_into=np.zeros((8, 4), dtype))
 
 
 def test_cross_entropy_all_ignored_is_zero_not_nan():

@@ -42,8 +42,12 @@ def embedding_forward(ids, table):
     return out, (ids, V)
 
 
-def embedding_backward(dout, cache):
+def embedding_backward(dout, cache, accumulate_into=None):
     """dtable (V, C) from dout S + (C,): rows with the same id sum their gradients.
+
+    accumulate_into: an existing (V, C) gradient to add into in place (and return), touching only the
+    rows of ids present: for a large vocabulary (GPT-2's 50257 rows) this avoids allocating, zeroing
+    and adding a dense (V, C) array every step.
 
     NumPy: the tokens are sorted by id and each id's rows summed (a sort/bincount scatter-add run
     by scipy's CSR product; 10x faster than np.add.at here). CuPy: ``cupyx.scatter_add``.
@@ -52,26 +56,38 @@ def embedding_backward(dout, cache):
     C = dout.shape[-1]
     if tuple(dout.shape) != tuple(ids.shape) + (C,):
         raise ValueError(f"dout must have shape ids.shape + (C,) = {tuple(ids.shape)} + (C,), got {tuple(dout.shape)}")
+    if accumulate_into is not None and (tuple(accumulate_into.shape) != (V, C) or accumulate_into.dtype != dout.dtype):
+        raise ValueError(f"accumulate_into must be a (V, C) = ({V}, {C}) array of dtype {dout.dtype}, "
+                         f"got {tuple(accumulate_into.shape)} {accumulate_into.dtype}")
     xp = get_xp(dout)
     flat_ids = ids.reshape(-1)  # (N,)
     dout2 = dout.reshape(-1, C)  # (N, C)
-    if xp.__name__ == "numpy":
-        import scipy.sparse  # noqa: PLC0415 - CPU path only
+    N = flat_ids.size
+    if xp.__name__ != "numpy":
+        import cupyx  # noqa: PLC0415 - only on the GPU backend
 
-        # out[s] = table[ids[s]]  =>  dtable[v] = Σ_{ids[s] = v} dout[s]
-        # Sorting the tokens by id groups each row's contributions together: row v's tokens are
-        # order[start[v]:start[v+1]], start = cumsum(bincount(ids)). That grouping is exactly a CSR
-        # (V, N) incidence matrix with N ones (not a dense one-hot), and dtable = M · dout sums
-        # each group in scipy's compiled loop, in token order: deterministic, no atomics.
-        order = xp.argsort(flat_ids, kind="stable")  # (N,)
+        dtable = xp.zeros((V, C), dtype=dout.dtype) if accumulate_into is None else accumulate_into
+        # out[s] = table[ids[s]]  =>  dtable[v] += dout[s] for every s with ids[s] = v
+        cupyx.scatter_add(dtable, flat_ids, dout2)
+        return dtable
+    import scipy.sparse  # noqa: PLC0415 - CPU path only
+
+    # out[s] = table[ids[s]]  =>  dtable[v] = Σ_{ids[s] = v} dout[s]
+    # Sorting the tokens by id groups each row's contributions together: row v's tokens are
+    # order[start[v]:start[v+1]]. That grouping is exactly a CSR incidence matrix with N ones
+    # (not a dense one-hot), and M · dout sums each group in scipy's compiled loop, in token
+    # order: deterministic, no atomics.
+    order = xp.argsort(flat_ids, kind="stable")  # (N,)
+    ones = xp.ones(N, dtype=dout.dtype)
+    if accumulate_into is None:
         start = xp.zeros(V + 1, dtype=xp.int64)
-        xp.cumsum(xp.bincount(flat_ids, minlength=V), out=start[1:])  # (V + 1,)
-        M = scipy.sparse.csr_array((xp.ones(flat_ids.size, dtype=dout.dtype), order, start),
-                                   shape=(V, flat_ids.size))
+        xp.cumsum(xp.bincount(flat_ids, minlength=V), out=start[1:])  # (V + 1,)  start = cumsum(bincount(ids))
+        M = scipy.sparse.csr_array((ones, order, start), shape=(V, N))
         return M @ dout2  # (V, N) · (N, C) -> (V, C)
-    import cupyx  # noqa: PLC0415 - only on the GPU backend
-
-    dtable = xp.zeros((V, C), dtype=dout.dtype)
-    # out[s] = table[ids[s]]  =>  dtable[v] += dout[s] for every s with ids[s] = v
-    cupyx.scatter_add(dtable, flat_ids, dout2)
-    return dtable
+    # only the U distinct ids present: a (U, N) incidence matrix, then U rows added in place
+    sorted_ids = flat_ids[order]
+    first = xp.flatnonzero(xp.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if N else xp.zeros(0, dtype=xp.int64)
+    start = xp.append(first, N)  # (U + 1,)
+    M = scipy.sparse.csr_array((ones, order, start), shape=(first.size, N))
+    accumulate_into[sorted_ids[first]] += M @ dout2  # (U, N) · (N, C) -> (U, C); the ids are distinct
+    return accumulate_into

@@ -109,13 +109,26 @@ def fig_adalora_singular_values(results, path):
     _fn("adalora", "plot_singular_values")(E, path)
 
 
-def fig_quant(results, path):
-    rec = results.get("quantization") or {}
-    if rec.get("unavailable"):
-        raise FigureUnavailable(rec["unavailable"])
-    if not rec:
-        raise FigureUnavailable("the results hold no quantisation record")
-    _fn("quant", "plot_codebook_and_error", "plot_nf4", "plot_quantization")(rec, path)
+def fig_nf4_codebooks(results, path):
+    _fn("quant", "plot_codebooks")(path)
+
+
+def fig_nf4_error(results, path):
+    """The quantisation error of the base model's largest linear weight (read back from the cached
+    base model when it is still there), else of the quant module's default matrix."""
+    weight, name = None, None
+    folder = results["base_model"].get("pretrain", {}).get("cache_path")
+    if folder and os.path.exists(os.path.join(folder, "model.safetensors")):
+        from safetensors.numpy import load_file  # noqa: PLC0415
+
+        arrays = load_file(os.path.join(folder, "model.safetensors"))
+        mats = {k: v for k, v in arrays.items() if v.ndim == 2 and k.endswith(("c_fc.weight", "c_attn.weight"))}
+        if mats:
+            name = max(mats, key=lambda k: mats[k].size)
+            weight = mats[name].T.astype("float32")  # Conv1D (d_in, d_out) -> (d_out, d_in)
+            name = f"base model {name}"
+    blocksize = int(results["config"].get("blocksize", 64))
+    _fn("quant", "plot_quantization_error")(path, weight=weight, name=name, blocksize=blocksize)
 
 
 def fig_rosa_density(results, path):
@@ -136,7 +149,7 @@ def fig_rosa_support(results, path):
 
 def fig_dylora(results, path):
     rec = _need(results, "dylora", "rank_eval")
-    _fn("dylora", "plot_rank_eval", "plot_dylora")(rec, path)
+    _fn("dylora", "plot_rank_eval")(rec, path)
 
 
 FIGURES = (
@@ -148,7 +161,8 @@ FIGURES = (
     ("adalora_rank_heatmap.png", fig_adalora_ranks),
     ("adalora_budget.png", fig_adalora_budget),
     ("adalora_singular_values.png", fig_adalora_singular_values),
-    ("nf4_codebook_error.png", fig_quant),
+    ("nf4_codebooks.png", fig_nf4_codebooks),
+    ("nf4_error.png", fig_nf4_error),
     ("rosa_density.png", fig_rosa_density),
     ("rosa_support.png", fig_rosa_support),
     ("dylora_rank_eval.png", fig_dylora),

@@ -53,8 +53,8 @@ class RunConfig:
     """Every option of `spectral-peft run`; each default carries its reason."""
 
     methods: str = "all"  # comma-separated subset of METHODS, or "all"
-    steps: int = 120  # fine-tuning optimizer steps per method (11 methods fit in ~5 minutes on 2 cores)
-    pretrain_steps: int = 500  # base-model steps: long enough to learn Python's byte statistics
+    steps: int = 200  # fine-tuning optimizer steps per method (11 methods in ~5 minutes on 2 cores)
+    pretrain_steps: int = 1000  # base-model steps (~1.5 min, cached): Python's byte statistics
     batch_size: int = 16  # sequences per step
     n_positions: int = 64  # T: sequence length (bytes) and GPT-2's context size
     n_layer: int = 4  # a GPT-2 shape small enough for 2 CPU cores
@@ -90,15 +90,18 @@ class RunConfig:
     quant_type: str = "nf4"
     blocksize: int = 64
     compress_statistics: bool = True
-    # Delta-LoRA (paper's λ and K)
-    update_ratio: float = 2.0
-    delta_start: int = 0
+    # Delta-LoRA (DeltaLoraConfig fields: the paper's λ and K; K = 0 as the runs are short)
+    delta_lambda: float = 2.0
+    delta_start_step: int = 0
+    # DyLoRA (DyLoraConfig field)
+    dylora_mode: str = "frozen"
     # evaluation, placement, output
-    eval_every: int = 20
+    eval_every: int = 25
     eval_batches: int = 8
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    threads: int = 1  # BLAS threads (0: as configured). 1: small GEMMs gain little from 2, and a busy machine makes 2 threads ~10x slower
     out: str = "runs"
     cache_dir: str | None = None  # None: $SPECTRAL_PEFT_CACHE or ~/.cache/spectral_peft
     figures: bool = True
@@ -124,6 +127,8 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"--threads must be an integer >= 0 (0: leave BLAS as configured), got {self.threads!r}")
         if self.pretrain_steps < 1:
             raise ValueError(f"--pretrain_steps must be >= 1, got {self.pretrain_steps}")
         if self.n_embd % self.n_head:
@@ -300,12 +305,11 @@ def base_cache_key(cfg: RunConfig, corpus_sha: str) -> str:
 
 
 def make_optimizer(model, lr: float, weight_decay: float, total_steps: int):
-    """AdamW with a linear warm-up (5% of steps) then cosine decay to 10%."""
+    """AdamW with a linear warm-up (5% of steps) then a half cosine to 0 (transformers' schedule)."""
     from .optim import AdamW, LinearWarmupCosineDecay  # noqa: PLC0415
 
     opt = AdamW(model, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
-    sched = LinearWarmupCosineDecay(opt, warmup_steps=max(1, total_steps // 20), total_steps=total_steps,
-                                    min_lr_ratio=0.1)
+    sched = LinearWarmupCosineDecay(opt, num_warmup_steps=max(1, total_steps // 20), num_training_steps=total_steps)
     return opt, sched
 
 
@@ -405,8 +409,9 @@ def _import(module: str, names: tuple[str, ...], method: str):
 
 def _quantize(model, cfg: RunConfig):
     (quantize_model,) = _import("spectral_peft.quant", ("quantize_model",), "quant")
-    return quantize_model(model, quant_type=cfg.quant_type, blocksize=cfg.blocksize,
-                          compress_statistics=cfg.compress_statistics)
+    quantize_model(model, quant_type=cfg.quant_type, blocksize=cfg.blocksize,
+                   compress_statistics=cfg.compress_statistics)  # in place: every dense Linear -> Linear4bit
+    return model
 
 
 def _lora_config(cfg: RunConfig, r: int, **kw):
@@ -442,17 +447,20 @@ def _adalora_config(cfg: RunConfig, init_r: int):
 
 # method -> (knob name, kind "int"/"float", config builder(cfg, knob) -> adapter config, quantised base?)
 def method_config(method: str, cfg: RunConfig, knob):
-    """The adapter config of ``method`` at size ``knob`` (None for full fine-tuning)."""
+    """The adapter config of ``method`` at size ``knob`` (None for full fine-tuning). For the LoRA
+    family the knob is r, or (r, rank_pattern) when some modules take r + 1 to meet the budget."""
     if method == "full":
         return None
+    r, pattern = knob if isinstance(knob, tuple) else (knob, None)
+    pat = {"rank_pattern": pattern} if pattern else {}
     if method in ("lora", "qlora"):
-        return _lora_config(cfg, knob)
+        return _lora_config(cfg, r, **pat)
     if method == "rslora":
-        return _lora_config(cfg, knob, use_rslora=True)
+        return _lora_config(cfg, r, use_rslora=True, **pat)
     if method == "dora":
-        return _lora_config(cfg, knob, use_dora=True)
+        return _lora_config(cfg, r, use_dora=True, **pat)
     if method in ("dylora", "lorafa", "deltalora"):
-        return _variant_config(method, cfg, knob)
+        return _variant_config(method, cfg, r, pattern)
     if method == "adalora":
         return _adalora_config(cfg, knob)
     if method in ("rosa", "qrosa"):
@@ -460,41 +468,35 @@ def method_config(method: str, cfg: RunConfig, knob):
     raise ValueError(f"unknown method {method!r}")
 
 
-def _variant_config(method: str, cfg: RunConfig, r: int):
-    """DyLoRA / LoRA-FA / Delta-LoRA: the lora teammate's engine variants of LoraConfig."""
-    import importlib  # noqa: PLC0415
+VARIANTS = {  # method -> (module, config class, extra fields taken from RunConfig)
+    "dylora": ("spectral_peft.adapters.dylora", "DyLoraConfig", ("dylora_mode",)),
+    "lorafa": ("spectral_peft.adapters.lorafa", "LoraFAConfig", ()),
+    "deltalora": ("spectral_peft.adapters.deltalora", "DeltaLoraConfig", ("delta_lambda", "delta_start_step")),
+}
 
-    try:
-        mod = importlib.import_module("spectral_peft.adapters.lora")
-    except ImportError as exc:
-        raise MethodUnavailable(f"spectral_peft.adapters.lora is not importable ({exc})") from None
-    LoraConfig = mod.LoraConfig
-    names = {f.name for f in dataclasses.fields(LoraConfig)}
-    variant_field = next((n for n in ("variant", "lora_variant", "method") if n in names), None)
-    if variant_field is None:
-        raise MethodUnavailable("LoraConfig has no variant field for DyLoRA/LoRA-FA/Delta-LoRA")
-    kw = {variant_field: method}
-    if method == "deltalora":
-        for n, v in (("update_ratio", cfg.update_ratio), ("delta_start", cfg.delta_start)):
-            if n in names:
-                kw[n] = v
-    try:
-        return LoraConfig(r=r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.target_list(), **kw)
-    except ValueError as exc:
-        raise MethodUnavailable(f"LoraConfig({variant_field}={method!r}) was refused: {exc}") from None
+
+def _variant_config(method: str, cfg: RunConfig, r: int, rank_pattern: dict | None = None):
+    """DyLoRA / LoRA-FA / Delta-LoRA: LoraConfig subclasses of the lora family."""
+    module, cls_name, extra = VARIANTS[method]
+    (cls,) = _import(module, (cls_name,), method)
+    kw = {name: getattr(cfg, name) for name in extra}
+    if rank_pattern:
+        kw["rank_pattern"] = rank_pattern
+    return cls(r=r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0 if method == "deltalora" else cfg.lora_dropout,
+               target_modules=cfg.target_list(), **kw)
 
 
 def rosa_rank(cfg: RunConfig) -> int:
     return cfg.rosa_r if cfg.rosa_r is not None else max(1, cfg.r // 2)
 
 
-def build_method(method: str, cfg: RunConfig, base_folder: str, backend, knob):
+def build_method(method: str, cfg: RunConfig, base_folder: str, backend, knob, quantize: bool = True):
     """A fresh base loaded from the cache, (quantised,) with ``method``'s adapters at ``knob``.
-    Returns (model, adapter config or None)."""
+    Returns (model, adapter config or None). ``quantize=False`` skips the 4-bit base (counting
+    trainable parameters does not need it)."""
     model = load_base(base_folder, backend)
-    if method in ("qlora", "qrosa"):
-        model = _quantize(model, cfg) or model
+    if method in ("qlora", "qrosa") and quantize:
+        model = _quantize(model, cfg)
     conf = method_config(method, cfg, knob)
     if conf is None:
         model.train()
@@ -517,34 +519,49 @@ def trainable_count(model) -> int:
     return int(n)
 
 
+LORA_FAMILY = ("lora", "rslora", "dora", "dylora", "lorafa", "deltalora", "qlora")
+
+
 def match_budget(method: str, cfg: RunConfig, base_folder: str, backend, budget: int) -> tuple:
-    """The knob whose trainable count is nearest ``budget``: (knob, count)."""
+    """The size knob whose trainable count is nearest ``budget``: (knob, count).
+
+    Integer ranks first (the count grows with r); when the nearest r is off by more than the
+    tolerance (DoRA's magnitudes, LoRA-FA's B-only count), the LoRA family gives r + 1 to some
+    modules through PEFT's rank_pattern, largest steps first, while that brings the count closer.
+    RoSA: LoRA at rosa_r plus the density d that fills the rest (peft-rosa's int(d·numel) per layer).
+    """
     cache: dict = {}
 
     def count(knob):
-        if knob not in cache:
-            model, _ = build_method(method, cfg, base_folder, backend, knob)
-            cache[knob] = trainable_count(model)
-        return cache[knob]
+        key = json.dumps(knob, sort_keys=True, default=str)
+        if key not in cache:
+            model, _ = build_method(method, cfg, base_folder, backend, knob, quantize=False)
+            cache[key] = trainable_count(model)
+        return cache[key]
 
     if method in ("rosa", "qrosa"):
         if cfg.d is not None:
             return cfg.d, count(cfg.d)
-        lora_only = count(0.0)
-        from .adapters.rosa import nnz_for  # noqa: PLC0415
+        nnz_for, rosa_parameter_count = _import("spectral_peft.adapters.rosa", ("nnz_for", "rosa_parameter_count"),
+                                                method)
+        from .adapters.base import match_target_modules  # noqa: PLC0415
 
-        model, _ = build_method(method, cfg, base_folder, backend, 0.0)
-        shapes = [m.shape for _, m in model.adapter_layers() if hasattr(m, "shape")]
+        base = load_base(base_folder, backend)
+        shapes = [(base.get_submodule(p).d_out, base.get_submodule(p).d_in)
+                  for p in match_target_modules(base, cfg.target_list())]
+        r = rosa_rank(cfg)
         numel = sum(a * b for a, b in shapes)
-        d = max(0.0, (budget - lora_only) / numel)
-        # int(d·numel) floors per layer: nudge d up until the count reaches the budget or passes it.
-        while sum(nnz_for(min(d, 1.0), s) for s in shapes) + lora_only < budget and d < 1.0:
+        d = max(0.0, (budget - rosa_parameter_count(shapes, r, 0.0)) / numel)
+        # int(d·numel) floors per layer: nudge d up while that brings the count nearer the budget.
+        while d < 1.0 and abs(rosa_parameter_count(shapes, r, d + 0.5 / numel) - budget) < \
+                abs(rosa_parameter_count(shapes, r, d) - budget):
             d += 0.5 / numel
+        if d <= 0.0:
+            raise MethodUnavailable(f"RoSA's LoRA part at r={r} already exceeds the budget {budget:,}; lower --rosa_r")
         d = float(min(d, 1.0))
         return d, count(d)
     if method == "adalora" and cfg.init_r is not None:
         return cfg.init_r, count(cfg.init_r)
-    # integer ranks: the count grows with r; search 1..8·r for the nearest
     lo, hi = 1, max(8 * cfg.r, 16)
     while lo < hi:  # smallest r with count(r) >= budget
         mid = (lo + hi) // 2
@@ -554,7 +571,22 @@ def match_budget(method: str, cfg: RunConfig, base_folder: str, backend, budget:
             lo = mid + 1
     candidates = [k for k in (lo - 1, lo) if k >= 1]
     best = min(candidates, key=lambda k: (abs(count(k) - budget), k))
-    return best, count(best)
+    if abs(count(best) - budget) <= cfg.tolerance * budget or method not in LORA_FAMILY or lo - 1 < 1:
+        return best, count(best)
+    # mixed ranks: start from r = lo - 1 (below the budget) and raise modules to lo
+    r = lo - 1
+    model_lo, _ = build_method(method, cfg, base_folder, backend, r, quantize=False)
+    model_hi, _ = build_method(method, cfg, base_folder, backend, r + 1, quantize=False)
+    per_lo = {_model_path(p): trainable_count(m) for p, m in model_lo.adapter_layers()}
+    per_hi = {_model_path(p): trainable_count(m) for p, m in model_hi.adapter_layers()}
+    steps = sorted(((per_hi[p] - per_lo[p], p) for p in per_lo), reverse=True)
+    total, pattern = count(r), {}
+    for delta, path in steps:
+        if abs(total + delta - budget) < abs(total - budget):
+            pattern[path] = r + 1  # PEFT matches keys as (.*\.)?(key)$: the full path is exact
+            total += delta
+    knob = (r, pattern) if pattern else r
+    return knob, count(knob)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -613,6 +645,10 @@ def train_method(method: str, model, cfg: RunConfig, train_tokens, eval_sets, lo
         eval_curve["step"].append(trainer.step)
         eval_curve["loss"].append(evaluate(model, eval_sets))
     record_final(method, model, controllers, cfg, extras)
+    if method == "dylora":  # DyLoRA's promise: one run, usable at every rank 1..r_max
+        (loss_by_rank,) = _import("spectral_peft.adapters.dylora", ("loss_by_rank",), method)
+        by_rank = loss_by_rank(model, lambda: evaluate(model, eval_sets))
+        extras["rank_eval"] = {"ranks": sorted(by_rank), "losses": [by_rank[b] for b in sorted(by_rank)]}
     times = [h["ms"] for h in trainer.history if not h["skipped"]]
     return {
         "trainable_params": trainable_count(model),
@@ -812,8 +848,26 @@ def _point_latest(root: str, folder: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------------
+def _limit_threads(n: int):
+    """A context limiting BLAS to ``n`` threads (threadpoolctl, when installed); n = 0: no limit."""
+    if n <= 0:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415 - optional
+    except ImportError:
+        print(f"--threads {n}: threadpoolctl is not installed; set OPENBLAS_NUM_THREADS={n} instead",
+              file=sys.stderr)
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
 def run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
     """The whole job; returns (results, run folder)."""
+    with _limit_threads(cfg.threads):
+        return _run(cfg, log)
+
+
+def _run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
     log = log or Log()
     t_start = time.perf_counter()
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -930,6 +984,8 @@ def _lora_formula(base_folder: str, backend, cfg: RunConfig) -> int:
 
 
 def _knob_text(method: str, knob) -> str:
+    if isinstance(knob, tuple):
+        return f"r={knob[0]}/{knob[0] + 1} ({len(knob[1])} at r+1)"
     if method == "full":
         return "all weights"
     if method in ("rosa", "qrosa"):

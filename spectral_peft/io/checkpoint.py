@@ -28,7 +28,12 @@ the existing arrays (tied weights and the optimiser's references stay valid).
 
 Nothing half-loaded. :func:`load_checkpoint` reads and checks every file (hashes, keys, shapes,
 dtypes, generator kinds) before touching the model; it then snapshots the current state and, if a
-component's own ``load_state_dict`` refuses its state, restores the snapshot before re-raising.
+component's own ``load_state_dict`` refuses its state, restores the snapshot and raises a
+FileFormatError naming ``states.<component>``.
+
+Shape legend: parameters and state arrays keep their own shapes and dtypes; nothing is reshaped.
+A generator is found only as a direct attribute of a module or a controller (where every method
+keeps its dropout and rank streams); one held elsewhere would not be restored.
 """
 from __future__ import annotations
 

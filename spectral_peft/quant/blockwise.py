@@ -29,6 +29,8 @@ NumPy fast paths beside it (chunked, table driven) are tested equal to it bit fo
 """
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +46,8 @@ NESTED_BLOCKSIZE = 256  # double quantisation of the absmax (bitsandbytes quanti
 ABSMAX_FLOOR = np.float32(1e-38)  # absmax.clamp(min=1e-38) before scaling, as bitsandbytes
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 CHUNK = 1 << 16  # elements per chunk in the fast paths (fits in L2 with its temporaries)
+# Threads of the NumPy fast paths (the reference machine has 2 cores); $SPECTRAL_PEFT_THREADS overrides.
+FAST_PATH_THREADS = max(1, int(os.environ.get("SPECTRAL_PEFT_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @dataclass
@@ -215,32 +219,72 @@ def _pair_table(quant_type):
     return _PAIR_TABLES[quant_type]
 
 
+def _parallel_chunks(work, full: int, chunk: int) -> None:
+    """Run work(start, stop) over [0, full) in chunks, split into contiguous runs over
+    FAST_PATH_THREADS threads (NumPy releases the GIL inside take, comparisons and arithmetic)."""
+    starts = list(range(0, full, chunk))
+    threads = max(1, min(FAST_PATH_THREADS, len(starts)))
+
+    def run(group):
+        for start in group:
+            work(start, min(start + chunk, full))
+
+    if threads == 1:
+        run(starts)
+        return
+    groups = [starts[i::threads] for i in range(threads)]
+    for future in [_pool().submit(run, g) for g in groups]:
+        future.result()
+
+
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+        _POOL = ThreadPoolExecutor(max_workers=FAST_PATH_THREADS, thread_name_prefix="spectral_peft_quant")
+    return _POOL
+
+
 def _quantize_4bit_fast(flat: np.ndarray, blocksize: int, quant_type: str):
     """Chunked NumPy 4-bit quantiser, bit-identical to quantize_4bit_reference (same float32
-    operations; q counts the midpoints below s with 15 comparisons summed in uint8)."""
+    operations). Per chunk of whole blocks, while it is in cache: absmax, s = x · fl32(1/absmax),
+    q = the number of midpoints below s (15 comparisons summed in uint8), then pairs of sorted
+    indices packed through a 256-entry table (which also applies FP4's order)."""
     n = flat.size
     _, _, midpoints = sorted_4bit_code(quant_type)
     table = _pack_table(quant_type)
-    absmax = _absmax_4bit(flat, blocksize)  # (nb,): one pass, cheap next to the rest
+    nb = -(-n // blocksize)
+    absmax = np.empty(nb, dtype=np.float32)
     npad = n + n % 2
     packed = np.empty(npad // 2, dtype=np.uint8)
     full = n - n % blocksize
     chunk = max(blocksize, (CHUNK // blocksize) * blocksize)  # whole blocks per chunk
-    s = np.empty(chunk, dtype=np.float32)
-    acc = np.empty(chunk, dtype=np.uint8)
-    cmp = np.empty(chunk, dtype=np.bool_)
-    floor = np.maximum(absmax, ABSMAX_FLOOR)
-    recip = np.float32(1.0) / floor  # (nb,)
-    for start in range(0, full, chunk):
-        stop = min(start + chunk, full)
-        m = stop - start
-        sv = s[:m].reshape(-1, blocksize)
-        np.multiply(flat[start:stop].reshape(-1, blocksize), recip[start // blocksize: stop // blocksize, None], out=sv)
-        _codes_into(s[:m], midpoints, acc[:m], cmp[:m])
-        packed[start // 2: stop // 2] = table[acc[0:m:2] * np.uint8(16) + acc[1:m:2]]
-    if full < n:  # the partial last block, divided (not multiplied by the reciprocal)
+    local = threading.local()
+
+    def work(start, stop):
+        if not hasattr(local, "s"):  # per-thread scratch
+            local.s = np.empty(chunk, dtype=np.float32)
+            local.acc = np.empty(chunk, dtype=np.uint8)
+            local.cmp = np.empty(chunk, dtype=np.bool_)
+        m, j0, j1 = stop - start, start // blocksize, stop // blocksize
+        s, acc, cmp = local.s[:m], local.acc[:m], local.cmp[:m]
+        x = flat[start:stop].reshape(-1, blocksize)
+        np.abs(x, out=s.reshape(-1, blocksize))
+        np.max(s.reshape(-1, blocksize), axis=1, out=absmax[j0:j1])
+        recip = np.float32(1.0) / np.maximum(absmax[j0:j1], ABSMAX_FLOOR)
+        np.multiply(x, recip[:, None], out=s.reshape(-1, blocksize))
+        _codes_into(s, midpoints, acc, cmp)
+        packed[start // 2: stop // 2] = table[acc[0::2] * np.uint8(16) + acc[1::2]]
+
+    _parallel_chunks(work, full, chunk)
+    if full < n:  # the partial last block: divided (not multiplied by the reciprocal); stores the clamp
+        absmax[-1] = max(np.abs(flat[full:]).max(), ABSMAX_FLOOR)
         tail = np.zeros(npad - full, dtype=np.float32)
-        np.divide(flat[full:], floor[-1], out=tail[: n - full])
+        np.divide(flat[full:], absmax[-1], out=tail[: n - full])
         t_acc = np.empty(tail.size, dtype=np.uint8)
         _codes_into(tail, midpoints, t_acc, np.empty(tail.size, dtype=np.bool_))
         packed[full // 2:] = table[t_acc[0::2] * np.uint8(16) + t_acc[1::2]]
@@ -284,11 +328,13 @@ def _dequantize_4bit_fast(packed: np.ndarray, absmax: np.ndarray, blocksize: int
     words = flat[: full // 2].view(np.uint16)  # (full/4,) two bytes per word
     table = _quad_table(quant_type)
     chunk = max(blocksize, (CHUNK // blocksize) * blocksize)  # elements per chunk, whole blocks
-    for start in range(0, full, chunk):
-        stop = min(start + chunk, full)
+
+    def work(start, stop):
         np.take(table, words[start // 4: stop // 4], out=quads[start // 4: stop // 4], mode="clip")
         block = out[start:stop].reshape(-1, blocksize)
         block *= absmax[start // blocksize: stop // blocksize, None]
+
+    _parallel_chunks(work, full, chunk)
     if full < n:
         tail = out[full:].view(np.uint64)  # one 8-byte word (two values) per remaining byte
         np.take(_pair_table(quant_type), flat[full // 2:], out=tail)
@@ -318,7 +364,7 @@ def quantize_blockwise(x, code=None, blocksize: int = 4096):
     Each block of ``blocksize`` row-major elements is divided by its absmax (float32) and mapped to
     the nearest of the 256 values of ``code`` (default: the signed dynamic map).
     """
-    _check_blocksize(blocksize, BLOCKSIZES_8BIT + (32,))
+    _check_blocksize(blocksize, BLOCKSIZES_8BIT)
     flat = _as_float32_flat(x)
     xp = get_xp(flat)
     code = get_dynamic_map() if code is None else np.asarray(code, dtype=np.float32)

@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+import numpy as np
+
 from ..backend import to_host
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
@@ -38,7 +40,6 @@ from .peft_model import AdapterConfig
 
 A_KEY = "lora_A.weight"  # PEFT's file-key suffixes (the adapter name dropped)
 B_KEY = "lora_B.weight"
-INIT_CHOICES = (True, False, "gaussian")
 
 # PEFT LoraConfig fields written to / read from adapter_config.json (engine options are not).
 PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "use_rslora",
@@ -64,8 +65,6 @@ def init_lora_arrays(rng, r: int, d_in: int, d_out: int, init_lora_weights):
     """Host float64 A (r, d_in), B (d_out, r) drawn as PEFT initialises them (module docstring).
 
     A is always drawn first, then B (zeros need no draw), so the stream order is fixed."""
-    import numpy as np  # noqa: PLC0415 - host arrays only
-
     bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform(a=√5) on (r, d_in): gain √(2/(1+5)) · √(3/d_in)
     if init_lora_weights == "gaussian":
         A = rng.normal(0.0, 1.0 / r, size=(r, d_in))  # PEFT: nn.init.normal_(std=1/r)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from spectral_peft.ops import (ACTIVATIONS, attention_backward, attention_forward, cross_entropy_backward,
                                cross_entropy_forward, dropout_backward, dropout_forward, embedding_backward,
-                               embedding_forward, fanout_backward, gelu_backward, gelu_forward, get_activation,
+                               embedding_forward, fanout_backward, gelu_forward, get_activation,
                                layernorm_backward, layernorm_forward, merge_heads, merge_heads_backward,
                                residual_backward, residual_forward, rmsnorm_backward, rmsnorm_forward,
                                softmax_backward, softmax_forward, split_heads, split_heads_backward)

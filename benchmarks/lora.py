@@ -29,9 +29,20 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("MKL_NUM_THREADS", "2")
+def _threads_from_argv(default: int = 2) -> int:
+    """--threads N must be known before NumPy loads OpenBLAS."""
+    argv = sys.argv
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return default
+
+
+THREADS = _threads_from_argv()
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, str(THREADS))
 
 import numpy as np  # noqa: E402
 
@@ -43,7 +54,6 @@ from spectral_peft.io.peft import save_adapter  # noqa: E402
 from spectral_peft.model import GPT2Config, GPT2LMHeadModel, save_pretrained  # noqa: E402
 from spectral_peft.optim import AdamW  # noqa: E402
 
-THREADS = 2
 B, T, V, L, C, H = 8, 128, 512, 4, 256, 4
 R, ALPHA = 8, 16
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -139,6 +149,7 @@ def activation_bytes(config_cls, ids, seed: int = 0) -> tuple[int, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--threads", type=int, default=2, help="BLAS and torch threads on both sides (default 2)")
     args = p.parse_args(argv)
     import torch  # noqa: PLC0415
 

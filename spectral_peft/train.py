@@ -467,17 +467,18 @@ class Trainer:
             if path is None:
                 return 0
         ckpt = ckpt_io.read_checkpoint(path)
+        trainer = ckpt.states["trainer"]
+        step = trainer.get("step") if isinstance(trainer, dict) else None
+        skipped = trainer.get("skipped", []) if isinstance(trainer, dict) else None
+        if step != ckpt.step or not isinstance(skipped, list) or not all(type(s) is int for s in skipped):
+            raise ckpt_io.FileFormatError(os.path.join(path, ckpt_io.MANIFEST_FILE),
+                                          f"trainer state {trainer!r:.80} does not match the checkpoint step "
+                                          f"{ckpt.step}", key="states.trainer")
         data_state = ckpt.states["data"]  # applied to the batches that fit() receives
         ckpt_io.load_checkpoint(ckpt, self.model, self.optimizer, self.schedule, self.controllers,
                                 data=_StateHolder(data_state) if data_state is not None else None)
-        trainer = ckpt.states["trainer"]
-        step = trainer.get("step") if isinstance(trainer, dict) else None
-        if step != ckpt.step:
-            raise ckpt_io.FileFormatError(os.path.join(path, ckpt_io.MANIFEST_FILE),
-                                          f"trainer step {step!r} differs from the checkpoint step {ckpt.step}",
-                                          key="states.trainer.step")
         self.step = ckpt.step
-        self.skipped = list(trainer.get("skipped", []))
+        self.skipped = list(skipped)
         self._pending_data_state = data_state
         self.last_checkpoint = os.fspath(path)
         return self.step

@@ -271,3 +271,15 @@ def test_json_helpers(tmp_path):
         load_json(p, {"missing": int})
     with pytest.raises(FileFormatError, match=r"nope.json: file not found"):
         load_json(tmp_path / "nope.json")
+
+
+def test_trainer_resume_refuses_an_inconsistent_trainer_state_before_loading(tmp_path):
+    t, b = W.build("full", "float64", checkpoint_dir=str(tmp_path))
+    t.fit(b, 2)
+    _edit_manifest(t.last_checkpoint, lambda m: m["states"]["trainer"].update(step=7))
+    t2, _, before = _fresh()
+    t2.checkpoint_dir = str(tmp_path)
+    with pytest.raises(FileFormatError, match=r"state.json: key 'states.trainer': .* checkpoint step 2"):
+        t2.resume()
+    _unchanged(t2, before)
+    assert t2.step == 0

@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spectral_peft.io.checkpoint import latest_checkpoint, list_checkpoints
 
@@ -100,6 +102,26 @@ def test_resume_in_process_is_bitwise(method, dtype, refroot, tmp_path):
         assert any(not all(m.pattern) for _, m in alloc.layers if m.pattern is not None)
     rest = [float(m["loss"]).hex() for m in trainer2.fit(batches2, W.TOTAL)]
     assert first + rest == ref_losses
+    assert_same_checkpoint(latest_checkpoint(d), ref_final)
+
+
+@given(method=st.sampled_from([m for m in METHODS if m != "qlora"]), split=st.integers(1, W.TOTAL - 1),
+       every=st.integers(1, 4), dtype=st.sampled_from(["float64", "float32"]))
+@settings(deadline=None)
+def test_resume_at_any_step_is_bitwise(refroot, tmp_path_factory, method, split, every, dtype):
+    """Hypothesis draws the method, the step the run stops at and the checkpoint interval; the
+    run resumes from the newest checkpoint (possibly earlier than the stop) and must match."""
+    ref_losses, ref_final = reference(method, dtype, refroot)
+    d = str(tmp_path_factory.mktemp("any"))
+    trainer, batches = W.build(method, dtype, checkpoint_dir=d, every=every)
+    first = [float(m["loss"]).hex() for m in trainer.fit(batches, split)]
+    assert first == ref_losses[:split]
+    os.rename(os.path.join(d, f"step-{split:08d}"), os.path.join(d, f".trash-step-{split:08d}-0"))  # lose the end
+    trainer2, batches2 = W.build(method, dtype, checkpoint_dir=d, every=2)
+    start = trainer2.resume()
+    assert start == max([s for s in range(every, split, every)], default=0)
+    rest = [float(m["loss"]).hex() for m in trainer2.fit(batches2, W.TOTAL)]
+    assert rest == ref_losses[start:]
     assert_same_checkpoint(latest_checkpoint(d), ref_final)
 
 

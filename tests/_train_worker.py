@@ -14,7 +14,6 @@ fall inside AdaLoRA's pruning schedule and RoSA's gradient collection.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 

@@ -6,7 +6,7 @@ The dense-masked formulation used as the expected value everywhere is written ou
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from spectral_peft.adapters.rosa import (A_KEY, B_KEY, COL_IDX_KEY, ROW_OFFS_KEY, VALUES_KEY, RosaConfig,
@@ -65,6 +65,9 @@ densities = st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0))
 
 @given(shape=shapes, d=densities, impl=st.sampled_from(["sp_add", "spmm"]), seed=st.integers(0, 2**16),
        bias=st.booleans())
+@example(shape=(3, 4, 2, 3), d=0.0, impl="sp_add", seed=1, bias=True)
+@example(shape=(3, 4, 2, 3), d=1.0, impl="sp_add", seed=2, bias=True)
+@example(shape=(4, 3, 0, 2), d=1.0, impl="spmm", seed=3, bias=False)
 def test_rosa_layer_gradients(shape, d, impl, seed, bias):
     d_out, d_in, r, N = shape
     layer, _, rng = make_layer(get_backend("cpu", "float64"), d_out, d_in, r, d, seed, impl=impl, bias=bias)
@@ -74,6 +77,8 @@ def test_rosa_layer_gradients(shape, d, impl, seed, bias):
 
 @given(shape=shapes, d=densities, impl=st.sampled_from(["sp_add", "spmm"]),
        sddmm_impl=st.sampled_from(["planned", "auto", "gather", "dense"]), seed=st.integers(0, 2**16))
+@example(shape=(4, 5, 2, 3), d=0.0, impl="sp_add", sddmm_impl="planned", seed=1)
+@example(shape=(4, 5, 2, 3), d=1.0, impl="spmm", sddmm_impl="planned", seed=2)
 def test_sparse_equals_dense_masked(shape, d, impl, sddmm_impl, seed):
     """Every implementation (sp_add/spmm × the four SDDMMs) equals the dense-masked formulation."""
     d_out, d_in, r, N = shape

@@ -6,7 +6,7 @@ constructor for the index arrays), never computed by the code under test.
 import numpy as np
 import pytest
 import scipy.sparse
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from spectral_peft.backend import get_backend
@@ -78,6 +78,8 @@ def test_csr_rejects_bad_structure():
 
 @given(d_out=st.integers(1, 8), d_in=st.integers(1, 8), N=st.integers(1, 6),
        density=st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0)), seed=st.integers(0, 2**16))
+@example(d_out=5, d_in=4, N=3, density=0.0, seed=0)
+@example(d_out=5, d_in=4, N=3, density=1.0, seed=0)
 def test_sddmm_equals_masked_dense_product(d_out, d_in, N, density, seed):
     rng = np.random.default_rng(seed)
     mask = random_mask(rng, (d_out, d_in), density)

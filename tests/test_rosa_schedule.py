@@ -279,3 +279,41 @@ def test_adamw_built_at_step_0_trains_the_values_once_chosen():
         if step < 2:  # warm-up and collection: values exactly zero despite AdamW's weight decay
             assert all(np.all(m.params[VALUES_KEY] == 0) for m in layers)
     assert all(np.count_nonzero(m.params[VALUES_KEY]) == m.nnz for m in layers)
+
+
+def test_trainer_checkpoint_resume_mid_collection_is_exact(tmp_path):
+    """Through the engine's Trainer and checkpoints, GPT-2 with dropout on the low-rank branch:
+    stopped one step into the collection and resumed, the run ends bitwise equal."""
+    from spectral_peft.backend import get_backend
+    from spectral_peft.model import GPT2Config, GPT2LMHeadModel
+    from spectral_peft.optim import AdamW
+    from spectral_peft.train import Trainer
+
+    be = get_backend("cpu", "float64")
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=20, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": rng.integers(0, 20, (2, 8)), "labels": rng.integers(0, 20, (2, 8))} for _ in range(7)]
+
+    def make():
+        peft = get_peft_model(GPT2LMHeadModel(cfg, be, seed=0), RosaConfig(
+            r=2, d=0.05, lora_alpha=4, lora_dropout=0.1, target_modules=["c_attn", "c_fc"], schedule="wl2",
+            spa_num_grads=2), seed=0)
+        return peft, AdamW(peft, lr=1e-2)
+
+    peft, opt = make()
+    trainer = Trainer(peft, opt, checkpoint_dir=tmp_path)
+    for i in range(3):
+        trainer.train_step(batches[i])
+    trainer.save_checkpoint()
+    for i in range(3, 7):
+        trainer.train_step(batches[i])
+    peft2, opt2 = make()
+    trainer2 = Trainer(peft2, opt2, checkpoint_dir=tmp_path)
+    start = trainer2.resume()
+    assert start == 3
+    for i in range(start, 7):
+        trainer2.train_step(batches[i])
+    for (n, m, k), (_, m2, k2) in zip(peft.named_parameters(), peft2.named_parameters()):
+        np.testing.assert_array_equal(m.params[k], m2.params[k2], err_msg=n)
+    assert all(np.count_nonzero(m.params[VALUES_KEY]) > 0 for _, m in peft2.adapter_layers())

@@ -235,7 +235,10 @@ def test_fast_paths_equal_reference(data, quant_type, blocksize):
     assert np.array_equal(bits(dequantize_4bit(pf, sf, fast=True)), bits(dequantize_4bit(pr, sr, fast=False)))
 
 
-def test_fast_paths_equal_reference_across_chunks():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fast_paths_equal_reference_across_chunks(monkeypatch, threads):
+    monkeypatch.setattr(B, "FAST_PATH_THREADS", threads)
+    monkeypatch.setattr(B, "PARALLEL_MIN_CHUNKS", 1)  # so that 3 chunks do run on 2 threads
     x = np.random.default_rng(11).standard_normal(3 * B.CHUNK + 100).astype(np.float32)
     pf, sf = quantize_4bit(x, 64, "nf4", fast=True)
     pr, sr = quantize_4bit(x, 64, "nf4", fast=False)

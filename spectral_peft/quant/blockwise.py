@@ -47,6 +47,7 @@ ABSMAX_FLOOR = np.float32(1e-38)  # absmax.clamp(min=1e-38) before scaling, as b
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 CHUNK = 1 << 16  # elements per chunk in the fast paths (fits in L2 with its temporaries)
 # Threads of the NumPy fast paths (the reference machine has 2 cores); $SPECTRAL_PEFT_THREADS overrides.
+PARALLEL_MIN_CHUNKS = 8  # chunks per thread below which one thread does all the work
 FAST_PATH_THREADS = max(1, int(os.environ.get("SPECTRAL_PEFT_THREADS", min(2, os.cpu_count() or 1))))
 
 
@@ -223,7 +224,8 @@ def _parallel_chunks(work, full: int, chunk: int) -> None:
     """Run work(start, stop) over [0, full) in chunks, split into contiguous runs over
     FAST_PATH_THREADS threads (NumPy releases the GIL inside take, comparisons and arithmetic)."""
     starts = list(range(0, full, chunk))
-    threads = max(1, min(FAST_PATH_THREADS, len(starts)))
+    # threads only pay on large matrices: a model's small weights stay on the calling thread
+    threads = max(1, min(FAST_PATH_THREADS, len(starts) // PARALLEL_MIN_CHUNKS))
 
     def run(group):
         for start in group:

@@ -382,6 +382,8 @@ def test_shape_errors_name_the_argument():
         layernorm_forward(x, np.ones(4), np.zeros(5))
     with pytest.raises(ValueError, match="weight"):
         rmsnorm_forward(x, np.ones(5))
+    with pytest.raises(ValueError, match="weight must have x's dtype float32"):
+        layernorm_forward(x.astype(np.float32), np.ones(4), np.zeros(4, np.float32))
     q = np.zeros((1, 2, 3, 4))
     with pytest.raises(ValueError, match="k must have q's shape"):
         attention_forward(q, np.zeros((1, 2, 4, 4)), q, True)

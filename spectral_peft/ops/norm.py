@@ -40,6 +40,9 @@ def _check_norm_args(x, weight, bias=None, name: str = "layernorm") -> None:
         raise ValueError(f"{name}: weight must have shape (C,) = ({C},), got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (C,):
         raise ValueError(f"{name}: bias must have shape (C,) = ({C},), got {tuple(bias.shape)}")
+    for arg, a in (("weight", weight), ("bias", bias)):
+        if a is not None and a.dtype != x.dtype:
+            raise ValueError(f"{name}: {arg} must have x's dtype {x.dtype} (no silent up/down-cast), got {a.dtype}")
 
 
 def layernorm_forward(x, weight, bias, eps: float = 1e-5):

@@ -237,3 +237,35 @@ def test_load_state_dict_rejects_another_model():
     other, _ = build(config, [(3, 2), (2, 2)], seed=0, identical=False)
     with pytest.raises(ValueError, match="init_bgt"):
         AdaLoraController(other, config).load_state_dict(AdaLoraController(model, config).state_dict())
+
+
+def test_allocation_is_the_same_on_every_backend(backend64):
+    """The controller on the fixture's backend picks the same triplets as on the host."""
+    config = AdaLoraConfig(target_modules=["l0"], init_r=4, target_r=2, tinit=0, tfinal=2, total_step=8,
+                           orth_reg_weight=0.1)
+    runs = []
+    for be in (None, backend64):
+        model, layers = build(config, [(3, 2), (2, 3), (4, 4)], seed=4, identical=False)
+        if be is not None:
+            for m in layers:
+                for k in m.params:
+                    m.params[k] = be.asarray(m.params[k])
+                m.base_layer.params["weight"] = be.asarray(m.base_layer.params["weight"])
+        ctl = AdaLoraController(model, config)
+        rng = np.random.default_rng(9)
+        for step in range(config.total_step + 1):
+            draw_grads(layers, rng, "ties", False)  # host gradients, moved to the backend
+            if be is not None:
+                for m in layers:
+                    m.grads = {k: be.asarray(g) for k, g in m.grads.items()}
+            ctl.regularize()
+            for m in layers:
+                for k in m.params:
+                    m.params[k] -= 0.1 * m.grads[k]
+            ctl.after_optimizer_step(step)
+        runs.append((ctl.history, [m.pattern for m in layers],
+                     [to_host(m.params["lora_E"]) for m in layers]))
+    (h0, p0, E0), (h1, p1, E1) = runs
+    assert h0 == h1 and p0 == p1
+    for i, (a, b) in enumerate(zip(E0, E1)):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-15, err_msg=f"lora_E of l{i}")

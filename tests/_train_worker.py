@@ -8,7 +8,7 @@ kills it there, in the middle of a checkpoint write.
 
 The run: a tiny GPT-2 (2 layers, d 32, T 16, dropout 0.1 everywhere), AdamW with a linear
 warm-up/decay schedule and gradient clipping, SeededBatches of random tokens, and one of the
-methods (full fine-tuning, LoRA, QLoRA, DyLoRA, AdaLoRA, RoSA) configured so that the kill points
+methods (full fine-tuning, LoRA, DoRA, LoRA-FA, Delta-LoRA, QLoRA, DyLoRA, AdaLoRA, RoSA) configured so that the kill points
 fall inside AdaLoRA's pruning schedule and RoSA's gradient collection.
 """
 from __future__ import annotations
@@ -66,6 +66,18 @@ def build(method="full", dtype="float64", seed=0, checkpoint_dir=None, every=Non
                 from spectral_peft.quant import quantize_model  # noqa: PLC0415
                 quantize_model(model, "nf4", 64, compress_statistics=True, target_modules=targets)
             cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets, init_lora_weights="gaussian")
+        elif method == "dora":
+            from spectral_peft.adapters.lora import LoraConfig  # noqa: PLC0415
+            cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets, use_dora=True,
+                             init_lora_weights="gaussian")
+        elif method == "lorafa":
+            from spectral_peft.adapters.lorafa import LoraFAConfig  # noqa: PLC0415
+            cfg = LoraFAConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets, corrected_grad=True,
+                               init_lora_weights="gaussian")
+        elif method == "deltalora":  # the frozen base W moves after step 3: the checkpoint must carry it
+            from spectral_peft.adapters.deltalora import DeltaLoraConfig  # noqa: PLC0415
+            cfg = DeltaLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, delta_start_step=3,
+                                  init_lora_weights="gaussian")
         elif method == "dylora":  # the rank stream: b ~ U{1..r_max} each step
             from spectral_peft.adapters.dylora import DyLoraConfig  # noqa: PLC0415
             cfg = DyLoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets,

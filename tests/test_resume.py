@@ -31,7 +31,9 @@ WORKER = os.path.join(os.path.dirname(__file__), "_train_worker.py")
 FILES = ("model.safetensors", "state.safetensors", "state.json")
 METHODS = [m for m, mod in (("full", None), ("adalora", "spectral_peft.adapters.adalora"),
                             ("rosa", "spectral_peft.adapters.rosa"), ("lora", "spectral_peft.adapters.lora"),
-                            ("dylora", "spectral_peft.adapters.dylora"), ("qlora", "spectral_peft.quant"))
+                            ("dylora", "spectral_peft.adapters.dylora"), ("qlora", "spectral_peft.quant"),
+                            ("dora", "spectral_peft.adapters.dora"), ("lorafa", "spectral_peft.adapters.lorafa"),
+                            ("deltalora", "spectral_peft.adapters.deltalora"))
            if mod is None or importlib.util.find_spec(mod) is not None]
 _REFS: dict = {}
 
@@ -140,7 +142,8 @@ def test_resumed_state_differs_from_fresh_state(refroot, tmp_path):
 
 # (method, dtype, seed of the kill point); float64 for every method but QLoRA (its quantisation
 # costs seconds per process; its resume is checked in process above), float32 for two.
-KILL_CASES = [(m, "float64", i) for i, m in enumerate(METHODS) if m != "qlora"] + \
+KILL_CASES = [(m, "float64", i) for i, m in enumerate(METHODS) if m in ("full", "adalora", "rosa", "lora", "dylora",
+                                                                       "deltalora")] + \
              [(m, "float32", 10 + i) for i, m in enumerate(METHODS[:2])]
 
 

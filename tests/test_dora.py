@@ -115,3 +115,26 @@ def test_dora_parameter_count():
     assert pm.num_parameters(trainable_only=True) == 2 * (5 + 6) + 6 + 2 * (6 + 3) + 3
     names = sorted(n for n, _, _ in pm.named_parameters(trainable_only=True))
     assert "base_model.model.a.lora_magnitude_vector" in names and len(names) == 6
+
+
+def test_dora_merge_and_unload_gives_the_adapted_outputs():
+    from spectral_peft.adapters.lora import merge_and_unload
+
+    class Net(Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(0)
+            self.a = Linear(rng.standard_normal((6, 5)), rng.standard_normal(6))
+            self.b = Linear(rng.standard_normal((3, 6)))
+
+        def forward(self, x):
+            return self.b.forward(self.a.forward(x))
+
+    pm = get_peft_model(Net(), LoraConfig(r=2, target_modules=["a", "b"], use_dora=True, init_lora_weights=False))
+    for _, m in pm.adapter_layers():
+        m.params[M_KEY] = m.params[M_KEY] * np.linspace(0.5, 1.5, m.d_out)
+    x = np.random.default_rng(1).standard_normal((4, 5))
+    y = pm.forward(x).copy()
+    plain = merge_and_unload(pm)
+    assert type(plain.a) is Linear and type(plain.b) is Linear
+    assert_close(plain.forward(x), y, "merged model output", 1e-12)

@@ -43,7 +43,7 @@ def test_strip_docstrings_keeps_code_and_comments():
     tree = ast.parse(out)  # still valid Python
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
-            assert ast.get_docstring(node) is None or isinstance(node, ast.ClassDef) and not node.body
+            assert ast.get_docstring(node) is None
     assert "Module docstring" not in out and "Return x plus one" not in out and "Short." not in out
     assert "# a comment that stays" in out and "return x + 1" in out
     assert "not a docstring, just a string expression in code" in out
@@ -66,7 +66,7 @@ def test_corpora_are_deterministic_and_split():
     assert a.summary()["bytes"] == 50_000
     assert a.summary()["sha256"] == hashlib.sha256(a.text.encode()).hexdigest()
     assert np.array_equal(a.tokens, data.ByteTokenizer().encode(a.text))
-    assert '"""' not in a.text[:2000] or "def " in a.text  # code, not prose
+    assert "def " in a.text and "import " in a.text  # code
     train, ev = data.finetune_corpora()
     assert train.summary()["sha256"] != ev.summary()["sha256"]
     # the held-out docstrings never appear in the training text

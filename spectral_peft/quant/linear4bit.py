@@ -19,7 +19,7 @@ import numpy as np
 from ..adapters.base import match_target_modules
 from ..backend import get_xp
 from ..module import Linear, Module
-from .blockwise import (BLOCKSIZES_4BIT, QUANT_TYPES, QuantState, _as_float32_flat, _check_blocksize,
+from .blockwise import (BLOCKSIZES_4BIT, QuantState, _as_float32_flat, _check_blocksize,
                         _check_quant_type, dequantize_4bit, quantize_4bit)
 
 
@@ -161,4 +161,4 @@ def frozen_weight_bytes(model: Module) -> int:
     return total
 
 
-__all__ = ["Linear4bit", "quantize_model", "frozen_weight_bytes", "QUANT_TYPES"]
+__all__ = ["Linear4bit", "quantize_model", "frozen_weight_bytes"]

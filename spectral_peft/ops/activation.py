@@ -52,15 +52,8 @@ def _gated_backward(dy, x, s, ds):
 
 # --- GELU ------------------------------------------------------------------------------------
 
-def gelu_forward(x, approximate: str = "tanh"):
-    """GELU, y = x · s(x).  x (...) -> y (...); cache (x, s, approximate).
-
-    approximate="tanh": GPT-2's gelu_new / torch gelu(approximate="tanh");
-    approximate="none": the exact erf form (BERT's "gelu").
-    """
-    _check_float(x, "gelu_forward")
-    if approximate not in GELU_APPROXIMATIONS:
-        raise ValueError(f"gelu_forward: approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+def _gelu_gate(x, approximate: str):
+    """s(x): ½(1 + tanh(k(x + c x³))) for "tanh", Φ(x) = ½(1 + erf(x/√2)) for "none".  (...) -> (...)"""
     xp = get_xp(x)
     if approximate == "tanh":
         s = x * x  # x²
@@ -72,15 +65,31 @@ def gelu_forward(x, approximate: str = "tanh"):
         s = x * INV_SQRT2
         _special(xp).erf(s, out=s)  # erf(x/√2)
     s *= 0.5
-    s += 0.5  # s = ½(1 + tanh(u))  or  Φ(x) = ½(1 + erf(x/√2))
-    y = x * s
-    return y, (x, s, approximate)
+    s += 0.5
+    return s
+
+
+def gelu_forward(x, approximate: str = "tanh"):
+    """GELU, y = x · s(x).  x (...) -> y (...); cache (x, approximate).
+
+    approximate="tanh": GPT-2's gelu_new / torch gelu(approximate="tanh");
+    approximate="none": the exact erf form (BERT's "gelu").
+    The cache keeps x alone and the backward recomputes the gate s(x): one extra elementwise
+    pass buys back an (N, 4C) array per layer, which is most of what LoRA-FA saves elsewhere.
+    """
+    _check_float(x, "gelu_forward")
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"gelu_forward: approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    y = _gelu_gate(x, approximate)
+    y *= x  # y = x s(x), computed in the gate's buffer
+    return y, (x, approximate)
 
 
 def gelu_backward(dy, cache):
     """dx (...) of y = x · s(x): dx = dy ⊙ (s + x · s')."""
-    x, s, approximate = cache
+    x, approximate = cache
     xp = get_xp(dy)
+    s = _gelu_gate(x, approximate)  # recomputed: the forward kept only x
     ds = x * x  # x²
     if approximate == "tanh":
         # s = ½(1 + tanh(k(x + c x³)))  =>  s' = 2 s (1 - s) · k (1 + 3c x²)

@@ -140,3 +140,34 @@ def host_rng(seed: int) -> np.random.Generator:
     """The host generator used for parameter initialisation, so that CPU and GPU runs with the
     same seed start from identical weights (drawn on the host, moved once at the edge)."""
     return np.random.default_rng(seed)
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_host_allocator() -> bool:
+    """Keep freed large host buffers in the process instead of returning them to the system.
+
+    A training step allocates and frees the same large activation arrays every step. By default
+    glibc serves arrays above 128 KiB with fresh mmap()s and unmaps them on free, so every step
+    pays page faults to zero-fill memory it just gave back (measured here: they cost more than
+    any single op). Raising the mmap threshold and disabling trimming makes freed blocks reusable,
+    as llm.c gets by preallocating. Process-wide, idempotent; a no-op (returning False) off glibc.
+    Called by the CLI and the benchmarks (both sides of a benchmark share the process).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's malloc.h parameter numbers
+    ok = (mallopt(m_mmap_threshold, 1 << 30) == 1          # serve up to 1 GiB from the heap
+          and mallopt(m_trim_threshold, 2**31 - 1) == 1     # never give the heap top back
+          and mallopt(m_top_pad, 0) == 1)
+    _ALLOCATOR_TUNED = bool(ok)
+    return _ALLOCATOR_TUNED

@@ -38,9 +38,14 @@ from spectral_peft.budget import topk_mask  # noqa: E402
 from spectral_peft.sparse import CSR, SddmmPlan, sddmm, sddmm_dense, sddmm_planned  # noqa: E402
 
 
-def interleaved_ms(fns: dict, repeats: int) -> dict:
+MINIMA: dict = {}  # (support kind, density, method) -> best-of-repeats ms, reported beside the medians
+
+
+def interleaved_ms(fns: dict, repeats: int, key=None) -> dict:
     """Median ms of each function, timed in turn within every repeat (so that load from other
-    processes on a shared machine falls on all of them alike); one warm-up call each."""
+    processes on a shared machine falls on all of them alike); one warm-up call each. The minima
+    go to MINIMA[key + (name,)]: on a contended machine (another process holding a core stalls a
+    2-thread BLAS call for a scheduler slice) the minimum estimates the uncontended cost."""
     for f in fns.values():
         f()
     ts = {k: [] for k in fns}
@@ -49,6 +54,9 @@ def interleaved_ms(fns: dict, repeats: int) -> dict:
             t0 = time.perf_counter()
             f()
             ts[k].append(time.perf_counter() - t0)
+    if key is not None:
+        for k, v in ts.items():
+            MINIMA[key + (k,)] = 1e3 * float(np.min(v))
     return {k: 1e3 * float(np.median(v)) for k, v in ts.items()}
 
 
@@ -105,7 +113,7 @@ def part1(repeats: int, densities) -> dict:
                    "auto": lambda: sddmm_planned(dy, x, S, auto_plan)}
             if density <= 0.03:  # the canonical gather is slow above a few percent: not timed there
                 fns["gather"] = lambda: sddmm(dy, x, S)
-            ms = interleaved_ms(fns, repeats)
+            ms = interleaved_ms(fns, repeats, key=(kind, density))
             t_dense, t_plan, t_auto = ms["dense"], ms["planned"], ms["auto"]
             t_gather = ms.get("gather", float("nan"))
             row = dict(density=density, nnz=S.nnz, dense_ms=t_dense, planned_ms=t_plan, auto_ms=t_auto,
@@ -197,7 +205,10 @@ def part2(repeats: int) -> dict:
     print(f"  LoRA r=8     : {lora_ms:7.1f} ms/step  ({trainable['lora']:,} trainable; {lora_kind})")
     print(f"  ratio        : {rosa_ms / lora_ms:.3f}   (SDDMM plan covers {100 * np.mean(covered):.0f}% of entries "
           f"with dense blocks on average)")
-    return dict(rosa_ms=rosa_ms, lora_ms=lora_ms, ratio=rosa_ms / lora_ms, rosa_trainable=trainable["rosa"],
+    best = min(t["rosa"]) / min(t["lora"])
+    print(f"  best-of ratio: {best:.3f}")
+    return dict(rosa_ms=rosa_ms, lora_ms=lora_ms, ratio=rosa_ms / lora_ms, ratio_best_of=best,
+                rosa_trainable=trainable["rosa"],
                 lora_trainable=trainable["lora"], lora_impl=lora_kind)
 
 
@@ -227,11 +238,14 @@ def main(argv=None) -> int:
         "crossover_density": crossover(dens, [r["planned_x"] for r in p1["gradient"]]),
         "crossover_density_random": crossover(dens, [r["planned_x"] for r in p1["random"]]),
         "densities_tested": [min(dens), max(dens)],  # a null crossover: faster over the whole range
+        "sddmm_speedup_at_1pct_best_of": (round(MINIMA[("gradient", 0.01, "dense")] / MINIMA[("gradient", 0.01, "planned")], 3)
+                                          if ("gradient", 0.01, "planned") in MINIMA else None),
         "dense_ms_at_1pct": at("gradient", "dense_ms"),
         "planned_ms_at_1pct": at("gradient", "planned_ms"),
         "rosa_ms": round(p2["rosa_ms"], 2) if p2 else None,
         "lora_ms": round(p2["lora_ms"], 2) if p2 else None,
         "ratio": round(p2["ratio"], 3) if p2 else None,
+        "ratio_best_of": round(p2["ratio_best_of"], 3) if p2 else None,
         "targets": {"sddmm_speedup_at_1pct": ">= 3", "ratio": "<= 1.25"},
     }
     print(json.dumps(result))

@@ -727,8 +727,9 @@ def record_final(method: str, model, controllers, cfg: RunConfig, extras: dict) 
         if c is not None and hasattr(c, "allocator"):
             alloc = c.allocator
             extras["budget_schedule"] = {
-                "step": list(range(1, cfg.steps + 1)),
-                "budget": [int(alloc.budget_schedule(t)[0]) for t in range(1, cfg.steps + 1)],
+                # the loop's step numbers, 0-based, as the controller sees them
+                "step": list(range(cfg.steps)),
+                "budget": [int(alloc.budget_schedule(t)[0]) for t in range(cfg.steps)],
                 "init_bgt": int(alloc.init_bgt), "target_bgt": int(alloc.target_bgt),
                 "masked": [[int(a), int(b), int(k)] for a, b, k in getattr(c, "history", [])],
             }

@@ -38,7 +38,7 @@ def plot_loss_curves(methods: list[dict], path, base_eval_loss: float | None = N
                   lw=1.2, label=label(m["method"]))
     if base_eval_loss is not None:
         ax_e.axhline(base_eval_loss, color="#999999", ls=":", lw=1, label="base model")
-    ax_t.set_title("training loss (moving average)")
+    ax_t.set_title("training objective (moving average; AdaLoRA's includes its regulariser)", fontsize=9)
     ax_e.set_title("eval loss (held-out docstrings)")
     for ax in (ax_t, ax_e):
         ax.set_xlabel("step")

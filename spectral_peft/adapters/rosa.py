@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..backend import get_xp, to_host
+from ..backend import to_host
 from ..budget import topk_mask
 from ..module import Linear, Module
 from ..ops.lowrank import lowrank_backward, lowrank_forward

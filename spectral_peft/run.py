@@ -28,16 +28,15 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import data as data_mod
-from .backend import get_backend, host_rng, to_host
+from .backend import get_backend, to_host
 from .results import RESULTS_FILE, new_results, save_results
 
 METHODS = ("full", "lora", "rslora", "dora", "dylora", "lorafa", "deltalora", "adalora", "rosa", "qlora", "qrosa")
@@ -758,14 +757,12 @@ def quantization_record(base_folder: str, cfg: RunConfig) -> dict:
         quantize_4bit, dequantize_4bit = _import("spectral_peft.quant", ("quantize_4bit", "dequantize_4bit"), "quant")
     except MethodUnavailable as exc:
         return {"unavailable": str(exc)}
-    import importlib  # noqa: PLC0415
-
-    q = importlib.import_module("spectral_peft.quant")
-    rec: dict = {"codebooks": {}}
-    for name in ("NF4_CODE", "NF4", "NF4_CODEBOOK", "FP4_CODE", "FP4", "FP4_CODEBOOK"):
-        if hasattr(q, name):
-            kind = "nf4" if "NF4" in name else "fp4"
-            rec["codebooks"].setdefault(kind, [float(v) for v in np.asarray(getattr(q, name)).reshape(-1)])
+    try:
+        (get_4bit_code,) = _import("spectral_peft.quant.codebooks", ("get_4bit_code",), "quant")
+        rec: dict = {"codebooks": {qt: [float(v) for v in np.asarray(get_4bit_code(qt)).reshape(-1)]
+                                   for qt in ("nf4", "fp4")}}
+    except MethodUnavailable:
+        rec = {"codebooks": {}}
     backend = get_backend("cpu", "float32")
     model = load_base(base_folder, backend)
     errors = {}

@@ -158,11 +158,11 @@ def _main(args) -> int:
     for mtype, rs in by_type.items():
         print(f"  {mtype:28s} {rs}  (total {sum(rs)})")
     plot_rank_heatmap(pattern, os.path.join(args.out, "adalora_rank_heatmap.png"),
-                      title="all-MiniLM-L6-v2 + AdaLoRA: final rank per matrix")
+                      title="MiniLM-L6 + AdaLoRA: final ranks")
     steps = list(range(args.steps))
     budgets = [controller.allocator.budget_schedule(t)[0] for t in steps]
     plot_budget(steps, budgets, os.path.join(args.out, "adalora_budget.png"),
-                title="all-MiniLM-L6-v2 + AdaLoRA: budget b(t)")
+                title="MiniLM-L6 + AdaLoRA: budget b(t)")
     with open(os.path.join(args.out, "minilm_adalora.json"), "w", encoding="utf-8") as f:
         json.dump({"accuracy_before": before, "accuracy_after": after, "steps": args.steps, "seconds": seconds,
                    "rank_pattern": pattern, "ranks": ranks, "args": vars(args)}, f, indent=1)

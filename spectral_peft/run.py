@@ -436,8 +436,8 @@ def _adalora_config(cfg: RunConfig, init_r: int):
     target_r = cfg.target_r if cfg.target_r is not None else max(1, (2 * init_r) // 3)
     tinit = cfg.tinit if cfg.tinit is not None else max(0, cfg.steps // 10)
     tfinal = cfg.tfinal if cfg.tfinal is not None else max(0, cfg.steps // 5)
-    if tinit >= cfg.steps - tfinal:  # tiny runs: keep a budgeting phase
-        tinit, tfinal = 0, 0
+    if tinit >= cfg.steps - tfinal and cfg.tinit is None and cfg.tfinal is None:
+        tinit, tfinal = 0, 0  # tiny runs with the defaults: keep a budgeting phase
     return AdaLoraConfig(init_r=init_r, target_r=min(target_r, init_r), tinit=tinit, tfinal=tfinal,
                          deltaT=cfg.deltaT, beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight,
                          total_step=cfg.steps, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -892,6 +892,9 @@ def _run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
         f"(every {data_mod.EVAL_EVERY}th docstring); eval on {results['data']['eval_windows']} windows of "
         f"{cfg.n_positions} bytes")
 
+    log(f"compute: {cfg.device} {cfg.dtype}, seed {cfg.seed}, BLAS threads "
+        f"{cfg.threads if cfg.threads > 0 else 'as configured'}; output in {folder}")
+
     # 2. base model
     t0 = time.perf_counter()
     base_folder, record = pretrain_base(cfg, pre, backend, log)
@@ -1003,9 +1006,25 @@ def _settings(method: str, conf, knob) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
+def precheck_methods(cfg: RunConfig) -> None:
+    """Build every chosen method's adapter config once (no model needed), so a bad method option
+    (a RoSA --schedule, a --dylora_mode, AdaLoRA's --tinit/--tfinal) fails before any work."""
+    for method in cfg.method_list():
+        if method == "full":
+            continue
+        knob = {"rosa": cfg.d or 0.01, "qrosa": cfg.d or 0.01, "adalora": cfg.init_r or cfg.r}.get(method, cfg.r)
+        try:
+            method_config(method, cfg, knob)
+        except MethodUnavailable:
+            continue  # reported in the run, with the reason
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"method {method}: {exc}") from None
+
+
 def main(args) -> int:
     try:
         cfg = config_from_args(args)
+        precheck_methods(cfg)
     except ValueError as exc:
         print(f"spectral-peft run: error: {exc}", file=sys.stderr)
         return 2

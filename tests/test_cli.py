@@ -35,6 +35,9 @@ def test_no_or_unknown_command(capsys):
     (["run", "--lora_dropout", "1.5"], "--lora_dropout must lie in [0, 1), got 1.5"),
     (["run", "--device", "tpu"], "--device must be 'cpu' or 'gpu'"),
     (["run", "--threads", "-1"], "--threads must be an integer >= 0"),
+    (["run", "--schedule", "warmup-then-sparse"], "method rosa: "),
+    (["run", "--dylora_mode", "sometimes"], "method dylora: "),
+    (["run", "--steps", "10", "--tinit", "8", "--tfinal", "5"], "method adalora: "),
 ])
 def test_run_rejects_bad_values(argv, needle, capsys, tmp_path):
     assert _exit_code(argv + ["--out", str(tmp_path / "runs")]) == 2

@@ -147,6 +147,12 @@ class RunConfig:
             raise ValueError(f"--quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.device not in ("cpu", "gpu"):
             raise ValueError(f"--device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.device == "gpu":
+            from .backend import gpu_unavailable_reason  # noqa: PLC0415
+
+            reason = gpu_unavailable_reason()
+            if reason is not None:
+                raise ValueError(f"--device gpu: {reason}; use --device cpu")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if not self.target_list():

@@ -47,6 +47,16 @@ def test_run_rejects_bad_values(argv, needle, capsys, tmp_path):
     assert not (tmp_path / "runs").exists()  # rejected before any work
 
 
+def test_run_gpu_without_a_gpu_is_a_clear_error(capsys):
+    from spectral_peft.backend import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason is None:
+        pytest.skip("a GPU is present here")
+    assert _exit_code(["run", "--device", "gpu"]) == 2
+    assert f"--device gpu: {reason}" in capsys.readouterr().err
+
+
 def test_run_rejects_malformed_flags(capsys):
     assert _exit_code(["run", "--steps", "many"]) == 2
     assert "--steps" in capsys.readouterr().err

@@ -363,6 +363,65 @@ def check_bert(rng) -> list[Row]:
     return [_row("BERT classifier (logits, loss, every gradient)", "transformers", pairs, F64)]
 
 
+def check_adapter_files(rng) -> list[Row]:
+    """PEFT adapter files end to end: a transformers GPT-2 with a PEFT LoRA / AdaLoRA adapter saved
+    by PEFT, run through `spectral-peft reference --adapter`, against the same files loaded back by
+    PEFT (float64 loss written out; AdaLoRA's includes PEFT's orthogonal regulariser)."""
+    torch = _peer("torch")
+    transformers = _peer("transformers")
+    peft = _peer("peft")
+    _engine("spectral_peft.io.peft", "load_peft_model")
+    from safetensors.numpy import load_file, save_file  # noqa: PLC0415
+
+    from . import cli  # noqa: PLC0415
+
+    rows = []
+    targets = ["c_attn", "c_proj", "c_fc"]
+    for label, make_cfg in (
+            ("LoRA adapter file (GPT-2)", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                 fan_in_fan_out=True, init_lora_weights=False)),
+            ("AdaLoRA adapter file (GPT-2)", lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                                       lora_alpha=8, target_modules=targets,
+                                                                       fan_in_fan_out=True, orth_reg_weight=0.5))):
+        cfg = transformers.GPT2Config(vocab_size=29, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        torch.manual_seed(7)
+        with tempfile.TemporaryDirectory() as d:
+            transformers.GPT2LMHeadModel(cfg).double().save_pretrained(f"{d}/model")
+            pm = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(f"{d}/model"), make_cfg()).double()
+            with torch.no_grad():
+                for n, p in pm.named_parameters():
+                    if "lora_E" in n:  # PEFT starts E at 0: make every gradient non-trivial
+                        p.copy_(torch.tensor(rng.standard_normal(tuple(p.shape))))
+            pm.save_pretrained(f"{d}/adapter")
+            ids = rng.integers(0, 29, (2, 10))
+            save_file({"input_ids": ids, "labels": ids}, f"{d}/in.safetensors")
+            code = cli.main(["reference", "--model", f"{d}/model", "--adapter", f"{d}/adapter",
+                             "--inputs", f"{d}/in.safetensors", "--out", f"{d}/out.safetensors"])
+            if code != 0:
+                raise RuntimeError(f"spectral-peft reference exited with status {code}")
+            ref = load_file(f"{d}/out.safetensors")
+            base = transformers.GPT2LMHeadModel.from_pretrained(f"{d}/model", dtype=torch.float64)
+            tm = peft.PeftModel.from_pretrained(base, f"{d}/adapter", is_trainable=True).double().eval()
+        logits = tm(input_ids=torch.tensor(ids)).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 29), torch.tensor(ids[:, 1:]).reshape(-1))
+        if "AdaLoRA" in label:  # PEFT's AdaLoraModel.forward: weight · mean of ||P Pᵀ − I||_F over A and B
+            regs = [torch.norm((p @ p.T if "lora_A" in n else p.T @ p) - torch.eye(p.shape[0] if "lora_A" in n
+                                                                                    else p.shape[1], dtype=p.dtype))
+                    for n, p in tm.named_parameters() if "lora_A" in n or "lora_B" in n]
+            loss = loss + 0.5 * sum(regs) / len(regs)
+        loss.backward()
+        pairs = {"logits": (ref["logits"], logits.detach().numpy()), "loss": (ref["loss"], loss.item())}
+        for n, p in tm.named_parameters():
+            if p.requires_grad and ".lora_" in n:  # (AdaLoRA's ranknum is a constant, not an adapter weight)
+                key = "grad." + n.replace(".default", "")
+                if key not in ref:
+                    raise RuntimeError(f"reference wrote no {key!r}")
+                pairs[key] = (ref[key], p.grad.numpy())
+        rows.append(_row(label, "PEFT + transformers", pairs, F64))
+    return rows
+
+
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -447,6 +506,7 @@ CHECKS = (
     ("rosa", check_rosa, "peft-rosa"),
     ("gpt2", check_gpt2, "transformers"),
     ("bert", check_bert, "transformers"),
+    ("adapters", check_adapter_files, "PEFT"),
     ("bnb", check_bnb, "bitsandbytes"),
     ("minilm", check_minilm, "transformers"),
 )

@@ -66,6 +66,6 @@ def test_validate_command_table(capsys):
 def test_adapter_and_quant_checks_pass():
     pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
-    rows, missing = validate.run_checks(["lora", "adalora", "bnb"], log=None)
+    rows, missing = validate.run_checks(["lora", "adalora", "adapters", "bnb"], log=None)
     assert not missing, missing
     assert {r.verdict for r in rows} == {"PASS"}, [(r.component, r.detail) for r in rows if r.verdict != "PASS"]

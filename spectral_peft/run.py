@@ -972,7 +972,7 @@ def _run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
     for u in results["unavailable"]:
         log(f"method {u['method']}: not available: {u['reason']}")
     log("")
-    per = ", ".join(f"{k} {v:.0f}" for k, v in timing["methods_s"].items())
+    per = ", ".join(f"{k} {v:.1f}" for k, v in timing["methods_s"].items())
     log(f"time: data {timing['data_s']:.1f} s, base model {timing['pretrain_s']:.1f} s, methods "
         f"{sum(timing['methods_s'].values()):.1f} s ({per}), figures {timing['figures_s']:.1f} s; "
         f"total {timing['total_s']:.1f} s")

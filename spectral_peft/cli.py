@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from .backend import tune_host_allocator
+
 COMMANDS = {
     "run": ("spectral_peft.run", "fine-tune every method on the embedded default and compare them"),
     "figures": ("spectral_peft.figures", "regenerate every figure from the last run's results"),
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_host_allocator()
     return int(args._module.main(args) or 0)
 
 

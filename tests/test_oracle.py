@@ -176,3 +176,28 @@ def test_missing_required_argument_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["reference", "--model", "x"])
     assert e.value.code == 2
+
+
+def test_adapter_branch_writes_only_adapter_keys(tmp_path, capsys):
+    """Smoke test of --adapter (the adapter files are the io.peft teammate's; their parity is
+    tested there): OUT holds the adapter file's keys, and the base gets no gradient entry."""
+    from spectral_peft.adapters.lora import LoraConfig
+    from spectral_peft.adapters.peft_model import get_peft_model
+    from spectral_peft.backend import get_backend
+    from spectral_peft.io.peft import save_adapter
+    from spectral_peft.model import GPT2Config, GPT2LMHeadModel, load_pretrained, save_pretrained
+
+    be = get_backend("cpu", "float64")
+    save_pretrained(GPT2LMHeadModel(GPT2Config(vocab_size=19, n_positions=8, n_embd=8, n_layer=1, n_head=2), be),
+                    tmp_path / "base")
+    pm = get_peft_model(load_pretrained(tmp_path / "base", be), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]))
+    save_adapter(pm, tmp_path / "adapter")
+    ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
+    code, err, out = run(tmp_path, tmp_path / "base", {"input_ids": ids, "labels": ids}, capsys,
+                         ("--adapter", str(tmp_path / "adapter")))
+    assert code == 0, err
+    res = load_file(str(out))
+    file_keys = set(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert {k[len("grad."):] for k in res if k.startswith("grad.")} == file_keys
+    g_B = res["grad.base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert np.abs(g_B).max() > 0, "lora_B starts at zero but its gradient does not"

@@ -10,11 +10,12 @@ from __future__ import annotations
 def lowrank_forward(x, A, B, scale: float, keep_x: bool = True):
     """y = s · (x Aᵀ) Bᵀ.  (..., d_in) -> (..., d_out).
 
-    The cache keeps xa = x Aᵀ (..., r), needed for dB, and x only when ``keep_x`` (needed for dA
+    The cache keeps xa = x Aᵀ (N, r), needed for dB, and x only when ``keep_x`` (needed for dA
     alone: LoRA-FA freezes A and so keeps only the (N, r) product, its memory saving).
     """
-    xa = x @ A.T  # (..., d_in) @ (d_in, r) -> (..., r)
-    y = xa @ B.T  # (..., r) @ (r, d_out) -> (..., d_out)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in): one GEMM over all tokens
+    xa = x2 @ A.T  # (N, d_in) @ (d_in, r) -> (N, r)
+    y = (xa @ B.T).reshape(*x.shape[:-1], B.shape[0])  # (N, r) @ (r, d_out) -> (..., d_out)
     y *= scale
     return y, (x if keep_x else None, xa)
 

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import data as data_mod
 from .backend import get_backend, to_host
@@ -853,14 +854,8 @@ def _point_latest(root: str, folder: str) -> None:
 # The command
 # ------------------------------------------------------------------------------------------------
 def _limit_threads(n: int):
-    """A context limiting BLAS to ``n`` threads (threadpoolctl, when installed); n = 0: no limit."""
+    """A context limiting BLAS to ``n`` threads (threadpoolctl); n = 0: no limit."""
     if n <= 0:
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits  # noqa: PLC0415 - optional
-    except ImportError:
-        print(f"--threads {n}: threadpoolctl is not installed; set OPENBLAS_NUM_THREADS={n} instead",
-              file=sys.stderr)
         return contextlib.nullcontext()
     return threadpool_limits(limits=n, user_api="blas")
 

@@ -341,6 +341,8 @@ def test_reference_command_refuses_damaged_files_in_one_line(ref_dirs, tmp_path_
 # --- every config field, every kind of bad value ---------------------------------------------------
 CONFIG_CLASSES = [("spectral_peft.adapters.lora", "LoraConfig", {"target_modules": ["c_attn"]}),
                   ("spectral_peft.adapters.dylora", "DyLoraConfig", {"target_modules": ["c_attn"]}),
+                  ("spectral_peft.adapters.lorafa", "LoraFAConfig", {"target_modules": ["c_attn"]}),
+                  ("spectral_peft.adapters.deltalora", "DeltaLoraConfig", {"target_modules": ["c_attn"]}),
                   ("spectral_peft.adapters.adalora", "AdaLoraConfig", {"target_modules": ["c_attn"], "total_step": 10}),
                   ("spectral_peft.adapters.rosa", "RosaConfig", {"target_modules": ["c_attn"], "schedule": "wl1"}),
                   ("spectral_peft.model", "GPT2Config", {}), ("spectral_peft.model", "BertConfig", {})]
@@ -364,46 +366,9 @@ FREE_TEXT = {"task_type", "mask_load_path", "mask_save_path", "rosa_dtype"}  # a
 
 
 # Found by this test on 2026-11-27 and reported to the owners of these files; each turns into an
-# XPASS once its owner range-checks the field.
+# XPASS once its owner range-checks the field. The adapter configs' gaps were closed through
+# spectral_peft/validation.py; the model configs' remain.
 KNOWN_GAPS: set = {
-    *(('LoraConfig', 'lora_alpha', v) for v in ['nan', 'inf']),
-    *(('LoraConfig', 'target_modules', v) for v in ['[1]']),
-    *(('LoraConfig', 'fan_in_fan_out', v) for v in ["'yes'", '2', 'None']),
-    *(('LoraConfig', 'use_rslora', v) for v in ["'yes'", '2', 'None']),
-    *(('LoraConfig', 'use_dora', v) for v in ["'yes'", '2', 'None']),
-    *(('LoraConfig', 'rank_pattern', v) for v in ['1', "'x'", '[1]']),
-    *(('LoraConfig', 'alpha_pattern', v) for v in ['1', "'x'", '[1]']),
-    *(('LoraConfig', 'task_type', v) for v in ['1', '1.5', "['a']"]),
-    *(('DyLoraConfig', 'lora_alpha', v) for v in ['nan', 'inf']),
-    *(('DyLoraConfig', 'target_modules', v) for v in ['[1]']),
-    *(('DyLoraConfig', 'fan_in_fan_out', v) for v in ["'yes'", '2', 'None']),
-    *(('DyLoraConfig', 'use_rslora', v) for v in ["'yes'", '2', 'None']),
-    *(('DyLoraConfig', 'use_dora', v) for v in ['None']),
-    *(('DyLoraConfig', 'rank_pattern', v) for v in ['1', "'x'", '[1]']),
-    *(('DyLoraConfig', 'alpha_pattern', v) for v in ['1', "'x'", '[1]']),
-    *(('DyLoraConfig', 'task_type', v) for v in ['1', '1.5', "['a']"]),
-    *(('DyLoraConfig', 'dylora_seed', v) for v in ['-1', '1.5', "'8'", 'None', 'True']),
-    *(('AdaLoraConfig', 'target_modules', v) for v in ['1', '1.5', '[1]']),
-    *(('AdaLoraConfig', 'orth_reg_weight', v) for v in ['nan', 'inf', 'True']),
-    *(('AdaLoraConfig', 'lora_alpha', v) for v in ['nan', 'inf', "'0.1'", 'None', 'True']),
-    *(('AdaLoraConfig', 'fan_in_fan_out', v) for v in ["'yes'", '2', 'None']),
-    *(('AdaLoraConfig', 'init_lora_weights', v) for v in ["'yes'", '2', 'None']),
-    *(('AdaLoraConfig', 'r', v) for v in ['-1', '1.5', "'8'", 'None', 'True']),
-    *(('AdaLoraConfig', 'task_type', v) for v in ['1', '1.5', "['a']"]),
-    *(('RosaConfig', 'target_modules', v) for v in ['1', '1.5', '[1]']),
-    *(('RosaConfig', 'lora_alpha', v) for v in ['nan', 'inf', "'0.1'", 'None', 'True']),
-    *(('RosaConfig', 'spa_store_transpose', v) for v in ["'yes'", '2', 'None']),
-    *(('RosaConfig', 'mask_load_path', v) for v in ['1', '1.5', "['a']"]),
-    *(('RosaConfig', 'mask_save_path', v) for v in ['1', '1.5', "['a']"]),
-    *(('RosaConfig', 'rosa_dtype', v) for v in ['1', '1.5', "['a']"]),
-    *(('RosaConfig', 'terminate_after_mask_generation', v) for v in ['None']),
-    *(('RosaConfig', 'fan_in_fan_out', v) for v in ["'yes'", '2', 'None']),
-    *(('RosaConfig', 'use_rslora', v) for v in ["'yes'", '2', 'None']),
-    *(('RosaConfig', 'modules_to_save', v) for v in ['1', '1.5']),
-    *(('RosaConfig', 'rank_pattern', v) for v in ['1', "'x'", '[1]']),
-    *(('RosaConfig', 'density_pattern', v) for v in ['1', "'x'", '[1]']),
-    *(('RosaConfig', 'alpha_pattern', v) for v in ['1', "'x'", '[1]']),
-    *(('RosaConfig', 'task_type', v) for v in ['1', '1.5', "['a']"]),
     *(('GPT2Config', 'layer_norm_epsilon', v) for v in ['inf']),
     *(('GPT2Config', 'initializer_range', v) for v in ['inf']),
     *(('BertConfig', 'vocab_size', v) for v in ["'8'", 'None']),

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import validation as V
 from ..backend import get_xp, to_host
 from ..budget import threshold_mask_le, topk_mask
 from ..module import Linear, Module
@@ -157,23 +158,15 @@ class AdaLoraConfig(AdapterConfig):
         self.validate()
 
     def validate(self) -> None:
-        def need_int(name, lo):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"AdaLoraConfig.{name} must be an integer >= {lo}, got {v!r}")
-
+        n = "AdaLoraConfig"
         if self.target_modules is None:
             raise ValueError("AdaLoraConfig.target_modules is None; name the linears to adapt, e.g. ['c_attn']")
-        if self.total_step is None or isinstance(self.total_step, bool) or not isinstance(self.total_step, int) \
-                or self.total_step <= 0:
-            raise ValueError(f"AdaLoraConfig.total_step must be an integer > 0 (the run's number of optimizer "
-                             f"steps, which the budget schedule needs), got {self.total_step!r}")
-        need_int("init_r", 0)
-        need_int("target_r", 0)
-        need_int("tinit", 0)
-        need_int("tfinal", 0)
-        if isinstance(self.deltaT, bool) or not isinstance(self.deltaT, int) or self.deltaT <= 0:
-            raise ValueError(f"AdaLoraConfig.deltaT must be an integer > 0 (steps between maskings), got {self.deltaT!r}")
+        V.check_str_list(n, "target_modules", self.target_modules, allow_str=True)
+        V.check_int(n, "total_step", self.total_step, min=0, min_inclusive=False,
+                    hint="the run's number of optimizer steps, which the budget schedule needs")
+        for name in ("init_r", "target_r", "tinit", "tfinal"):
+            V.check_int(n, name, getattr(self, name), min=0)
+        V.check_int(n, "deltaT", self.deltaT, min=0, min_inclusive=False, hint="steps between maskings")
         if self.target_r > self.init_r:
             raise ValueError(f"AdaLoraConfig.target_r={self.target_r} exceeds init_r={self.init_r}; the budget "
                              f"only shrinks, so target_r must be <= init_r")
@@ -182,21 +175,21 @@ class AdaLoraConfig(AdapterConfig):
                              f"{self.total_step} - {self.tfinal} = {self.total_step - self.tfinal}: the schedule "
                              f"leaves no budgeting phase; decrease tinit/tfinal or increase total_step")
         for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
-                raise ValueError(f"AdaLoraConfig.{name} must be a float in [0, 1), got {v!r}")
-        if not isinstance(self.orth_reg_weight, (int, float)) or self.orth_reg_weight < 0:
-            raise ValueError(f"AdaLoraConfig.orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"AdaLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            V.check_float(n, name, getattr(self, name), min=0, max=1, max_inclusive=False, noun="a float")
+        V.check_float(n, "orth_reg_weight", self.orth_reg_weight, min=0)
+        V.check_float(n, "lora_alpha", self.lora_alpha, hint="a value <= 0 means lora_alpha = r")
+        V.check_float(n, "lora_dropout", self.lora_dropout, min=0, max=1, max_inclusive=False, noun="a float")
+        V.check_bool(n, "fan_in_fan_out", self.fan_in_fan_out)
+        V.check_bool(n, "init_lora_weights", self.init_lora_weights)
+        V.check_int(n, "r", self.r, min=0, min_inclusive=False, hint="PEFT's LoraConfig field, unused by AdaLoRA")
+        V.check_optional_str(n, "task_type", self.task_type)
         if self.bias != "none":
             raise ValueError(f"AdaLoraConfig.bias={self.bias!r} is not supported; use 'none'")
         if self.modules_to_save:
             raise ValueError(f"AdaLoraConfig.modules_to_save={self.modules_to_save!r} is not supported; use None")
-        if self.tie_break not in TIE_BREAKS:
-            raise ValueError(f"AdaLoraConfig.tie_break must be one of {TIE_BREAKS}, got {self.tie_break!r}")
-        if self.orth_reg_form not in ORTH_FORMS:
-            raise ValueError(f"AdaLoraConfig.orth_reg_form must be one of {ORTH_FORMS}, got {self.orth_reg_form!r}")
+        V.check_str_list(n, "modules_to_save", self.modules_to_save, allow_none=True)
+        V.check_choice(n, "tie_break", self.tie_break, TIE_BREAKS)
+        V.check_choice(n, "orth_reg_form", self.orth_reg_form, ORTH_FORMS)
         if self.rank_pattern is not None:
             if not isinstance(self.rank_pattern, dict):
                 raise ValueError(f"AdaLoraConfig.rank_pattern must be a dict {{'<path>.lora_E': [bool]*init_r}}, "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import validation as V
 from ..backend import get_xp, to_host
 from ..module import Linear
 from .base import Controller, adapter_layers
@@ -55,11 +56,8 @@ class DeltaLoraConfig(LoraConfig):
                              f"dropout), got {self.lora_dropout!r}")
         if self.use_dora:
             raise ValueError("DeltaLoraConfig.use_dora=True is not supported; use False")
-        if isinstance(self.delta_lambda, bool) or not isinstance(self.delta_lambda, (int, float)):
-            raise ValueError(f"DeltaLoraConfig.delta_lambda must be a number, got {self.delta_lambda!r}")
-        if isinstance(self.delta_start_step, bool) or not isinstance(self.delta_start_step, int) \
-                or self.delta_start_step < 0:
-            raise ValueError(f"DeltaLoraConfig.delta_start_step must be an integer >= 0, got {self.delta_start_step!r}")
+        V.check_float(self.name, "delta_lambda", self.delta_lambda)
+        V.check_int(self.name, "delta_start_step", self.delta_start_step, min=0)
 
     def make_layer(self, path, base, rng):
         return DeltaLoraLinear(base, **self.layer_kwargs(path, base, rng))

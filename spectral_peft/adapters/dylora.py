@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import validation as V
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
 from .base import Controller, adapter_layers
@@ -164,10 +165,10 @@ class DyLoraConfig(LoraConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.dylora_mode not in MODES:
-            raise ValueError(f"DyLoraConfig.dylora_mode must be one of {MODES}, got {self.dylora_mode!r}")
+        V.check_choice(self.name, "dylora_mode", self.dylora_mode, MODES)
         if self.use_dora:
             raise ValueError("DyLoraConfig.use_dora=True is not supported; use False")
+        V.check_int(self.name, "dylora_seed", self.dylora_seed, min=0)
 
     def make_layer(self, path, base, rng):
         return DyLoraLinear(base, mode=self.dylora_mode, **self.layer_kwargs(path, base, rng))

@@ -31,6 +31,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import validation as V
 from ..backend import to_host
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
@@ -109,9 +110,13 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self):
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        if self.alpha_pattern is None:
+            self.alpha_pattern = {}
         self.validate()
+        self.rank_pattern = dict(self.rank_pattern)
+        self.alpha_pattern = dict(self.alpha_pattern)
 
     @property
     def name(self) -> str:
@@ -121,16 +126,13 @@ class LoraConfig(AdapterConfig):
         n = self.name
         if self.target_modules is None:
             raise ValueError(f"{n}.target_modules is None; name the linears to adapt, e.g. ['c_attn', 'c_proj']")
-        if not isinstance(self.target_modules, (str, list)):
-            raise ValueError(f"{n}.target_modules must be a regex string or a list of names, "
-                             f"got {type(self.target_modules).__name__}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"{n}.r must be an integer > 0, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"{n}.lora_alpha must be a number > 0, got {self.lora_alpha!r}")
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
-                or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"{n}.lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
+        V.check_str_list(n, "target_modules", self.target_modules, allow_str=True)
+        V.check_int(n, "r", self.r, min=0, min_inclusive=False)
+        V.check_float(n, "lora_alpha", self.lora_alpha, min=0, min_inclusive=False)
+        V.check_float(n, "lora_dropout", self.lora_dropout, min=0, max=1, max_inclusive=False, noun="a float")
+        V.check_bool(n, "fan_in_fan_out", self.fan_in_fan_out)
+        V.check_bool(n, "use_rslora", self.use_rslora)
+        V.check_bool(n, "use_dora", self.use_dora)
         if not (self.init_lora_weights is True or self.init_lora_weights is False
                 or self.init_lora_weights == "gaussian"):
             raise ValueError(f"{n}.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
@@ -138,12 +140,12 @@ class LoraConfig(AdapterConfig):
             raise ValueError(f"{n}.bias={self.bias!r} is not supported; use 'none'")
         if self.modules_to_save:
             raise ValueError(f"{n}.modules_to_save={self.modules_to_save!r} is not supported; use None")
-        for k, v in self.rank_pattern.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{n}.rank_pattern[{k!r}] must be an integer > 0, got {v!r}")
-        for k, v in self.alpha_pattern.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ValueError(f"{n}.alpha_pattern[{k!r}] must be a number > 0, got {v!r}")
+        V.check_str_list(n, "modules_to_save", self.modules_to_save, allow_none=True)
+        V.check_mapping(n, "rank_pattern", self.rank_pattern, str,
+                        lambda o, k, v: V.check_int(o, k, v, min=0, min_inclusive=False))
+        V.check_mapping(n, "alpha_pattern", self.alpha_pattern, str,
+                        lambda o, k, v: V.check_float(o, k, v, min=0, min_inclusive=False))
+        V.check_optional_str(n, "task_type", self.task_type)
 
     # --- per-module values ------------------------------------------------------------------------
     def rank_for(self, path: str) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import validation as V
 from ..backend import get_xp
 from .base import Controller, adapter_layers
 from .lora import A_KEY, B_KEY, LoraConfig, LoraLinear
@@ -64,8 +65,7 @@ class LoraFAConfig(LoraConfig):
         super().validate()
         if self.use_dora:
             raise ValueError("LoraFAConfig.use_dora=True is not supported; use False")
-        if not isinstance(self.corrected_grad, bool):
-            raise ValueError(f"LoraFAConfig.corrected_grad must be a bool, got {self.corrected_grad!r}")
+        V.check_bool(self.name, "corrected_grad", self.corrected_grad)
 
     def make_layer(self, path, base, rng):
         return LoraFALinear(base, **self.layer_kwargs(path, base, rng))

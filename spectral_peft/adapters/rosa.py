@@ -40,6 +40,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import validation as V
 from ..backend import to_host
 from ..budget import topk_mask
 from ..module import Linear, Module
@@ -122,26 +123,31 @@ class RosaConfig(AdapterConfig):
         self.validate()
 
     def validate(self) -> None:
+        n = "RosaConfig"
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
-            raise ValueError("target_modules must name the linear layers to adapt, e.g. ['c_attn', 'c_proj', 'c_fc'],"
-                             f" got {self.target_modules!r}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
-            raise ValueError(f"r must be an integer >= 0, got {self.r!r}")
+            raise ValueError("RosaConfig.target_modules must name the linear layers to adapt, e.g. ['c_attn', "
+                             f"'c_proj', 'c_fc'], got {self.target_modules!r}")
+        V.check_str_list(n, "target_modules", self.target_modules, allow_str=True)
+        V.check_int(n, "r", self.r, min=0)
         _check_density(self.d, "d")
-        for key, value in self.density_pattern.items():
-            _check_density(value, f"density_pattern[{key!r}]")
-        for key, value in self.rank_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"rank_pattern[{key!r}] must be an integer >= 0, got {value!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.grad_acc_mode not in GRAD_ACC_MODES:
-            raise ValueError(f"grad_acc_mode must be one of {GRAD_ACC_MODES}, got {self.grad_acc_mode!r}")
-        if isinstance(self.spa_num_grads, bool) or not isinstance(self.spa_num_grads, int) or self.spa_num_grads < 1:
-            raise ValueError(f"spa_num_grads must be an integer >= 1 (a support cannot be collected over zero "
-                             f"batches), got {self.spa_num_grads!r}")
+        V.check_mapping(n, "density_pattern", self.density_pattern, str, lambda o, k, v: _check_density(v, k))
+        V.check_mapping(n, "rank_pattern", self.rank_pattern, str, lambda o, k, v: V.check_int(o, k, v, min=0))
+        V.check_mapping(n, "alpha_pattern", self.alpha_pattern, str, V.check_float)
+        V.check_float(n, "lora_alpha", self.lora_alpha)
+        V.check_float(n, "lora_dropout", self.lora_dropout, min=0, max=1, max_inclusive=False)
+        V.check_choice(n, "impl", self.impl, IMPLS)
+        V.check_choice(n, "grad_acc_mode", self.grad_acc_mode, GRAD_ACC_MODES)
+        V.check_bool(n, "spa_store_transpose", self.spa_store_transpose)
+        V.check_int(n, "spa_num_grads", self.spa_num_grads, min=1,
+                    hint="a support cannot be collected over zero batches")
+        V.check_optional_path(n, "mask_load_path", self.mask_load_path)
+        V.check_optional_path(n, "mask_save_path", self.mask_save_path)
+        V.check_optional_str(n, "rosa_dtype", self.rosa_dtype)
+        V.check_bool(n, "terminate_after_mask_generation", self.terminate_after_mask_generation)
+        V.check_bool(n, "fan_in_fan_out", self.fan_in_fan_out)
+        V.check_bool(n, "use_rslora", self.use_rslora)
+        V.check_str_list(n, "modules_to_save", self.modules_to_save, allow_none=True)
+        V.check_optional_str(n, "task_type", self.task_type)
         if self.mask_load_path is not None and self.mask_save_path is not None:
             raise ValueError("mask_load_path and mask_save_path cannot both be set (peft-rosa's rule): "
                              f"got {self.mask_load_path!r} and {self.mask_save_path!r}")
@@ -149,10 +155,8 @@ class RosaConfig(AdapterConfig):
             raise ValueError("terminate_after_mask_generation=True needs mask_save_path, got None")
         if self.bias != "none":
             raise ValueError(f"bias must be 'none' (trainable base biases are not supported for RoSA), got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
-        if self.sddmm_impl not in SDDMM_IMPLS:
-            raise ValueError(f"sddmm_impl must be one of {sorted(SDDMM_IMPLS)}, got {self.sddmm_impl!r}")
+        V.check_choice(n, "init_lora_weights", self.init_lora_weights, (True, False, "gaussian"))
+        V.check_choice(n, "sddmm_impl", self.sddmm_impl, tuple(sorted(SDDMM_IMPLS)))
         # a density_pattern can give layers a sparse adapter even with d = 0
         build_schedule(self.schedule, self.spa_num_grads, max([self.d, *self.density_pattern.values()]),
                        collect=self.mask_load_path is None)

@@ -35,8 +35,10 @@ def topk_indices(scores, k: int):
     if k == 0:
         return xp.zeros(0, dtype=xp.int64)
     # lexsort sorts by the LAST key first: primary key -score (descending score),
-    # secondary key the flat index (ascending) -> deterministic tie-break.
-    order = xp.lexsort((xp.arange(n), -flat))
+    # secondary key the flat index (ascending) -> deterministic tie-break. The keys go in as one
+    # (2, n) float64 array (CuPy's lexsort takes only that form; float64 holds indices exactly).
+    keys = xp.stack([xp.arange(n, dtype=xp.float64), -flat.astype(xp.float64)])
+    order = xp.lexsort(keys)
     return order[:k]
 
 

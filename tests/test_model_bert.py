@@ -199,7 +199,7 @@ def test_bad_inputs(bad, match):
 @pytest.mark.parametrize("kw, match", [
     (dict(hidden_size=10), "divisible"),
     (dict(hidden_act="gelu_unknown"), "known"),
-    (dict(num_labels=0), "positive"),
+    (dict(num_labels=0), r"num_labels must be an integer >= 1"),
     (dict(pad_token_id=V), "pad_token_id"),
 ])
 def test_bad_config(kw, match):

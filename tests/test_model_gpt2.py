@@ -254,7 +254,7 @@ def test_bad_inputs_raise_before_work(bad, match):
 @pytest.mark.parametrize("kw, match", [
     (dict(n_embd=10, n_head=3), "divisible"),
     (dict(activation_function="gelu_fast_unknown"), "known"),
-    (dict(n_layer=0), "positive"),
+    (dict(n_layer=0), r"n_layer must be an integer >= 1"),
     (dict(resid_pdrop=1.0), "probability"),
     (dict(tie_word_embeddings=False), "tied"),
 ])

@@ -15,27 +15,23 @@ from dataclasses import dataclass, fields
 
 from ..io.safe import FileFormatError, load_json
 from ..ops.activation import ACTIVATIONS
+from ..validation import check_float, check_int
 
 
 def _positive_int(cfg, *names: str) -> None:
     for name in names:
-        v = getattr(cfg, name)
-        if type(v) is not int or v < 1:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {v!r}")
+        check_int(type(cfg).__name__, name, getattr(cfg, name), min=1)
 
 
 def _probability(cfg, *names: str) -> None:
     for name in names:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be a probability in [0, 1), got {v!r}")
+        check_float(type(cfg).__name__, name, getattr(cfg, name), 0.0, 1.0, max_inclusive=False,
+                    noun="a probability")
 
 
 def _positive_float(cfg, *names: str) -> None:
     for name in names:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be a positive number, got {v!r}")
+        check_float(type(cfg).__name__, name, getattr(cfg, name), min=0.0, min_inclusive=False)
 
 
 def _activation(cfg, name: str) -> None:
@@ -139,12 +135,12 @@ class BertConfig(_ConfigIO):
     pad_token_id: int | None = 0  # [PAD]: its word-embedding row gets no gradient (PyTorch padding_idx)
 
     def __post_init__(self):
+        _positive_int(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels")
         if self.pad_token_id is not None and (type(self.pad_token_id) is not int
                                               or not 0 <= self.pad_token_id < self.vocab_size):
             raise ValueError(f"BertConfig.pad_token_id must be None or an int in [0, vocab_size = "
                              f"{self.vocab_size}), got {self.pad_token_id!r}")
-        _positive_int(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                      "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"BertConfig.hidden_size = {self.hidden_size} must be divisible by "
                              f"num_attention_heads = {self.num_attention_heads}")

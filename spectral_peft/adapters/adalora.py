@@ -34,7 +34,7 @@ from ..budget import threshold_mask_le, topk_mask
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
-from .base import Controller
+from .base import AdapterLayer, Controller
 from .peft_model import AdapterConfig
 
 PARAM_KEYS = ("lora_A", "lora_E", "lora_B")  # PEFT's ParameterDict names; file keys drop the adapter name
@@ -255,7 +255,7 @@ class AdaLoraConfig(AdapterConfig):
 # ------------------------------------------------------------------------------------------------
 # The layer
 # ------------------------------------------------------------------------------------------------
-class AdaLoraLinear(Module):
+class AdaLoraLinear(AdapterLayer):
     """PEFT's SVDLinear: y = base(x) + s · (drop(x) (A ⊙ E)ᵀ) Bᵀ (module docstring for shapes).
 
     x (..., d_in) -> y (..., d_out). Parameters under PEFT's names: lora_A (r, d_in), lora_E (r, 1),
@@ -269,14 +269,13 @@ class AdaLoraLinear(Module):
 
     def __init__(self, base: Linear, r: int, lora_alpha: float, ranknum: int, lora_dropout: float = 0.0,
                  rng=None, init_lora_weights: bool = True):
-        super().__init__()
         if not isinstance(r, int) or r < 0:
             raise ValueError(f"AdaLoraLinear r must be an integer >= 0 (0 is allowed, PEFT #1539), got {r!r}")
         if ranknum < 0:
             raise ValueError(f"AdaLoraLinear ranknum must be >= 0 (init_r), got {ranknum!r}")
         if rng is None:
             raise ValueError("AdaLoraLinear needs rng, the host numpy Generator initial values are drawn from")
-        self.base_layer = base
+        super().__init__(base)
         d_out, d_in = base.d_out, base.d_in
         dtype, xp = base.dtype, base.xp
         # PEFT draws randn for all three, then (init_lora_weights) E = 0, A, B ~ N(0, 0.02).
@@ -295,7 +294,7 @@ class AdaLoraLinear(Module):
         self.lora_alpha = lora_alpha
         self.ranknum = float(ranknum)
         self.lora_dropout = float(lora_dropout)
-        self.dropout_rng = xp.random.default_rng(int(rng.integers(2**63 - 1))) if lora_dropout > 0 else None
+        self.dropout_rng = self.make_dropout_rng(rng, lora_dropout)
         self.pattern: list[bool] | None = None
 
     # --- sizes and scale -----------------------------------------------------------------------
@@ -303,21 +302,7 @@ class AdaLoraLinear(Module):
     def r(self) -> int:
         return int(self.params["lora_A"].shape[0])
 
-    @property
-    def d_in(self) -> int:
-        return self.base_layer.d_in
 
-    @property
-    def d_out(self) -> int:
-        return self.base_layer.d_out
-
-    @property
-    def dtype(self):
-        return self.base_layer.dtype
-
-    @property
-    def xp(self):
-        return self.base_layer.xp
 
     @property
     def scaling(self) -> float:

@@ -73,6 +73,36 @@ def adapter_layers(model: Module, cls: type | tuple[type, ...] | None = None) ->
     return out
 
 
+class AdapterLayer(Module):
+    """What every adapter layer shares: the frozen base as ``base_layer`` (PEFT's attribute name),
+    the sizes, dtype and namespace read from it, and the seeded dropout stream of its branch."""
+
+    def __init__(self, base: Linear):
+        super().__init__()
+        self.base_layer = base
+
+    @property
+    def d_in(self) -> int:
+        return self.base_layer.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.base_layer.d_out
+
+    @property
+    def dtype(self):
+        return self.base_layer.dtype
+
+    @property
+    def xp(self):
+        return self.base_layer.xp
+
+    def make_dropout_rng(self, rng, p: float):
+        """The branch's dropout generator, on the backend, seeded from the host stream ``rng``
+        (None when p == 0: the stream is only drawn from when dropout is on)."""
+        return self.xp.random.default_rng(int(rng.integers(2**63 - 1))) if p > 0 else None
+
+
 class Controller:
     """Training-time behaviour of a method, called by the loop in PEFT's order (module docstring).
 

@@ -36,7 +36,7 @@ from ..backend import to_host
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
-from .base import adapter_layers
+from .base import AdapterLayer, adapter_layers
 from .peft_model import AdapterConfig
 
 A_KEY = "lora_A.weight"  # PEFT's file-key suffixes (the adapter name dropped)
@@ -211,7 +211,7 @@ def _model_relative(path: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # The layer
 # ------------------------------------------------------------------------------------------------
-class LoraLinear(Module):
+class LoraLinear(AdapterLayer):
     """y = base(x) + s · (drop(x) Aᵀ) Bᵀ  (module docstring for shapes and init).
 
     x (..., d_in) -> y (..., d_out). Child ``base_layer`` (frozen Linear, dense or quantised);
@@ -226,7 +226,6 @@ class LoraLinear(Module):
     def __init__(self, base: Linear, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True, rng=None,
                  fan_in_fan_out: bool = False, path: str = ""):
-        super().__init__()
         where = f" (module {path!r})" if path else ""
         if not isinstance(base, Linear):
             raise TypeError(f"LoRA wraps a Linear{where}, got {type(base).__name__}")
@@ -240,7 +239,7 @@ class LoraLinear(Module):
             raise ValueError(f"lora_dropout must be in [0, 1){where}, got {lora_dropout!r}")
         if rng is None:
             raise ValueError("LoRA needs rng, the host numpy Generator initial values are drawn from")
-        self.base_layer = base
+        super().__init__(base)
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = bool(use_rslora)
@@ -252,25 +251,11 @@ class LoraLinear(Module):
         self.params[A_KEY] = xp.asarray(A.astype(dtype))
         self.params[B_KEY] = xp.asarray(B.astype(dtype))
         # the dropout stream is seeded from the host stream, then lives on the backend
-        self.dropout_rng = xp.random.default_rng(int(rng.integers(2**63 - 1))) if lora_dropout > 0 else None
+        self.dropout_rng = self.make_dropout_rng(rng, lora_dropout)
         self.merged = False
 
     # --- sizes -------------------------------------------------------------------------------------
-    @property
-    def d_in(self) -> int:
-        return self.base_layer.d_in
 
-    @property
-    def d_out(self) -> int:
-        return self.base_layer.d_out
-
-    @property
-    def dtype(self):
-        return self.base_layer.dtype
-
-    @property
-    def xp(self):
-        return self.base_layer.xp
 
     def adapter_parameter_count(self) -> int:
         """r · (d_in + d_out): the trainable size of plain LoRA (docs/lora.md)."""

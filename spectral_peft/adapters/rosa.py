@@ -43,10 +43,10 @@ import numpy as np
 from .. import validation as V
 from ..backend import to_host
 from ..budget import topk_mask
-from ..module import Linear, Module
+from ..module import Linear
 from ..ops.lowrank import lowrank_backward, lowrank_forward
 from ..sparse import CSR, SDDMM_IMPLS, sp_add, spmm, spmm_t
-from .base import Controller
+from .base import AdapterLayer, Controller
 from .peft_model import AdapterConfig
 
 A_KEY, B_KEY = "rosa_A.weight", "rosa_B.weight"
@@ -258,7 +258,7 @@ def agenda_at(schedule: list[tuple[frozenset, int | None]], step: int) -> frozen
 
 
 # --- the layer -------------------------------------------------------------------------------------
-class RosaLinear(Module):
+class RosaLinear(AdapterLayer):
     """A frozen base linear plus s·B A + S (see the module docstring for equations and shapes).
 
     ``params``: ``rosa_A.weight`` (r, d_in) and ``rosa_B.weight`` (d_out, r) when r > 0;
@@ -273,7 +273,6 @@ class RosaLinear(Module):
     def __init__(self, base: Linear, r: int, d: float, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  impl: str = "sp_add", use_rslora: bool = False, init_lora_weights: bool | str = True,
                  grad_acc_mode: str = "mean_squared", sddmm_impl: str = "planned", rng=None):
-        super().__init__()
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"r must be an integer >= 0, got {r!r}")
         _check_density(d, "d")
@@ -286,7 +285,7 @@ class RosaLinear(Module):
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {lora_dropout!r}")
         rng = np.random.default_rng(0) if rng is None else rng
-        self.base_layer = base
+        super().__init__(base)
         self.r, self.d, self.lora_alpha = r, float(d), lora_alpha
         self.impl = "sp_add" if impl == "auto" else impl
         self.lora_dropout = float(lora_dropout)
@@ -315,32 +314,18 @@ class RosaLinear(Module):
             # (the 'wl' schedules) still updates it; until then it gets no gradient and stays zero
             self.params[VALUES_KEY] = xp.zeros(self.nnz, dtype=dtype)
         self.spa: CSR | None = None
-        self.dropout_rng = xp.random.default_rng(int(rng.integers(2**63 - 1))) if lora_dropout > 0 else None
+        self.dropout_rng = self.make_dropout_rng(rng, lora_dropout)
         # gradient collection (the support selection): running sum of G or G², and its count
         self.collecting = False
         self.grad_sum = None
         self.grad_count = 0
 
     # --- shapes and counts ---
-    @property
-    def d_in(self) -> int:
-        return self.base_layer.d_in
-
-    @property
-    def d_out(self) -> int:
-        return self.base_layer.d_out
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.d_out, self.d_in)
 
-    @property
-    def dtype(self):
-        return self.base_layer.dtype
-
-    @property
-    def xp(self):
-        return self.base_layer.xp
 
     def adapter_parameter_count(self) -> int:
         """r·(d_in + d_out) + nnz, the adapter's trainable size once its support is set."""

@@ -27,7 +27,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 def _threads_from_argv(default: int = 2) -> int:
     """--threads N must be known before NumPy loads OpenBLAS."""
@@ -45,6 +44,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, str(THREADS))
 
 import numpy as np  # noqa: E402
+from _timing import interleaved_ms  # noqa: E402  (benchmarks/_timing.py, beside this script)
 
 from spectral_peft.adapters.lora import LoraConfig  # noqa: E402
 from spectral_peft.adapters.lorafa import LoraFAConfig  # noqa: E402
@@ -115,16 +115,9 @@ def time_pair(pm, opt, pm_t, topt, ids, repeats: int, warmup: int = 2):
     for _ in range(warmup - 1):
         engine_step(pm, opt, ids)
         torch_step(pm_t, topt, ids_t)
-    te, tt = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        engine_step(pm, opt, ids)
-        t1 = time.perf_counter()
-        torch_step(pm_t, topt, ids_t)
-        t2 = time.perf_counter()
-        te.append(t1 - t0)
-        tt.append(t2 - t1)
-    return 1e3 * float(np.median(te)), 1e3 * float(np.median(tt)), loss_e, loss_t
+    ms, _ = interleaved_ms({"engine": lambda: engine_step(pm, opt, ids),
+                            "torch": lambda: torch_step(pm_t, topt, ids_t)}, repeats, warmup=0)
+    return ms["engine"], ms["torch"], loss_e, loss_t
 
 
 def activation_bytes(config_cls, ids, seed: int = 0) -> tuple[int, int]:

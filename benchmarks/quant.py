@@ -30,21 +30,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+from _timing import interleaved_ms  # noqa: E402  (benchmarks/_timing.py, beside this script)
 
 from spectral_peft.quant import Linear4bit, dequantize_4bit, quantize_4bit, quantize_model  # noqa: E402
-
-
-def interleaved_ms(fns: dict, repeats: int) -> dict:
-    """Median ms of each function, timed in turn within each repeat (noise falls on all alike)."""
-    for f in fns.values():
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * float(np.median(v)) for k, v in ts.items()}
 
 
 def part1(repeats: int) -> dict:
@@ -58,7 +46,7 @@ def part1(repeats: int) -> dict:
     pb, sb = F.quantize_4bit(Wt, blocksize=64, quant_type="nf4")
     same_codes = bool(np.array_equal(packed, pb.numpy()) and np.array_equal(state.absmax, sb.absmax.numpy()))
     same_values = bool(np.array_equal(dequantize_4bit(packed, state), F.dequantize_4bit(pb, sb).numpy()))
-    ms = interleaved_ms({
+    ms, _ = interleaved_ms({
         "quant": lambda: quantize_4bit(W, 64, "nf4"),
         "bnb_quant": lambda: F.quantize_4bit(Wt, blocksize=64, quant_type="nf4"),
         "dequant": lambda: dequantize_4bit(packed, state),

@@ -33,6 +33,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = _THREADS
 
 import numpy as np  # noqa: E402
+import _timing  # noqa: E402  (benchmarks/_timing.py, beside this script)
 
 from spectral_peft.budget import topk_mask  # noqa: E402
 from spectral_peft.sparse import CSR, SddmmPlan, sddmm, sddmm_dense, sddmm_planned  # noqa: E402
@@ -42,22 +43,12 @@ MINIMA: dict = {}  # (support kind, density, method) -> best-of-repeats ms, repo
 
 
 def interleaved_ms(fns: dict, repeats: int, key=None) -> dict:
-    """Median ms of each function, timed in turn within every repeat (so that load from other
-    processes on a shared machine falls on all of them alike); one warm-up call each. The minima
-    go to MINIMA[key + (name,)]: on a contended machine (another process holding a core stalls a
-    2-thread BLAS call for a scheduler slice) the minimum estimates the uncontended cost."""
-    for f in fns.values():
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
+    """Medians (ms) by the shared rule (_timing.py); the minima go to MINIMA[key + (name,)]."""
+    medians, minima = _timing.interleaved_ms(fns, repeats)
     if key is not None:
-        for k, v in ts.items():
-            MINIMA[key + (k,)] = 1e3 * float(np.min(v))
-    return {k: 1e3 * float(np.median(v)) for k, v in ts.items()}
+        for k, v in minima.items():
+            MINIMA[key + (k,)] = v
+    return medians
 
 
 def gradient_chosen_mask(rng, d: int, N: int, density: float, batches: int = 4, sigma: float = 1.0):

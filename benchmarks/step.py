@@ -31,6 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MKL_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
+from _timing import interleaved_ms  # noqa: E402  (benchmarks/_timing.py, beside this script)
 
 from spectral_peft.backend import get_backend  # noqa: E402
 from spectral_peft.model import GPT2Config, GPT2LMHeadModel, save_pretrained  # noqa: E402
@@ -85,16 +86,9 @@ def time_pair(model, opt, tm, topt, ids, repeats: int, warmup: int = 2):
     for _ in range(warmup - 1):
         engine_step(model, opt, ids)
         torch_step(tm, topt, ids_t)
-    te, tt = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        engine_step(model, opt, ids)
-        t1 = time.perf_counter()
-        torch_step(tm, topt, ids_t)
-        t2 = time.perf_counter()
-        te.append(t1 - t0)
-        tt.append(t2 - t1)
-    return 1e3 * float(np.median(te)), 1e3 * float(np.median(tt)), loss_e, loss_t
+    ms, _ = interleaved_ms({"engine": lambda: engine_step(model, opt, ids),
+                            "torch": lambda: torch_step(tm, topt, ids_t)}, repeats, warmup=0)
+    return ms["engine"], ms["torch"], loss_e, loss_t
 
 
 def model_flops(C: int) -> float:

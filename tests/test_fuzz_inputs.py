@@ -234,15 +234,20 @@ def test_seeded_batches_arguments(field, value):
         SeededBatches(np.arange(50), **kw)
     except Exception as exc:  # noqa: BLE001
         _clean_refusal(exc, field)
+    else:  # accepted: it must be a value the docstring allows (batch_size, seq_len >= 1; seed >= 0)
+        assert type(value) is int and value >= (0 if field == "seed" else 1), f"{field}={value!r} was accepted"
 
 
 @given(data=st.one_of(json_values, st.just(np.zeros(5)), st.just(np.zeros((0,), np.int64)),
                       st.just({"input_ids": np.zeros((3, 2), np.int64), "labels": np.zeros(4, np.int64)})))
 def test_seeded_batches_data(data):
     try:
-        SeededBatches(data, 2, 4)
+        batches = SeededBatches(data, 2, 4)
     except Exception as exc:  # noqa: BLE001
         _clean_refusal(exc, "data")
+    else:  # accepted: it must yield well-formed integer batches
+        batch = batches.batch(0)
+        assert batch["input_ids"].dtype.kind == "i" and batch["input_ids"].shape[0] == 2
 
 
 def _configs():

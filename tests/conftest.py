@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, settings
 from spectral_peft.backend import Backend, get_backend, gpu_unavailable_reason
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=8, derandomize=True, **_common)
-settings.register_profile("dev", max_examples=20, **_common)
+settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
+settings.register_profile("dev", max_examples=50, **_common)
 settings.register_profile("thorough", max_examples=300, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 

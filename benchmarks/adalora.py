@@ -28,12 +28,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
+from _common import benchmark_batches, benchmark_model_config  # noqa: E402
 
 from spectral_peft.adapters.adalora import AdaLoraConfig  # noqa: E402
 from spectral_peft.adapters.lora import LoraConfig  # noqa: E402
 from spectral_peft.adapters.peft_model import get_peft_model  # noqa: E402
 from spectral_peft.backend import get_backend  # noqa: E402
-from spectral_peft.model import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from spectral_peft.model import GPT2LMHeadModel  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -75,10 +76,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     be = get_backend("cpu", "float32")
-    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=512)
-    B, T = 8, 128
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 512, size=(B, T)) for _ in range(4)]
+    cfg = benchmark_model_config()
+    batches = benchmark_batches()
     adamw, adamw_kind = make_adamw()
 
     def build(config):

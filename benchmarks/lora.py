@@ -44,7 +44,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, str(THREADS))
 
 import numpy as np  # noqa: E402
-from _timing import interleaved_ms  # noqa: E402  (benchmarks/_timing.py, beside this script)
+from _common import interleaved_ms  # noqa: E402  (benchmarks/_common.py, beside this script)
 
 from spectral_peft.adapters.lora import LoraConfig  # noqa: E402
 from spectral_peft.adapters.lorafa import LoraFAConfig  # noqa: E402

@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-from _timing import interleaved_ms  # noqa: E402  (benchmarks/_timing.py, beside this script)
+from _common import benchmark_batches, benchmark_model_config, interleaved_ms  # noqa: E402  (benchmarks/_common.py, beside this script)
 
 from spectral_peft.quant import Linear4bit, dequantize_4bit, quantize_4bit, quantize_model  # noqa: E402
 
@@ -69,17 +69,14 @@ def part2(repeats: int) -> dict:
         from spectral_peft.adapters.lora import LoraConfig  # noqa: PLC0415
         from spectral_peft.adapters.peft_model import get_peft_model  # noqa: PLC0415
         from spectral_peft.backend import get_backend  # noqa: PLC0415
-        from spectral_peft.model import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
+        from spectral_peft.model import GPT2LMHeadModel  # noqa: PLC0415
         from spectral_peft.optim import AdamW  # noqa: PLC0415
     except ImportError as exc:
         print(f"part 2 skipped: the GPT-2 model, LoRA or AdamW is not available ({exc})")
         return {}
     be = get_backend("cpu", "float32")
-    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=512, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
-    B, T = 8, 128
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 512, size=(B, T)) for _ in range(4)]
+    cfg = benchmark_model_config()
+    batches = benchmark_batches()
 
     def build(quantised: bool):
         model = GPT2LMHeadModel(cfg, be, seed=0)

@@ -33,7 +33,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = _THREADS
 
 import numpy as np  # noqa: E402
-import _timing  # noqa: E402  (benchmarks/_timing.py, beside this script)
+import _common  # noqa: E402  (benchmarks/_common.py, beside this script)
+from _common import benchmark_batches, benchmark_model_config  # noqa: E402
 
 from spectral_peft.budget import topk_mask  # noqa: E402
 from spectral_peft.sparse import CSR, SddmmPlan, sddmm, sddmm_dense, sddmm_planned  # noqa: E402
@@ -43,8 +44,8 @@ MINIMA: dict = {}  # (support kind, density, method) -> best-of-repeats ms, repo
 
 
 def interleaved_ms(fns: dict, repeats: int, key=None) -> dict:
-    """Medians (ms) by the shared rule (_timing.py); the minima go to MINIMA[key + (name,)]."""
-    medians, minima = _timing.interleaved_ms(fns, repeats)
+    """Medians (ms) by the shared rule (_common.py); the minima go to MINIMA[key + (name,)]."""
+    medians, minima = _common.interleaved_ms(fns, repeats)
     if key is not None:
         for k, v in minima.items():
             MINIMA[key + (k,)] = v
@@ -121,7 +122,7 @@ def part1(repeats: int, densities) -> dict:
 def part2(repeats: int) -> dict:
     try:
         from spectral_peft.backend import get_backend  # noqa: PLC0415
-        from spectral_peft.model import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
+        from spectral_peft.model import GPT2LMHeadModel  # noqa: PLC0415
         from spectral_peft.optim import AdamW  # noqa: PLC0415
     except ImportError as exc:
         print(f"part 2 skipped: the GPT-2 model or AdamW is not available ({exc})")
@@ -142,11 +143,8 @@ def part2(repeats: int) -> dict:
         lora_kind = "RosaConfig(d=0, 'lora_only')"
 
     be = get_backend("cpu", "float32")
-    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=512, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
-    B, T = 8, 128
-    rng = np.random.default_rng(0)
-    batches = [rng.integers(0, 512, size=(B, T)) for _ in range(4)]
+    cfg = benchmark_model_config()
+    batches = benchmark_batches()
 
     def build(config):
         model = GPT2LMHeadModel(cfg, be, seed=0)

@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MKL_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
-from _timing import interleaved_ms  # noqa: E402  (benchmarks/_timing.py, beside this script)
+from _common import interleaved_ms  # noqa: E402  (benchmarks/_common.py, beside this script)
 
 from spectral_peft.backend import get_backend  # noqa: E402
 from spectral_peft.model import GPT2Config, GPT2LMHeadModel, save_pretrained  # noqa: E402

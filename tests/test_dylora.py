@@ -10,8 +10,9 @@ from spectral_peft.adapters.dylora import DyLoraConfig, DyLoraController, DyLora
 from spectral_peft.adapters.lora import A_KEY, B_KEY, LoraLinear
 from spectral_peft.adapters.peft_model import get_peft_model
 from spectral_peft.backend import get_backend, to_host
-from spectral_peft.module import Linear, Module
+from spectral_peft.module import Linear
 from spectral_peft.testing import GRADCHECK_RTOL, RTOL, assert_close, check_module_gradients
+from tests._nets import TwoLinear
 
 
 def make_dy(d_in, d_out, r, mode="full", seed=0, backend=None, alpha=6.0):
@@ -85,22 +86,8 @@ def test_dylora_matches_torch_autograd(device, dtype):
         assert_close(to_host(mine), theirs.detach().numpy(), name, RTOL[dtype])
 
 
-class Net(Module):
-    def __init__(self):
-        super().__init__()
-        rng = np.random.default_rng(0)
-        self.a = Linear(rng.standard_normal((6, 5)))
-        self.b = Linear(rng.standard_normal((4, 6)))
-
-    def forward(self, x):
-        return self.b.forward(self.a.forward(x))
-
-    def backward(self, dy):
-        return self.a.backward(self.b.backward(dy))
-
-
 def test_controller_shares_one_rank_and_resumes_its_stream():
-    pm = get_peft_model(Net(), DyLoraConfig(r=4, target_modules=["a", "b"], dylora_seed=7))
+    pm = get_peft_model(TwoLinear(), DyLoraConfig(r=4, target_modules=["a", "b"], dylora_seed=7))
     ctl = pm.controllers[0]
     assert isinstance(ctl, DyLoraController)
     drawn = []
@@ -115,7 +102,7 @@ def test_controller_shares_one_rank_and_resumes_its_stream():
     for step in range(41, 51):
         ctl.before_forward(step)
         ahead.append(ctl.rank)
-    pm2 = get_peft_model(Net(), DyLoraConfig(r=4, target_modules=["a", "b"], dylora_seed=0))
+    pm2 = get_peft_model(TwoLinear(), DyLoraConfig(r=4, target_modules=["a", "b"], dylora_seed=0))
     ctl2 = pm2.controllers[0]
     ctl2.load_state_dict(state)
     again = []
@@ -126,7 +113,7 @@ def test_controller_shares_one_rank_and_resumes_its_stream():
 
 
 def test_eval_at_any_rank_and_loss_table():
-    pm = get_peft_model(Net(), DyLoraConfig(r=4, lora_alpha=4, target_modules=["a", "b"], init_lora_weights=False))
+    pm = get_peft_model(TwoLinear(), DyLoraConfig(r=4, lora_alpha=4, target_modules=["a", "b"], init_lora_weights=False))
     x = np.random.default_rng(3).standard_normal((3, 5))
     pm.controllers[0].before_forward(1)
     pm.eval()
@@ -167,7 +154,7 @@ def test_rank_records_and_table():
 
 
 def test_rank_pattern_layers_stop_at_their_own_rank():
-    pm = get_peft_model(Net(), DyLoraConfig(r=4, target_modules=["a", "b"], rank_pattern={"b": 2}))
+    pm = get_peft_model(TwoLinear(), DyLoraConfig(r=4, target_modules=["a", "b"], rank_pattern={"b": 2}))
     ctl = pm.controllers[0]
     assert ctl.r_max == 4
     for step in range(1, 30):

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from spectral_peft.adapters.lora import A_KEY, B_KEY, LoraConfig, LoraLinear
 from spectral_peft.adapters.lorafa import LoraFAConfig, LoraFAController, LoraFALinear
 from spectral_peft.adapters.peft_model import get_peft_model
-from spectral_peft.module import Linear, Module
+from spectral_peft.module import Linear
 from spectral_peft.testing import GRADCHECK_RTOL, assert_close, check_module_gradients
+from tests._nets import TwoLinear
 
 
 def pair(d_in=7, d_out=5, r=3, seed=0):
@@ -60,29 +61,15 @@ def test_lorafa_caches_only_the_rank_r_product():
     assert lora.activation_bytes() == N * (64 + 4) * 8  # x and x Aᵀ
 
 
-class Net(Module):
-    def __init__(self):
-        super().__init__()
-        rng = np.random.default_rng(0)
-        self.a = Linear(rng.standard_normal((6, 5)))
-        self.b = Linear(rng.standard_normal((4, 6)))
-
-    def forward(self, x):
-        return self.b.forward(self.a.forward(x))
-
-    def backward(self, dy):
-        return self.a.backward(self.b.backward(dy))
-
-
 def test_lorafa_trainable_count_and_file_arrays():
-    pm = get_peft_model(Net(), LoraFAConfig(r=2, target_modules=["a", "b"]))
+    pm = get_peft_model(TwoLinear(), LoraFAConfig(r=2, target_modules=["a", "b"]))
     assert pm.num_parameters(trainable_only=True) == 6 * 2 + 4 * 2  # d_out · r per layer
     assert sorted(pm.model.a.peft_state_dict()) == [A_KEY, B_KEY]  # A is written: PEFT needs it
     assert pm.controllers == []
 
 
 def test_corrected_gradient_is_the_projected_gradient():
-    pm = get_peft_model(Net(), LoraFAConfig(r=2, lora_alpha=6, target_modules=["a", "b"], corrected_grad=True,
+    pm = get_peft_model(TwoLinear(), LoraFAConfig(r=2, lora_alpha=6, target_modules=["a", "b"], corrected_grad=True,
                                             init_lora_weights=False))
     ctl = pm.controllers[0]
     assert isinstance(ctl, LoraFAController)
@@ -136,5 +123,5 @@ def test_lorafa_refuses_dora():
 
 
 def test_lora_config_still_trains_A():
-    pm = get_peft_model(Net(), LoraConfig(r=2, target_modules=["a"]))
+    pm = get_peft_model(TwoLinear(), LoraConfig(r=2, target_modules=["a"]))
     assert A_KEY not in pm.model.a.frozen

@@ -6,7 +6,7 @@ vocab 512; LoRA r = 8, lora_alpha = 16 on c_attn, c_proj (attention and MLP) and
 (lr 1e-4, weight decay 0.01) on the adapter parameters; dropout off; both on 2 threads.
 
 Same weights on both sides: the engine's base model is written with save_pretrained and its adapter
-with io.peft.save_adapter; transformers loads the first and PEFT the second (PeftModel.from_pretrained,
+with adapters.peft_model.save_adapter; transformers loads the first and PEFT the second (PeftModel.from_pretrained,
 trainable). Same batch. step = forward with labels, backward, AdamW step, zero_grad; the two are
 timed in turn in every repeat (noise from other processes falls on both alike); medians after a
 warm-up. The first losses of both sides are printed as a check that they run the same model.
@@ -50,7 +50,7 @@ from spectral_peft.adapters.lora import LoraConfig  # noqa: E402
 from spectral_peft.adapters.lorafa import LoraFAConfig  # noqa: E402
 from spectral_peft.adapters.peft_model import get_peft_model  # noqa: E402
 from spectral_peft.backend import get_backend  # noqa: E402
-from spectral_peft.io.peft import save_adapter  # noqa: E402
+from spectral_peft.adapters.peft_model import save_adapter  # noqa: E402
 from spectral_peft.model import GPT2Config, GPT2LMHeadModel, save_pretrained  # noqa: E402
 from spectral_peft.optim import AdamW  # noqa: E402
 

@@ -30,12 +30,11 @@ import numpy as np
 from spectral_peft import data, minilm
 from spectral_peft.adapters.adalora import AdaLoraConfig
 from spectral_peft.adapters.peft_model import get_peft_model
-from spectral_peft.backend import get_backend, to_host
+from spectral_peft.backend import blas_threads, get_backend, to_host
 from spectral_peft.model import BertForSequenceClassification
 from spectral_peft.model.hf import read_config
 from spectral_peft.optim import AdamW, LinearWarmupLinearDecay
 from spectral_peft.plots.adalora import plot_budget, plot_rank_heatmap
-from spectral_peft.run import _limit_threads
 from spectral_peft.train import SeededBatches, Trainer
 
 NETWORK = ("http.client", "urllib.request", "urllib.parse", "smtplib", "ftplib", "imaplib", "poplib", "socket",
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
         print(f"minilm_adalora: {exc}", file=sys.stderr)
         return 2
 
-    with _limit_threads(args.threads):
+    with blas_threads(args.threads):
         return _main(args)
 
 

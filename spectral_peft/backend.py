@@ -13,11 +13,13 @@ statistics whatever the compute dtype, as in bitsandbytes.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 DEVICES = ("cpu", "gpu")
 DTYPES = ("float32", "float64")
@@ -171,3 +173,10 @@ def tune_host_allocator() -> bool:
           and mallopt(m_top_pad, 0) == 1)
     _ALLOCATOR_TUNED = bool(ok)
     return _ALLOCATOR_TUNED
+
+
+def blas_threads(n: int):
+    """A context limiting the host BLAS to ``n`` threads (threadpoolctl); n = 0: as configured."""
+    if n <= 0:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")

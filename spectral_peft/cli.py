@@ -12,7 +12,7 @@ import sys
 from .backend import tune_host_allocator
 
 COMMANDS = {
-    "run": ("spectral_peft.run", "fine-tune every method on the embedded default and compare them"),
+    "run": ("spectral_peft.commands.run", "fine-tune every method on the embedded default and compare them"),
     "figures": ("spectral_peft.figures", "regenerate every figure from the last run's results"),
     "reference": ("spectral_peft.oracle", "write reference logits, loss and gradients (float64)"),
     "validate": ("spectral_peft.validate", "side-by-side checks against the installed peers"),

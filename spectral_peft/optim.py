@@ -267,3 +267,11 @@ class LinearWarmupCosineDecay(_Schedule):
         if s < self.num_warmup_steps:
             return self._warmup(s)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2.0 * 0.5 * self._progress(s))))
+
+
+def make_adamw(model, lr: float, weight_decay: float, total_steps: int):
+    """AdamW (betas 0.9, 0.999, eps 1e-8) with a linear warm-up over 5% of the steps, then a half
+    cosine to 0 (transformers' get_cosine_schedule_with_warmup): (optimizer, schedule)."""
+    opt = AdamW(model, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    sched = LinearWarmupCosineDecay(opt, num_warmup_steps=max(1, total_steps // 20), num_training_steps=total_steps)
+    return opt, sched

@@ -25,8 +25,10 @@ import sys
 
 import numpy as np
 
+from .adapters.peft_model import load_peft_model
 from .backend import get_backend, to_host
 from .io.safe import load_safetensors, save_safetensors
+from .model import BertModel, hf_gradients, load_pretrained
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "dlogits")
 
@@ -60,14 +62,10 @@ def read_inputs(path) -> dict:
 
 def reference(model_dir, inputs: dict, adapter_dir=None, dtype: str = "float64") -> dict:
     """Compute the oracle's outputs: name -> host array (see the module docstring)."""
-    from .model import BertModel, hf_gradients, load_pretrained  # noqa: PLC0415
-
     backend = get_backend(None, dtype)
     model = load_pretrained(model_dir, backend)
     base = model
     if adapter_dir is not None:
-        from .io.peft import load_peft_model  # noqa: PLC0415
-
         model = load_peft_model(model, adapter_dir)
     model.eval()  # dropout off
     bare = isinstance(base, BertModel)

@@ -32,15 +32,17 @@ MethodResult:
     final_eval_loss        float, mean cross-entropy (nats/byte) on the eval split after training
     train_curve            {step: [...], loss: [...]}: training loss per step
     eval_curve             {step: [...], loss: [...]}: eval loss at the evaluation points
-    extras                 method-specific records for figures (AdaLoRA rank history and budget
-                           schedule, RoSA densities, quantisation error, singular values)
+    extras                 method-specific records for figures: the singular values of every
+                           layer's ΔW, and the method controller's report() (AdaLoRA's ranks and
+                           budget schedule, RoSA's densities and support, DyLoRA's loss by rank)
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
+
+from .io.safe import atomic_write_bytes
 
 SCHEMA = "spectral_peft.results"
 VERSION = 1
@@ -90,18 +92,8 @@ def validate_results(results: dict, source: str = "results") -> None:
 def save_results(results: dict, path: str) -> None:
     """Validate and write ``results`` to ``path`` atomically (a temporary file, then a rename)."""
     validate_results(results, source=path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(results, indent=1, allow_nan=False) + "\n").encode("utf-8"))
 
 
 def load_results(path: str) -> dict:
@@ -125,3 +117,23 @@ def method_result(results: dict, method: str) -> dict | None:
         if m["method"] == method:
             return m
     return None
+
+
+TABLE_COLUMNS = ("method", "trainable params", "vs budget", "frozen-weight bytes", "peak activation bytes",
+                 "ms/step", "final eval loss")
+
+
+def format_table(results: dict) -> str:
+    """The run's table: one row per method that ran, its trainable count against the budget."""
+    budget = results["budget"].get("target") or 0
+    rows = []
+    for m in results["methods"]:
+        vs = "(reference)" if m["method"] == "full" else f"{(m['trainable_params'] - budget) / budget:+.1%}"
+        rows.append((m["method"], f"{m['trainable_params']:,}", vs, f"{m['frozen_weight_bytes']:,}",
+                     f"{m['peak_activation_bytes']:,}", f"{m['ms_per_step']:.1f}", f"{m['final_eval_loss']:.4f}"))
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(TABLE_COLUMNS)]
+    line = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(TABLE_COLUMNS, widths)))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in rows:
+        out.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    return "\n".join(out)

@@ -34,8 +34,12 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from tqdm.auto import tqdm
+
 from .backend import get_xp, to_host
 from .io import checkpoint as ckpt_io
+from .memory import memory_report
+from .optim import clip_grad_norm
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -189,12 +193,12 @@ class Trainer:
     checkpoint_every: None or int >= 1: write a checkpoint after every that many steps (needs
                      checkpoint_dir). ``fit`` also writes one when it ends.
     nonfinite:       "raise" (stop with NonFiniteError) or "skip" (drop the step's update).
-    progress:        show a tqdm progress bar in ``fit``.
+    progress:        show a tqdm progress bar in ``fit`` (on stderr), labelled ``progress_desc``.
     """
 
     def __init__(self, model, optimizer, schedule=None, max_grad_norm=None, controllers=None,
                  checkpoint_dir=None, keep_last: int = 3, checkpoint_every: int | None = None,
-                 nonfinite: str = "raise", progress: bool = False):
+                 nonfinite: str = "raise", progress: bool = False, progress_desc: str | None = None):
         if not _has(model, "forward", "backward", "named_parameters", "zero_grad"):
             raise TypeError(f"model must be a spectral_peft Module with forward/backward, got {type(model).__name__}")
         if not _has(optimizer, "step", "state_dict", "load_state_dict"):
@@ -230,20 +234,17 @@ class Trainer:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be a bool, got {progress!r}")
-        self.clip = None
-        if max_grad_norm is not None:
-            from .optim import clip_grad_norm  # noqa: PLC0415 - only when clipping is asked for
-
-            self.clip = clip_grad_norm
+        self.clip = clip_grad_norm if max_grad_norm is not None else None
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.controllers = controllers
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.keep_last, self.checkpoint_every = keep_last, checkpoint_every
-        self.nonfinite, self.progress = nonfinite, progress
+        self.nonfinite, self.progress, self.progress_desc = nonfinite, progress, progress_desc
         self.step = 0  # optimizer steps taken (skipped steps count: they consumed their batch)
         self.skipped: list[int] = []
         self.history: list[dict] = []
+        self.eval_history: list[tuple[int, float]] = []  # (step, evaluate()) of fit's evaluations
         self.last_checkpoint: str | None = None
         self.data = None
         self._pending_data_state = None
@@ -350,12 +351,17 @@ class Trainer:
             self.data.load_state_dict(self._pending_data_state)
             self._pending_data_state = None
 
-    def fit(self, batches, steps: int, callback=None) -> list[dict]:
+    def fit(self, batches, steps: int, callback=None, eval_batches=None, eval_every: int | None = None) -> list[dict]:
         """Train until ``self.step == steps`` (a TOTAL count: after resuming at step N,
         ``fit(batches, N + M)`` runs M more). ``batches``: a SeededBatches (the batch of step t is
         ``batches.batch(t)``, resumable) or any iterable of batch dicts (consumed in order, not
         resumable). Checkpoints every ``checkpoint_every`` steps and at the end. ``callback``, when
-        given, is called with each step's metrics. Returns the metrics of the steps run."""
+        given, is called with each step's metrics. With ``eval_batches`` (a list of batch dicts),
+        :meth:`evaluate` runs before the first step, after every ``eval_every`` steps (None: only
+        at the ends) and after the last step, each result appended to ``eval_history`` as
+        (step, loss). Returns the metrics of the steps run."""
+        if eval_every is not None and (type(eval_every) is not int or eval_every < 1):
+            raise ValueError(f"eval_every must be None or an int >= 1, got {eval_every!r}")
         if type(steps) is not int or steps < 0:
             raise ValueError(f"steps must be an int >= 0 (the total step count), got {steps!r}")
         if steps < self.step:
@@ -366,9 +372,9 @@ class Trainer:
         it = None if seeded else iter(batches)
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm  # noqa: PLC0415 - only when a bar is asked for
-
-            bar = tqdm(total=steps, initial=self.step, unit="step")
+            bar = tqdm(total=steps, initial=self.step, unit="step", desc=self.progress_desc, leave=False)
+        if eval_batches is not None and not any(s == self.step for s, _ in self.eval_history):
+            self.eval_history.append((self.step, self.evaluate(eval_batches)))
         out = []
         try:
             while self.step < steps:
@@ -384,6 +390,8 @@ class Trainer:
                 out.append(m)
                 if callback is not None:
                     callback(m)
+                if eval_batches is not None and eval_every is not None and self.step % eval_every == 0:
+                    self.eval_history.append((self.step, self.evaluate(eval_batches)))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", ms=f"{m['ms']:.0f}")
@@ -394,38 +402,21 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        if eval_batches is not None and self.eval_history[-1][0] != self.step:
+            self.eval_history.append((self.step, self.evaluate(eval_batches)))
         if self.checkpoint_dir is not None and out and self.last_checkpoint != os.path.join(
                 self.checkpoint_dir, ckpt_io.step_dir_name(self.step)):
             self.save_checkpoint()
         return out
 
     def evaluate(self, batches: Iterable) -> float:
-        """Mean loss over ``batches`` (an iterable of batch dicts), in eval mode (no dropout), no
-        gradients kept. Training mode is restored afterwards."""
-        total, n = 0.0, 0
-        self.model.eval()
-        try:
-            backend = getattr(self.model, "backend", None)
-            for batch in batches:
-                if backend is not None:
-                    batch = {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-                out = self.model.forward(**batch)
-                if getattr(out, "loss", None) is None:
-                    raise ValueError("evaluate: model.forward returned no loss; the batches need 'labels'")
-                total += float(to_host(out.loss))
-                n += 1
-                if hasattr(self.model, "clear_cache"):
-                    self.model.clear_cache()
-        finally:
-            self.model.train()
-        if n == 0:
-            raise ValueError("evaluate: batches is empty")
-        return total / n
+        """:func:`evaluate` of the trainer's model."""
+        return evaluate(self.model, batches)
 
     # --- metrics -------------------------------------------------------------------------------
     def metrics(self) -> dict:
         """Summary of the steps run so far: median ms/step, tokens/s, peak activation bytes, and
-        spectral_peft.memory.memory_report(model, optimizer) when that module is present."""
+        spectral_peft.memory.memory_report(model, optimizer)."""
         ran = [h for h in self.history if not h["skipped"]] or self.history
         ms = float(np.median([h["ms"] for h in ran])) if ran else float("nan")
         tok = sum(h["tokens"] for h in ran)
@@ -433,10 +424,6 @@ class Trainer:
         out = {"steps": self.step, "skipped": list(self.skipped), "ms_per_step": ms,
                "tokens_per_s": tok / secs if secs > 0 else float("nan"),
                "peak_activation_bytes": max((h["activation_bytes"] for h in ran), default=0)}
-        try:
-            from .memory import memory_report  # noqa: PLC0415 - written by a teammate; optional here
-        except ImportError:
-            return out
         out["memory"] = memory_report(self.model, self.optimizer)
         return out
 
@@ -484,6 +471,42 @@ class Trainer:
         return self.step
 
 
+def evaluate(model, batches: Iterable) -> float:
+    """The mean loss over every target of ``batches`` (an iterable of batch dicts), in eval
+    mode (no dropout), no gradients kept; training mode is restored afterwards. Each batch's
+    mean loss is weighted by its number of targets (:func:`target_count`), so the result is
+    the mean over all targets whatever the batch sizes."""
+    total, n = 0.0, 0
+    model.eval()
+    try:
+        backend = getattr(model, "backend", None)
+        for batch in batches:
+            if backend is not None:
+                batch = {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+            out = model.forward(**batch)
+            if getattr(out, "loss", None) is None:
+                raise ValueError("evaluate: model.forward returned no loss; the batches need 'labels'")
+            w = target_count(batch)
+            total += float(to_host(out.loss)) * w
+            n += w
+            if hasattr(model, "clear_cache"):
+                model.clear_cache()
+    finally:
+        model.train()
+    if n == 0:
+        raise ValueError("evaluate: the batches hold no targets (empty, or every label is -100)")
+    return total / n
+
+
+def target_count(batch: Mapping) -> int:
+    """The targets a batch's mean loss averages over: for labels (B, T) of a language model, the
+    shifted positions whose label is not -100; for labels (B,) of a classifier, B."""
+    labels = to_host(batch["labels"])
+    if labels.ndim == 1:
+        return int(labels.shape[0])
+    return int((labels[:, 1:] != -100).sum())
+
+
 class _StateHolder:
     """Stands in for the data source during load_checkpoint (the real one arrives with fit())."""
 
@@ -497,4 +520,4 @@ class _StateHolder:
         self.state = state
 
 
-__all__ = ["Trainer", "SeededBatches", "NonFiniteError", "NONFINITE_MODES"]
+__all__ = ["Trainer", "SeededBatches", "NonFiniteError", "NONFINITE_MODES", "evaluate", "target_count"]

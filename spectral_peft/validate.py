@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .adapters.registry import resolve
 from .testing import RTOL, errors
 
 F64 = RTOL["float64"]  # 1e-10
@@ -244,7 +245,7 @@ def check_lora(rng) -> list[Row]:
             cfg = LoraConfig(r=r, lora_alpha=6, target_modules=["l0"], **extra)
         except (TypeError, ValueError) as exc:
             raise Missing(f"engine LoraConfig refused {extra}: {exc}") from None
-        layer = cfg.make_layer("l0", Linear(W, b), np.random.default_rng(0))
+        layer = resolve(cfg).make_layer("l0", Linear(W, b), np.random.default_rng(0))
         kmap = {"lora_A.weight": tl.lora_A["default"].weight, "lora_B.weight": tl.lora_B["default"].weight}
         if extra.get("use_dora"):
             kmap["lora_magnitude_vector"] = tl.lora_magnitude_vector["default"].weight
@@ -370,7 +371,7 @@ def check_adapter_files(rng) -> list[Row]:
     torch = _peer("torch")
     transformers = _peer("transformers")
     peft = _peer("peft")
-    _engine("spectral_peft.io.peft", "load_peft_model")
+    _engine("spectral_peft.adapters.peft_model", "load_peft_model")
     from safetensors.numpy import load_file, save_file  # noqa: PLC0415
 
     from . import cli  # noqa: PLC0415

@@ -25,7 +25,7 @@ DIMS = [(6, 5), (5, 7), (7, 4)]  # (d_in, d_out) of l0, l1, l2
 NAMES = ["l0", "l1", "l2"]
 
 try:  # the generic adapter files (io/peft.py); stand-ins below follow the same contract
-    from spectral_peft.io.peft import load_peft_model, save_adapter
+    from spectral_peft.adapters.peft_model import load_peft_model, save_adapter
 except ImportError:
     def save_adapter(peft_model, directory):
         arrays = {}

@@ -118,7 +118,7 @@ def test_dora_parameter_count():
 
 
 def test_dora_merge_and_unload_gives_the_adapted_outputs():
-    from spectral_peft.adapters.lora import merge_and_unload
+    from spectral_peft.adapters.peft_model import merge_and_unload
 
     class Net(Module):
         def __init__(self):

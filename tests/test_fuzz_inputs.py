@@ -192,7 +192,7 @@ def test_random_bytes_as_checkpoint_files(ckpt, tmp_path_factory, raw):
 @given(cut=st.integers(0, 400), which=st.sampled_from(["adapter_model.safetensors", "adapter_config.json"]))
 @fuzz
 def test_truncated_adapter_files_are_refused(tmp_path_factory, cut, which):
-    from spectral_peft.io.peft import load_peft_model, save_adapter  # noqa: PLC0415
+    from spectral_peft.adapters.peft_model import load_peft_model, save_adapter  # noqa: PLC0415
     t, _ = W.build("lora", "float32")
     d = tmp_path_factory.mktemp("ad")
     save_adapter(t.model, d)

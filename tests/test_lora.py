@@ -11,7 +11,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spectral_peft.adapters.lora import (A_KEY, B_KEY, LoraConfig, LoraLinear, merge_and_unload, pattern_value)
+from spectral_peft.adapters.base import pattern_value
+from spectral_peft.adapters.lora import A_KEY, B_KEY, LoraConfig, LoraLinear
+from spectral_peft.adapters.peft_model import merge_and_unload
 from spectral_peft.adapters.peft_model import get_peft_model
 from spectral_peft.backend import get_backend, to_host
 from spectral_peft.module import Linear, Module

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from spectral_peft.backend import get_backend  # noqa: E402
-from spectral_peft.io.peft import load_peft_model  # noqa: E402
+from spectral_peft.adapters.peft_model import load_peft_model  # noqa: E402
 from spectral_peft.model import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,  # noqa: E402
                                  load_pretrained, save_pretrained)
 from spectral_peft.testing import assert_close  # noqa: E402

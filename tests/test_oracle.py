@@ -179,12 +179,12 @@ def test_missing_required_argument_exits_2(capsys):
 
 
 def test_adapter_branch_writes_only_adapter_keys(tmp_path, capsys):
-    """Smoke test of --adapter (the adapter files are the io.peft teammate's; their parity is
+    """Smoke test of --adapter (the adapter files of adapters/peft_model.py; their parity is
     tested there): OUT holds the adapter file's keys, and the base gets no gradient entry."""
     from spectral_peft.adapters.lora import LoraConfig
     from spectral_peft.adapters.peft_model import get_peft_model
     from spectral_peft.backend import get_backend
-    from spectral_peft.io.peft import save_adapter
+    from spectral_peft.adapters.peft_model import save_adapter
     from spectral_peft.model import GPT2Config, GPT2LMHeadModel, load_pretrained, save_pretrained
 
     be = get_backend("cpu", "float64")

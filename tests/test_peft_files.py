@@ -16,7 +16,7 @@ from spectral_peft.adapters.lora import LoraConfig, LoraLinear  # noqa: E402
 from spectral_peft.adapters.lorafa import LoraFAConfig  # noqa: E402
 from spectral_peft.adapters.peft_model import get_peft_model  # noqa: E402
 from spectral_peft.backend import get_backend  # noqa: E402
-from spectral_peft.io.peft import load_peft_model, save_adapter  # noqa: E402
+from spectral_peft.adapters.peft_model import load_peft_model, save_adapter  # noqa: E402
 from spectral_peft.io.safe import FileFormatError, load_safetensors, save_safetensors  # noqa: E402
 from spectral_peft.model import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,  # noqa: E402
                                  load_pretrained, save_pretrained)

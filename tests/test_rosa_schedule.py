@@ -214,12 +214,12 @@ def test_budget_pairs_fit_and_are_maximal(budget, dims):
 
 
 def test_figures_are_written(tmp_path):
-    from spectral_peft.plots.rosa import (plot_density_per_layer, plot_loss_curves, plot_support_pattern,
-                                          supports_summary)
+    from spectral_peft.adapters.rosa import density_summary
+    from spectral_peft.plots.rosa import plot_density_per_layer, plot_loss_curves, plot_support_pattern
 
     peft = get_peft_model(TinyNet(), config(schedule="wl0", spa_num_grads=1), seed=0)
     train(peft, range(1))
-    summary = supports_summary(peft)
+    summary = density_summary(peft.adapter_layers())
     assert [round(v["density"], 6) for v in summary.values()] == [round(12 / 48, 6), round(10 / 40, 6)]
     plot_density_per_layer(summary, tmp_path / "density.png")
     mask = dict(peft.adapter_layers())["base_model.model.fc1"].support_mask()
@@ -233,7 +233,7 @@ def test_figures_are_written(tmp_path):
 
 
 def test_adapter_files_round_trip_through_io_peft(tmp_path):
-    from spectral_peft.io.peft import load_peft_model, save_adapter
+    from spectral_peft.adapters.peft_model import load_peft_model, save_adapter
     from spectral_peft.io.safe import FileFormatError, load_safetensors, save_safetensors
 
     peft = get_peft_model(TinyNet(), config(schedule="wl0", spa_num_grads=1), seed=0)

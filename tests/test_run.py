@@ -16,7 +16,7 @@ import pytest
 
 from spectral_peft import cli
 from spectral_peft.results import load_results
-from spectral_peft.run import METHODS, QUICK
+from spectral_peft.commands.run_options import METHODS, QUICK
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_figures_command_regenerates_from_results(quick_run, first_run, tmp_path
 
 
 def test_config_file_and_flags(tmp_path):
-    from spectral_peft.run import config_from_args
+    from spectral_peft.commands.run_options import config_from_args
 
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"r": 6, "lora_alpha": 12, "target_modules": ["c_attn", "c_fc"], "steps": 9}))

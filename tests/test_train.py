@@ -111,8 +111,26 @@ def test_evaluate_is_the_mean_eval_mode_loss_and_restores_training_mode():
     expected = sum(float(ref.model.forward(**x).loss) for x in batches) / 3
     assert t.evaluate(batches) == pytest.approx(expected, rel=1e-15)
     assert all(m.training for _, m in t.model.named_modules())
-    with pytest.raises(ValueError, match="batches is empty"):
+    with pytest.raises(ValueError, match="the batches hold no targets"):
         t.evaluate([])
+
+
+def test_evaluate_weights_each_batch_by_its_targets():
+    """Batches of unequal size and ignored labels (-100): the mean over every target, as one
+    forward over all of them gives, not the mean of the batch means."""
+    t, b = W.build("full", "float64")
+    big, small = b.batch(0), b.batch(1)
+    small = {k: v[:1] for k, v in small.items()}
+    labels = small["labels"].copy()
+    labels[0, 1:3] = -100
+    small["labels"] = labels
+    t.model.eval()
+    losses = [float(t.model.forward(**x).loss) for x in (big, small)]
+    n_big = big["labels"][:, 1:].size
+    n_small = int((labels[:, 1:] != -100).sum())
+    expected = (losses[0] * n_big + losses[1] * n_small) / (n_big + n_small)
+    assert abs(expected - sum(losses) / 2) > 1e-6  # the two means differ on these batches
+    assert t.evaluate([big, small]) == pytest.approx(expected, rel=1e-13)
 
 
 def test_progress_bar(capsys):

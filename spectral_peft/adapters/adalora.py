@@ -34,8 +34,7 @@ from ..budget import threshold_mask_le, topk_mask
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
-from .base import AdapterLayer, Controller
-from .peft_model import AdapterConfig
+from .base import AdapterConfig, AdapterLayer, Controller, Recipe, model_relative
 
 PARAM_KEYS = ("lora_A", "lora_E", "lora_B")  # PEFT's ParameterDict names; file keys drop the adapter name
 RANKNUM_EPS = 1e-5  # PEFT: ranknum + 1e-5 in the denominator of the scale
@@ -217,6 +216,30 @@ class AdaLoraConfig(AdapterConfig):
 
     def make_controller(self, peft_model) -> AdaLoraController:
         return AdaLoraController(peft_model, self)
+
+    def parameter_count(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """Σ r_path · (d_in + 1 + d_out): A (r, d_in), E (r, 1), B (d_out, r); r_path = init_r, or
+        the kept triplets of the rank_pattern a loaded file holds."""
+        total = 0
+        for path, (d_out, d_in) in shapes.items():
+            pattern = self.pattern_for(path)
+            r = self.init_r if pattern is None else int(sum(pattern))
+            total += r * (d_in + 1 + d_out)
+        return int(total)
+
+    @classmethod
+    def for_run(cls, options, init_r: int) -> AdaLoraConfig:
+        """The main job's AdaLoRA at ``init_r``: target_r = 2/3 of it unless given; tinit and tfinal
+        10% and 20% of the steps unless given (a run too short for both keeps a budgeting phase)."""
+        target_r = options.target_r if options.target_r is not None else max(1, (2 * init_r) // 3)
+        tinit = options.tinit if options.tinit is not None else max(0, options.steps // 10)
+        tfinal = options.tfinal if options.tfinal is not None else max(0, options.steps // 5)
+        if tinit >= options.steps - tfinal and options.tinit is None and options.tfinal is None:
+            tinit, tfinal = 0, 0
+        return cls(init_r=init_r, target_r=min(target_r, init_r), tinit=tinit, tfinal=tfinal, deltaT=options.deltaT,
+                   beta1=options.beta1, beta2=options.beta2, orth_reg_weight=options.orth_reg_weight,
+                   total_step=options.steps, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                   target_modules=options.target_list())
 
     def to_json_dict(self, peft_model=None) -> dict:
         """adapter_config.json in PEFT's fields. With ``peft_model``, rank_pattern is the pattern
@@ -420,22 +443,16 @@ def adalora_layers(model: Module) -> list[tuple[str, AdaLoraLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaLoraLinear)]
 
 
-def _model_relative(path: str) -> str:
-    """PEFT's rank_pattern keys are relative to the wrapped model: strip "base_model.model."."""
-    prefix = "base_model.model."
-    return path[len(prefix):] if path.startswith(prefix) else path
-
-
 def rank_pattern_of(model: Module) -> dict | None:
     """{"<path>.lora_E": [bool]*init_r} of every layer with a pattern, or None if none has one."""
-    out = {f"{_model_relative(n)}.lora_E": list(m.pattern) for n, m in adalora_layers(model) if m.pattern is not None}
+    out = {f"{model_relative(n)}.lora_E": list(m.pattern) for n, m in adalora_layers(model) if m.pattern is not None}
     return out or None
 
 
 def resize_to_rank_pattern(model: Module, rank_pattern: dict) -> None:
     """Resize every layer named in ``rank_pattern`` to its kept triplets (PEFT's
     resize_modules_by_rank_pattern). Every entry is checked before any layer changes."""
-    layers = {f"{_model_relative(n)}.lora_E": m for n, m in adalora_layers(model)}
+    layers = {f"{model_relative(n)}.lora_E": m for n, m in adalora_layers(model)}
     unknown = sorted(set(rank_pattern) - set(layers))
     if unknown:
         raise KeyError(f"rank_pattern names {unknown}, which are not AdaLoRA layers; layers: {sorted(layers)}")
@@ -548,12 +565,12 @@ class RankAllocator:
             k = keep[start:start + m.r]
             start += m.r
             m.apply_mask(k)
-            pattern[f"{_model_relative(name)}.lora_E"] = list(m.pattern)
+            pattern[f"{model_relative(name)}.lora_E"] = list(m.pattern)
         return pattern
 
     def mask_using_rank_pattern(self, pattern: dict) -> None:
         for name, m in self.layers:
-            m.apply_mask(pattern[f"{_model_relative(name)}.lora_E"])
+            m.apply_mask(pattern[f"{model_relative(name)}.lora_E"])
 
     def update_and_allocate(self, step: int) -> tuple[int, dict | None]:
         """One allocation step (PEFT's AdaLoraModel.update_and_allocate): returns (budget, the
@@ -650,9 +667,31 @@ class AdaLoraController(Controller):
         self.allocator.load_state_dict(state)
         self.history = [tuple(h) for h in state.get("history", [])]
 
+    def report(self, evaluate) -> dict:
+        """The figures' data: the kept triplets of every layer (rank_pattern, final_ranks), the
+        singular values E, and the budget b(t) of every step with the maskings that happened."""
+        pattern = self.rank_pattern() or {f"{model_relative(p)}.lora_E": [True] * m.r for p, m in self.layers}
+        short = {p: _short_path(p) for p, _ in self.layers}
+        alloc, steps = self.allocator, range(int(self.config.total_step))
+        return {
+            "rank_pattern": {k: [bool(b) for b in v] for k, v in pattern.items()},
+            "final_ranks": {short[p]: int(sum(m.pattern)) if m.pattern is not None else m.r for p, m in self.layers},
+            "lora_E": {short[p]: [float(v) for v in to_host(m.params["lora_E"]).reshape(-1)] for p, m in self.layers},
+            "budget_schedule": {
+                "step": list(steps), "budget": [int(alloc.budget_schedule(t)[0]) for t in steps],
+                "init_bgt": int(alloc.init_bgt), "target_bgt": int(alloc.target_bgt),
+                "masked": [[int(a), int(b), int(k)] for a, b, k in self.history],
+            },
+        }
+
+
+def _short_path(path: str) -> str:
+    """A layer's path as the figures label it: relative to the wrapped model, "transformer." dropped."""
+    return model_relative(path).replace("transformer.", "")
+
 
 def rank_pattern_of_layers(layers) -> dict | None:
-    out = {f"{_model_relative(n)}.lora_E": list(m.pattern) for n, m in layers if m.pattern is not None}
+    out = {f"{model_relative(n)}.lora_E": list(m.pattern) for n, m in layers if m.pattern is not None}
     return out or None
 
 
@@ -661,3 +700,7 @@ __all__ = [
     "orth_penalty_forward", "orth_penalty_backward", "orth_regularizer", "adalora_layers",
     "rank_pattern_of", "resize_to_rank_pattern",
 ]
+
+
+RECIPES = (Recipe("adalora", "AdaLoRA", lambda options, init_r: AdaLoraConfig.for_run(options, init_r), knob="init_r",
+                  preset="init_r"),)

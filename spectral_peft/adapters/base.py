@@ -16,38 +16,31 @@ training loop calls in PEFT's order:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from ..module import Linear, Module
-
-
-def linear_paths(model: Module) -> list[str]:
-    """Dotted paths of every Linear (dense or quantised) in ``model``."""
-    return [name for name, m in model.named_modules() if isinstance(m, Linear)]
+from ..module import Linear, Module, linear_paths, match_target_modules  # noqa: F401 - re-exported
 
 
-def match_target_modules(model: Module, target_modules: str | Sequence[str]) -> list[str]:
-    """The Linear paths chosen by ``target_modules``, following PEFT's rule.
+MODEL_PREFIX = "base_model.model."  # where PeftModel keeps the wrapped model (PEFT's file keys start so)
 
-    A string is a regular expression matched against the whole path (``re.fullmatch``). A list
-    matches a path equal to an entry or ending with ``"." + entry``. Every list entry must match
-    something, otherwise a ValueError lists the linear names that exist.
-    """
-    paths = linear_paths(model)
-    leaf_names = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    if isinstance(target_modules, str):
-        chosen = [p for p in paths if re.fullmatch(target_modules, p)]
-        if not chosen:
-            raise ValueError(
-                f"target_modules regex {target_modules!r} matches no linear layer; "
-                f"linear layers are named {leaf_names} (e.g. {paths[:3]})")
-        return chosen
-    if not target_modules:
-        raise ValueError("target_modules is empty; name at least one of " + str(leaf_names))
-    missing = [t for t in target_modules if not any(p == t or p.endswith("." + t) for p in paths)]
-    if missing:
-        raise ValueError(f"target_modules {missing} match no linear layer; the linear layers are named {leaf_names}")
-    return [p for p in paths if any(p == t or p.endswith("." + t) for t in target_modules)]
+
+def model_relative(path: str) -> str:
+    """``path`` relative to the wrapped model: a PeftModel path loses its "base_model.model."
+    (PEFT's rank_pattern and alpha_pattern keys are written so); other paths are unchanged."""
+    return path[len(MODEL_PREFIX):] if path.startswith(MODEL_PREFIX) else path
+
+
+def pattern_value(pattern: dict | None, path: str, default):
+    """PEFT's per-module override rule (``get_pattern_key``): the first key k, in dict order, with
+    ``re.match(r"(.*\\.)?(k)$", path)`` gives the value; no match gives ``default``. ``path`` is
+    taken relative to the wrapped model."""
+    path = model_relative(path)
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
 
 
 def inject_adapters(model: Module, target_modules, make_adapter: Callable[[str, Linear], Module]) -> list[str]:
@@ -97,6 +90,15 @@ class AdapterLayer(Module):
     def xp(self):
         return self.base_layer.xp
 
+    def base_weight_for_merge(self):
+        """The base's dense weight (d_out, d_in), which merge() adds the delta into; a TypeError for
+        a quantised base, whose weight is not a dense array to add into (dequantise first)."""
+        base = self.base_layer
+        if type(base).effective_weight is not Linear.effective_weight:
+            raise TypeError(f"cannot merge into a {type(base).__name__} base (a quantised weight); "
+                            "dequantise the model first")
+        return base.params["weight"]
+
     def make_dropout_rng(self, rng, p: float):
         """The branch's dropout generator, on the backend, seeded from the host stream ``rng``
         (None when p == 0: the stream is only drawn from when dropout is on)."""
@@ -130,3 +132,71 @@ class Controller:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def report(self, evaluate: Callable[[], float]) -> dict:
+        """Plain data (JSON-able) that the results and figures need from this method at the end of
+        training: AdaLoRA's ranks and budget, RoSA's supports, DyLoRA's loss at every rank.
+        ``evaluate()`` gives the model's evaluation loss now (for methods that compare settings)."""
+        return {}
+
+
+class AdapterConfig:
+    """The protocol of every method's config dataclass (LoraConfig, AdaLoraConfig, RosaConfig, ...).
+
+    Subclasses are dataclasses with PEFT's field names, validated in ``__post_init__`` (through
+    :meth:`validate`); they build one adapter layer and the method's controller, count their
+    trainable parameters in closed form, and read and write adapter_config.json.
+    """
+
+    peft_type: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and what would be right."""
+
+    def make_layer(self, path: str, base: Linear, rng) -> Module:
+        """The adapter layer wrapping ``base`` at ``path`` (relative to the wrapped model); ``rng``
+        is the host generator (numpy.random.Generator) all initial values are drawn from, in model
+        order."""
+        raise NotImplementedError
+
+    def make_controller(self, peft_model) -> Controller | None:
+        """The method's training-time controller, or None when it needs none."""
+        return None
+
+    def parameter_count(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """Trainable parameters of the adapters this config puts on linears of the given
+        ``{path: (d_out, d_in)}`` (paths relative to the wrapped model): the closed formula, equal
+        to what the built model trains (RoSA's sparse values counted at their final nnz)."""
+        raise NotImplementedError
+
+    def to_json_dict(self, peft_model=None) -> dict:
+        """The adapter_config.json content, PEFT's field names (peft_model: for state such as
+        AdaLoRA's rank_pattern)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> AdapterConfig:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the main job (``spectral-peft run``) runs one method: each method file lists its own.
+
+    ``make_config(options, size)`` builds the method's config from the run's options (an object
+    with the fields of spectral_peft.commands.run_options.RunConfig) at the budget knob ``size``;
+    the budget matcher (spectral_peft.budget) chooses ``size`` through the config's
+    :meth:`AdapterConfig.parameter_count`. ``knob`` names it: "r" (an int rank; with
+    ``mixed_ranks`` some modules may take r + 1 through PEFT's rank_pattern), "init_r" (an int) or
+    "d" (a density in [0, 1]); "" for a method without adapters (full fine-tuning), whose
+    ``make_config`` returns None.
+    """
+
+    name: str  # the --methods name
+    title: str  # how tables and figures name it
+    make_config: Callable[[Any, Any], AdapterConfig | None]
+    knob: str = "r"
+    quantized: bool = False  # fine-tunes on a 4-bit base (QLoRA, QRoSA)
+    mixed_ranks: bool = False
+    preset: str = ""  # the run option that, when set (not None), fixes the knob instead of the budget
+    lr_option: str = "lr"  # the run option holding its learning rate

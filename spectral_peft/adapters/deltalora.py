@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from .. import validation as V
 from ..backend import get_xp, to_host
 from ..module import Linear
-from .base import Controller, adapter_layers
+from .base import Controller, Recipe, adapter_layers
 from .lora import A_KEY, B_KEY, LoraConfig, LoraLinear
 
 
@@ -111,3 +111,8 @@ class DeltaLoraController(Controller):
             xp = get_xp(A0)
             A0[...] = xp.asarray(state[f"{path}.prev_A"])
             B0[...] = xp.asarray(state[f"{path}.prev_B"])
+
+
+RECIPES = (Recipe("deltalora", "Delta-LoRA", lambda options, size: DeltaLoraConfig.for_run(
+    options, size, lora_dropout=0.0, delta_lambda=options.delta_lambda, delta_start_step=options.delta_start_step),
+    mixed_ranks=True),)

@@ -23,10 +23,13 @@ and y = b + g ⊙ v with v = x Wᵀ + s·(x Aᵀ)Bᵀ. Backward (n constant):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..backend import get_xp
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
-from .lora import A_KEY, B_KEY, LoraLinear
+from .base import Recipe
+from .lora import A_KEY, B_KEY, LoraConfig, LoraLinear
 
 M_KEY = "lora_magnitude_vector"  # PEFT's file-key suffix (no ".weight")
 
@@ -120,7 +123,7 @@ class DoraLinear(LoraLinear):
         """W <- g ⊙ (W + s·B A) with g = m / ||W + s·B A|| (rows); g's norm is kept for unmerge."""
         if self.merged:
             raise RuntimeError("DoraLinear is already merged")
-        W = self._base_weight_for_merge()
+        W = self.base_weight_for_merge()
         n = self.weight_norm()
         g = self.params[M_KEY] / n
         W += self.delta_weight()
@@ -132,7 +135,7 @@ class DoraLinear(LoraLinear):
         """W <- W' / g − s·B A, with the norm stored at merge time (PEFT caches it the same way)."""
         if not self.merged:
             raise RuntimeError("DoraLinear is not merged")
-        W = self._base_weight_for_merge()
+        W = self.base_weight_for_merge()
         g = self.params[M_KEY] / self._merge_norm
         W /= g[:, None]
         W -= self.delta_weight()
@@ -143,3 +146,26 @@ class DoraLinear(LoraLinear):
         out = super().peft_state_dict()
         out[M_KEY] = self.params[M_KEY]
         return out
+
+
+@dataclass
+class DoraConfig(LoraConfig):
+    """PEFT's LoraConfig with ``use_dora=True`` (PEFT has no DoRA config class of its own; the
+    registry resolves such a LoraConfig to this one, so that the layer is DoRA's)."""
+
+    use_dora: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.use_dora is not True:
+            raise ValueError(f"DoraConfig.use_dora must be True (plain LoRA is LoraConfig), got {self.use_dora!r}")
+
+    def make_layer(self, path, base, rng):
+        return DoraLinear(base, **self.layer_kwargs(path, base, rng))
+
+    def layer_parameter_count(self, r: int, d_out: int, d_in: int) -> int:
+        """A, B and the magnitude m (d_out,): r · (d_in + d_out) + d_out."""
+        return r * (d_in + d_out) + d_out
+
+
+RECIPES = (Recipe("dora", "DoRA", lambda options, size: DoraConfig.for_run(options, size), mixed_ranks=True),)

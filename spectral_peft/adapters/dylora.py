@@ -27,7 +27,7 @@ import numpy as np
 from .. import validation as V
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
-from .base import Controller, adapter_layers
+from .base import Controller, Recipe, adapter_layers
 from .lora import A_KEY, B_KEY, LoraConfig, LoraLinear, lora_scaling
 
 MODES = ("frozen", "full")
@@ -185,6 +185,7 @@ class DyLoraController(Controller):
     """
 
     def __init__(self, peft_model, config: DyLoraConfig):
+        self.model = peft_model
         self.layers = [m for _, m in dylora_layers(peft_model)]
         self.r_max = max((m.r for m in self.layers), default=0)
         self.rng = np.random.default_rng(config.dylora_seed)
@@ -203,3 +204,13 @@ class DyLoraController(Controller):
         self.rank = int(state["rank"])
         for layer in self.layers:
             layer.set_rank(self.rank, "train")
+
+    def report(self, evaluate) -> dict:
+        """DyLoRA's promise, measured: the evaluation loss at every rank 1..r_max of one run."""
+        by_rank = loss_by_rank(self.model, evaluate)
+        return {"rank_eval": {"ranks": sorted(by_rank), "losses": [by_rank[b] for b in sorted(by_rank)]}}
+
+
+RECIPES = (Recipe("dylora", "DyLoRA", lambda options, size: DyLoraConfig.for_run(options, size,
+                                                                             dylora_mode=options.dylora_mode),
+                  mixed_ranks=True),)

@@ -25,7 +25,6 @@ The layer family: :class:`LoraLinear` (here); DoRA (dora.py), DyLoRA (dylora.py)
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
@@ -36,8 +35,7 @@ from ..backend import to_host
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
-from .base import AdapterLayer, adapter_layers
-from .peft_model import AdapterConfig
+from .base import AdapterConfig, AdapterLayer, Recipe, adapter_layers, pattern_value
 
 A_KEY = "lora_A.weight"  # PEFT's file-key suffixes (the adapter name dropped)
 B_KEY = "lora_B.weight"
@@ -51,15 +49,6 @@ PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """s = lora_alpha / r, or lora_alpha / √r with rsLoRA (PEFT LoraLayer.update_layer)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
-def pattern_value(pattern: dict | None, path: str, default):
-    """PEFT's get_pattern_key rule: the first key k (in dict order) with re.match(r"(.*\\.)?(k)$", path)
-    gives the value; no match gives ``default``."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
 
 
 def init_lora_arrays(rng, r: int, d_in: int, d_out: int, init_lora_weights):
@@ -150,10 +139,10 @@ class LoraConfig(AdapterConfig):
     # --- per-module values ------------------------------------------------------------------------
     def rank_for(self, path: str) -> int:
         """r of the linear at ``path`` (rank_pattern, PEFT's matching rule, else r)."""
-        return int(pattern_value(self.rank_pattern, _model_relative(path), self.r))
+        return int(pattern_value(self.rank_pattern, path, self.r))
 
     def alpha_for(self, path: str) -> float:
-        return pattern_value(self.alpha_pattern, _model_relative(path), self.lora_alpha)
+        return pattern_value(self.alpha_pattern, path, self.lora_alpha)
 
     def layer_kwargs(self, path: str, base: Linear, rng) -> dict:
         return dict(r=self.rank_for(path), lora_alpha=self.alpha_for(path), lora_dropout=self.lora_dropout,
@@ -162,11 +151,28 @@ class LoraConfig(AdapterConfig):
 
     # --- AdapterConfig protocol ---------------------------------------------------------------------
     def make_layer(self, path: str, base: Linear, rng) -> Module:
-        if self.use_dora:
-            from .dora import DoraLinear  # noqa: PLC0415 - dora.py imports this module
-
-            return DoraLinear(base, **self.layer_kwargs(path, base, rng))
+        if self.use_dora:  # the registry resolves LoraConfig(use_dora=True) to dora.DoraConfig
+            raise ValueError(f"{self.name}(use_dora=True) builds DoRA layers through the registry: use "
+                             "get_peft_model, or spectral_peft.adapters.registry.resolve(config) first")
         return LoraLinear(base, **self.layer_kwargs(path, base, rng))
+
+    def layer_parameter_count(self, r: int, d_out: int, d_in: int) -> int:
+        """Trainable entries of one adapted (d_out, d_in) linear at rank r: A and B."""
+        return r * (d_in + d_out)
+
+    def parameter_count(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """Σ over the adapted linears of r_path · (d_in + d_out) (the variants change the summand)."""
+        return int(sum(self.layer_parameter_count(self.rank_for(p), d_out, d_in) for p, (d_out, d_in) in shapes.items()))
+
+    @classmethod
+    def for_run(cls, options, size, **fields_) -> LoraConfig:
+        """The config the main job trains at budget knob ``size``: r, or (r, rank_pattern) when some
+        modules take r + 1 to meet the budget; ``options`` gives alpha, dropout and the targets."""
+        r, pattern = size if isinstance(size, tuple) else (size, None)
+        kwargs = dict(r=r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                      target_modules=options.target_list(), rank_pattern=dict(pattern or {}))
+        kwargs.update(fields_)
+        return cls(**kwargs)
 
     def to_json_dict(self, peft_model=None) -> dict:
         """adapter_config.json with PEFT's LoraConfig fields. fan_in_fan_out is written True for a
@@ -201,11 +207,6 @@ class LoraConfig(AdapterConfig):
         if isinstance(kwargs.get("target_modules"), (list, tuple, set)):
             kwargs["target_modules"] = sorted(kwargs["target_modules"])
         return cls(**kwargs)
-
-
-def _model_relative(path: str) -> str:
-    prefix = "base_model.model."
-    return path[len(prefix):] if path.startswith(prefix) else path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,18 +308,11 @@ class LoraLinear(AdapterLayer):
         return dx
 
     # --- merge -------------------------------------------------------------------------------------
-    def _base_weight_for_merge(self):
-        base = self.base_layer
-        if type(base).effective_weight is not Linear.effective_weight:
-            raise TypeError(f"cannot merge into a {type(base).__name__} base (a quantised weight); "
-                            "dequantise the model first")
-        return base.params["weight"]
-
     def merge(self) -> None:
         """W <- W + s · B A (in the weight's dtype); the forward becomes the base alone."""
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged")
-        W = self._base_weight_for_merge()
+        W = self.base_weight_for_merge()
         W += self.delta_weight()
         self.merged = True
 
@@ -326,7 +320,7 @@ class LoraLinear(AdapterLayer):
         """W <- W - s · B A: restores W up to rounding."""
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__} is not merged")
-        W = self._base_weight_for_merge()
+        W = self.base_weight_for_merge()
         W -= self.delta_weight()
         self.merged = False
 
@@ -368,27 +362,10 @@ def lora_layers(model: Module) -> list[tuple[str, LoraLinear]]:
     return adapter_layers(model, LoraLinear)
 
 
-def merge_adapters(model: Module) -> None:
-    for _, layer in lora_layers(model):
-        layer.merge()
-
-
-def unmerge_adapters(model: Module) -> None:
-    for _, layer in lora_layers(model):
-        layer.unmerge()
-
-
-def merge_and_unload(peft_model) -> Module:
-    """Merge every LoRA-family layer into its base and put the base back in its place; returns the
-    plain model (``peft_model.model``), whose outputs equal the adapted model's. The PeftModel is
-    no longer usable afterwards. Every layer is checked mergeable before any weight changes."""
-    model = peft_model.model if hasattr(peft_model, "base_model") else peft_model
-    layers = lora_layers(model)
-    for _, layer in layers:
-        if not layer.merged:
-            layer._base_weight_for_merge()  # raises for a quantised base before anything changes
-    for path, layer in layers:
-        if not layer.merged:
-            layer.merge()
-        model.set_submodule(path, layer.base_layer)
-    return model
+RECIPES = (
+    Recipe("lora", "LoRA", lambda options, size: LoraConfig.for_run(options, size), mixed_ranks=True),
+    Recipe("rslora", "rsLoRA", lambda options, size: LoraConfig.for_run(options, size, use_rslora=True),
+           mixed_ranks=True),
+    Recipe("qlora", "QLoRA", lambda options, size: LoraConfig.for_run(options, size), quantized=True,
+           mixed_ranks=True),
+)

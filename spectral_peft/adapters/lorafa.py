@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .. import validation as V
 from ..backend import get_xp
-from .base import Controller, adapter_layers
+from .base import Controller, Recipe, adapter_layers
 from .lora import A_KEY, B_KEY, LoraConfig, LoraLinear
 
 CORRECTION_EPS = 1e-8  # PEFT: delta added to the diagonal of A Aᵀ
@@ -70,6 +70,10 @@ class LoraFAConfig(LoraConfig):
     def make_layer(self, path, base, rng):
         return LoraFALinear(base, **self.layer_kwargs(path, base, rng))
 
+    def layer_parameter_count(self, r: int, d_out: int, d_in: int) -> int:
+        """Only B (d_out, r) trains: A is frozen at its initial draw."""
+        return r * d_out
+
     def make_controller(self, peft_model):
         return LoraFAController(peft_model) if self.corrected_grad else None
 
@@ -85,3 +89,6 @@ class LoraFAController(Controller):
             g = layer.grads.get(B_KEY)
             if g is not None:
                 g[...] = corrected_gradient(g, layer.params[A_KEY], layer.scaling)
+
+
+RECIPES = (Recipe("lorafa", "LoRA-FA", lambda options, size: LoraFAConfig.for_run(options, size), mixed_ranks=True),)

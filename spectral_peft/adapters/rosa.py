@@ -46,8 +46,7 @@ from ..budget import topk_mask
 from ..module import Linear
 from ..ops.lowrank import lowrank_backward, lowrank_forward
 from ..sparse import CSR, SDDMM_IMPLS, sp_add, spmm, spmm_t
-from .base import AdapterLayer, Controller
-from .peft_model import AdapterConfig
+from .base import AdapterConfig, AdapterLayer, Controller, Recipe, model_relative, pattern_value
 
 A_KEY, B_KEY = "rosa_A.weight", "rosa_B.weight"
 VALUES_KEY = "rosa_spa.values"
@@ -57,15 +56,6 @@ MASKS_FILE = "rosa_masks.safetensors"
 IMPLS = ("auto", "sp_add", "spmm")
 GRAD_ACC_MODES = ("mean_squared", "mean")
 SCHEDULE_HELP = "'wl<N>' (e.g. 'wl64'), 'wl0', 'default' (= 'wl0'), 'spa_only' or 'lora_only'"
-
-
-def _pattern_value(pattern: dict, path: str, default):
-    """PEFT's per-module override rule: a key applies to ``path`` when ``path`` equals it or ends
-    with ``"." + key``, or when the key, as a regular expression, matches ``(.*\\.)?key$``."""
-    for key, value in (pattern or {}).items():
-        if path == key or path.endswith("." + key) or re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
 
 
 def _check_density(value, name: str) -> float:
@@ -164,9 +154,9 @@ class RosaConfig(AdapterConfig):
     # --- the AdapterConfig protocol ---
     def layer_settings(self, path: str) -> tuple[int, float, float]:
         """(r, d, lora_alpha) for the layer at ``path``, after rank/density/alpha patterns."""
-        r = _pattern_value(self.rank_pattern, path, self.r)
-        d = _pattern_value(self.density_pattern, path, self.d)
-        alpha = _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+        r = pattern_value(self.rank_pattern, path, self.r)
+        d = pattern_value(self.density_pattern, path, self.d)
+        alpha = pattern_value(self.alpha_pattern, path, self.lora_alpha)
         return int(r), float(d), float(alpha)
 
     def make_layer(self, path: str, base: Linear, rng) -> RosaLinear:
@@ -177,6 +167,24 @@ class RosaConfig(AdapterConfig):
 
     def make_controller(self, peft_model) -> RosaController:
         return RosaController(peft_model, self)
+
+    def parameter_count(self, shapes: dict[str, tuple[int, int]]) -> int:
+        """Σ r_path · (d_in + d_out) + nnz_path, nnz = int(d_path · d_out · d_in) (peft-rosa's rule),
+        the sparse values counted at their final size even before the support is chosen."""
+        total = 0
+        for path, shape in shapes.items():
+            r, d, _ = self.layer_settings(path)
+            total += r * (shape[0] + shape[1]) + nnz_for(d, shape)
+        return int(total)
+
+    @classmethod
+    def for_run(cls, options, d: float) -> RosaConfig:
+        """The main job's RoSA at density ``d``: LoRA rank rosa_r (default r // 2), the warm-up
+        schedule 'wl<10% of the steps>' unless one is given."""
+        r = options.rosa_r if options.rosa_r is not None else max(1, options.r // 2)
+        schedule = options.schedule or f"wl{max(1, options.steps // 10)}"
+        return cls(r=r, d=d, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                   target_modules=options.target_list(), spa_num_grads=options.spa_num_grads, schedule=schedule)
 
     def to_json_dict(self, peft_model=None) -> dict:
         d = asdict(self)
@@ -268,7 +276,7 @@ class RosaLinear(AdapterLayer):
     Child ``base_layer``: the frozen Linear (dense or quantised).
     """
 
-    PEFT_OPTIONAL_KEYS = (ROW_IDX_KEY,)  # derived from row_offs; io.peft accepts a file without it
+    PEFT_OPTIONAL_KEYS = (ROW_IDX_KEY,)  # derived from row_offs; the adapter loader accepts a file without it
 
     def __init__(self, base: Linear, r: int, d: float, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  impl: str = "sp_add", use_rslora: bool = False, init_lora_weights: bool | str = True,
@@ -716,6 +724,32 @@ class RosaController(Controller):
         self.step = int(state["step"])
         self.should_stop = bool(state.get("should_stop", False))
 
+    def report(self, evaluate) -> dict:
+        """The figures' data: every layer's density and the support of the layer keeping most."""
+        out = {"density": density_summary(self.layers)}
+        sparse = [(p, m) for p, m in self.layers if m.spa is not None]
+        if sparse:
+            path, layer = max(sparse, key=lambda pm: pm[1].spa.nnz)
+            flat = np.flatnonzero(to_host(layer.support_mask()).reshape(-1))
+            out["support"] = {"layer": _short_path(path), "shape": list(layer.shape), "nnz": int(layer.spa.nnz),
+                              "indices": [int(v) for v in flat]}
+        return out
+
+
+def _short_path(path: str) -> str:
+    """A layer's path as the figures label it: relative to the wrapped model, "transformer." dropped."""
+    return model_relative(path).replace("transformer.", "")
+
+
+def density_summary(layers) -> dict:
+    """{short layer path: {"nnz", "shape": [d_out, d_in], "density": nnz / numel}} of the given
+    (path, RosaLinear) pairs, in model order: the installed support's nnz, else the layer's target."""
+    out = {}
+    for path, layer in layers:
+        nnz = int(layer.spa.nnz) if layer.spa is not None else int(layer.nnz)
+        out[_short_path(path)] = {"nnz": nnz, "shape": list(layer.shape), "density": nnz / float(layer.d_out * layer.d_in)}
+    return out
+
 
 # --- the budget helper ------------------------------------------------------------------------------
 # LLaMA-2-7B's adapted linears (all seven projections of each of the 32 blocks), (d_out, d_in):
@@ -772,3 +806,9 @@ def equal_budget_pairs(budget: int, shapes, ranks=(0, 1, 2, 4, 8, 12, 16, 32, 64
             d = round(steps * resolution, 12)
         out.append(BudgetPair(r=int(r), d=d, params=rosa_parameter_count(shapes, r, d), budget=int(budget)))
     return out
+
+
+RECIPES = (
+    Recipe("rosa", "RoSA", lambda options, d: RosaConfig.for_run(options, d), knob="d", preset="d"),
+    Recipe("qrosa", "QRoSA", lambda options, d: RosaConfig.for_run(options, d), knob="d", preset="d", quantized=True),
+)

@@ -371,19 +371,11 @@ def _snapshot(obj):
     return decode_state(enc, arrays, "<snapshot>")
 
 
-def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Sequence = (), data=None) -> Checkpoint:
-    """Restore everything ``save_checkpoint`` wrote into live objects; returns the Checkpoint
-    (``.step``, ``.states["trainer"]``).
-
-    ``path`` may also be a Checkpoint already returned by :func:`read_checkpoint`. Every file, key,
-    shape, dtype and generator is checked before the model is touched; if a component's own
-    load_state_dict then refuses its state, every component is rolled back.
-    """
-    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+def _check_parameters(ckpt: Checkpoint, live: dict, modules: dict) -> None:
+    """Every parameter of the model in the checkpoint, with its shape and dtype, and every frozen
+    set naming parameters of a module that exists; FileFormatError naming the key otherwise."""
     mfile = os.path.join(ckpt.path, MODEL_FILE)
     mpath = os.path.join(ckpt.path, MANIFEST_FILE)
-    # --- check against the live objects ---
-    live = {name: (m, k) for name, m, k in model.named_parameters()}
     missing = sorted(set(live) - set(ckpt.params))
     extra = sorted(set(ckpt.params) - set(live))
     if missing:
@@ -397,20 +389,23 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Seq
         if tuple(p.shape) != tuple(a.shape) or np.dtype(p.dtype) != a.dtype:
             raise FileFormatError(mfile, f"shape {tuple(a.shape)} dtype {a.dtype}; the model's parameter is "
                                          f"{tuple(p.shape)} {p.dtype}", key=name)
-    modules = dict(model.named_modules())
     for mod_path, names in ckpt.frozen.items():
         if (mod_path not in modules or not isinstance(names, list) or not all(isinstance(n, str) for n in names)
                 or not set(names) <= set(modules[mod_path].params)):
             raise FileFormatError(mpath, f"frozen set {names!r:.80} does not fit this model", key=f"frozen.{mod_path}")
+
+
+def _check_states(ckpt: Checkpoint, components: dict, controllers: Sequence, gens: dict) -> None:
+    """A state for exactly the components the run has, and generator states of the run's kinds."""
+    mpath = os.path.join(ckpt.path, MANIFEST_FILE)
     if len(ckpt.states["controllers"]) != len(controllers):
         raise FileFormatError(mpath, f"holds {len(ckpt.states['controllers'])} controller states; the run has "
                                      f"{len(controllers)} controllers", key="states.controllers")
-    for name, obj in (("optimizer", optimizer), ("schedule", schedule), ("data", data)):
+    for name, obj in components.items():
         if (ckpt.states[name] is None) != (obj is None):
             what = "no state" if ckpt.states[name] is None else "a state"
             raise FileFormatError(mpath, f"holds {what} for the {name}, but the run has "
                                          f"{'one' if obj is not None else 'none'}", key=f"states.{name}")
-    gens = collect_generators(model, controllers)
     saved = ckpt.states["generators"]
     if sorted(saved) != sorted(gens):
         raise FileFormatError(mpath, f"saved generators {sorted(saved)[:4]} differ from the run's "
@@ -425,6 +420,23 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Seq
         except (TypeError, ValueError, KeyError) as exc:
             raise FileFormatError(mpath, f"invalid generator state ({exc})", key=f"states.generators.{key}") from None
 
+
+def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Sequence = (), data=None) -> Checkpoint:
+    """Restore everything ``save_checkpoint`` wrote into live objects; returns the Checkpoint
+    (``.step``, ``.states["trainer"]``).
+
+    ``path`` may also be a Checkpoint already returned by :func:`read_checkpoint`. Every file, key,
+    shape, dtype and generator is checked before the model is touched; if a component's own
+    load_state_dict then refuses its state, every component is rolled back.
+    """
+    ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+    live = {name: (m, k) for name, m, k in model.named_parameters()}
+    modules = dict(model.named_modules())
+    components = {"optimizer": optimizer, "schedule": schedule, "data": data}
+    gens = collect_generators(model, controllers)
+    _check_parameters(ckpt, live, modules)
+    _check_states(ckpt, components, controllers, gens)
+
     # --- install, with a snapshot to roll back to ---
     snap_params = {name: np.array(to_host(m.params[k]), copy=True) for name, (m, k) in live.items()}
     snap_frozen = {p: set(m.frozen) for p, m in modules.items()}
@@ -433,14 +445,12 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Seq
     part = "parameters"
     try:
         for name, (m, k) in live.items():
-            xp = get_xp(m.params[k])
-            m.params[k][...] = xp.asarray(ckpt.params[name])
+            m.params[k][...] = get_xp(m.params[k]).asarray(ckpt.params[name])
         for mod_path, names in ckpt.frozen.items():
-            m = modules[mod_path]
-            m.frozen = set(names)
+            modules[mod_path].frozen = set(names)
             for n in names:
-                m.grads.pop(n, None)
-        for part, obj in (("optimizer", optimizer), ("schedule", schedule), ("data", data)):
+                modules[mod_path].grads.pop(n, None)
+        for part, obj in components.items():
             if obj is not None:
                 obj.load_state_dict(ckpt.states[part])
         for i, (c, s) in enumerate(zip(controllers, ckpt.states["controllers"])):
@@ -448,7 +458,7 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Seq
             c.load_state_dict(s)
         part = "generators"
         for key, g in gens.items():  # last: a controller's load may have re-seeded its own stream
-            g.bit_generator.state = saved[key]
+            g.bit_generator.state = ckpt.states["generators"][key]
     except Exception as exc:
         for name, (m, k) in live.items():
             m.params[k][...] = get_xp(m.params[k]).asarray(snap_params[name])
@@ -461,8 +471,9 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, controllers: Seq
             g.bit_generator.state = snap_gens[key]
         if isinstance(exc, (ValueError, TypeError, KeyError, IndexError, AttributeError)):
             # The component's own check refused its saved state: name the file and the state.
-            raise FileFormatError(mpath, f"refused by {part}.load_state_dict ({type(exc).__name__}: {exc}); "
-                                         "nothing was loaded", key=f"states.{part}") from exc
+            raise FileFormatError(os.path.join(ckpt.path, MANIFEST_FILE),
+                                  f"refused by {part}.load_state_dict ({type(exc).__name__}: {exc}); "
+                                  "nothing was loaded", key=f"states.{part}") from exc
         raise
     return ckpt
 

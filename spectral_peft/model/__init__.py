@@ -9,10 +9,17 @@ See docs/models.md.
 from .bert import BertForSequenceClassification, BertModel
 from .config import BertConfig, GPT2Config
 from .gpt2 import GPT2LMHeadModel, GPT2Model
-from .hf import (hf_gradients, hf_key, hf_state_dict, is_conv1d, load_pretrained, read_config,
+from .hf import (from_pretrained, hf_gradients, hf_key, hf_state_dict, is_conv1d, load_pretrained, read_config,
                  save_pretrained)
 from .layers import Activation, Dropout, Embedding, LayerNorm
 from .output import ModelOutput
+
+# Hugging Face's two verbs on every model class. hf.py reads and writes checkpoints of these classes
+# (it imports them), so the classes receive the verbs here, once both exist.
+for _cls in (GPT2LMHeadModel, BertModel, BertForSequenceClassification):
+    _cls.from_pretrained = classmethod(from_pretrained)
+    _cls.save_pretrained = save_pretrained
+del _cls
 
 __all__ = [
     "Activation", "BertConfig", "BertForSequenceClassification", "BertModel", "Dropout", "Embedding",

@@ -165,6 +165,20 @@ def load_pretrained(directory, backend: Backend | None = None, seed: int = 0):
     return model
 
 
+def from_pretrained(cls, directory, backend: Backend | None = None, *, device: str | None = None,
+                    dtype: str = "float32", seed: int = 0):
+    """``cls.from_pretrained(directory)``: :func:`load_pretrained` on ``backend`` (default: the
+    backend of ``device`` and ``dtype``), refusing a checkpoint of another architecture by name."""
+    if backend is None:
+        backend = get_backend(device, dtype)
+    model = load_pretrained(directory, backend, seed=seed)
+    if type(model) is not cls:
+        raise FileFormatError(os.path.join(os.fspath(directory), CONFIG_NAME),
+                              f"holds a {type(model).__name__}, not a {cls.__name__}; load it with "
+                              f"{type(model).__name__}.from_pretrained")
+    return model
+
+
 # ------------------------------------------------------------------------------------------------
 # saving
 # ------------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from ..backend import get_xp, is_device_array, to_device
+
 
 @dataclass
 class ModelOutput:
@@ -23,18 +27,12 @@ class ModelOutput:
 # --- input validation shared by the models (raised before any computation) ----------------------
 
 def _xp_of(a):
-    from ..backend import get_xp  # noqa: PLC0415
-
     return get_xp(a)
 
 
 def to_backend(a, backend):
     """A host or device array -> this backend's device (the API edge; a no-op on the CPU)."""
-    from ..backend import is_device_array, to_device  # noqa: PLC0415
-
     if backend.device == "gpu" and not is_device_array(a):
-        import numpy as np  # noqa: PLC0415
-
         return to_device(np.asarray(a), backend)
     if backend.device == "cpu" and is_device_array(a):
         raise ValueError("a GPU array was passed to a CPU model; move it to the host first")

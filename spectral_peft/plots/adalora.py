@@ -11,15 +11,8 @@ import re
 import numpy as np
 
 from ..backend import to_host
+from .common import pyplot
 
-
-def _pyplot():
-    import matplotlib  # noqa: PLC0415 - plotting is optional at import time
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
 
 
 def rank_matrix(rank_pattern: dict) -> tuple[np.ndarray, list[int], list[str]]:
@@ -46,7 +39,7 @@ def rank_matrix(rank_pattern: dict) -> tuple[np.ndarray, list[int], list[str]]:
 
 def plot_rank_heatmap(rank_pattern: dict, path, title: str = "AdaLoRA final rank per matrix") -> None:
     """Heat map of the final rank of every adapted matrix: rows matrix types, columns layers."""
-    plt = _pyplot()
+    plt = pyplot()
     ranks, layers, types = rank_matrix(rank_pattern)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.6 * len(layers)), 1.2 + 0.45 * len(types)))
     im = ax.imshow(ranks, cmap="Greens", aspect="auto", vmin=0)
@@ -64,7 +57,7 @@ def plot_rank_heatmap(rank_pattern: dict, path, title: str = "AdaLoRA final rank
 
 def plot_budget(steps, budgets, path, kept=None, title: str = "AdaLoRA budget b(t)") -> None:
     """b(t) over training (a step line), optionally with the triplets actually kept."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.step(np.asarray(steps), np.asarray(budgets), where="post", label="budget b(t)")
     if kept is not None:
@@ -80,7 +73,7 @@ def plot_budget(steps, budgets, path, kept=None, title: str = "AdaLoRA budget b(
 
 def plot_singular_values(singular_values: dict, path, title: str = "AdaLoRA singular values Λ") -> None:
     """|Λ| per module, sorted descending ({name: E (r, 1) or (r,)}); zeros (pruned) shown at the floor."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, E in singular_values.items():
         v = np.sort(np.abs(np.asarray(to_host(E), dtype=np.float64).reshape(-1)))[::-1]

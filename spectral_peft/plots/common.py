@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import os
 
+from ..adapters.registry import RECIPES
+
 # One fixed colour per method, so every figure of a run reads the same way.
 METHOD_COLORS = {
     "full": "#000000", "lora": "#1f77b4", "rslora": "#17becf", "dora": "#9467bd", "dylora": "#8c564b",
     "lorafa": "#bcbd22", "deltalora": "#e377c2", "adalora": "#2ca02c", "rosa": "#d62728", "qlora": "#ff7f0e",
     "qrosa": "#7f7f7f",
-}
-METHOD_LABELS = {
-    "full": "full FT", "lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA", "dylora": "DyLoRA",
-    "lorafa": "LoRA-FA", "deltalora": "Delta-LoRA", "adalora": "AdaLoRA", "rosa": "RoSA", "qlora": "QLoRA",
-    "qrosa": "QRoSA",
 }
 
 
@@ -36,7 +33,8 @@ def color(method: str) -> str:
 
 
 def label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    """The method's title, as its recipe (adapters/registry.py) names it."""
+    return RECIPES[method].title if method in RECIPES else method
 
 
 def save(fig, path) -> None:

@@ -6,14 +6,8 @@ drawn as separate points for comparison. Input: {rank: loss} dicts (host floats)
 """
 from __future__ import annotations
 
+from .common import pyplot
 
-def _pyplot():
-    import matplotlib  # noqa: PLC0415 - plotting is optional at import time
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
 
 
 def loss_table(losses: dict, lora_losses: dict | None = None) -> str:
@@ -32,7 +26,7 @@ def plot_loss_by_rank(losses: dict, path, lora_losses: dict | None = None,
     """Eval loss (y) against rank b (x): a line for the DyLoRA run, points for LoRA runs."""
     if not losses:
         raise ValueError("plot_loss_by_rank needs at least one {rank: loss} entry")
-    plt = _pyplot()
+    plt = pyplot()
     ranks = sorted(losses)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(ranks, [float(losses[b]) for b in ranks], "o-", label="DyLoRA (one run, any rank)")

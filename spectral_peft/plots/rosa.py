@@ -9,38 +9,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_host
+from .common import pyplot
 
-
-def _pyplot():
-    import matplotlib  # noqa: PLC0415 - plotting is optional at import time
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
-
-
-def supports_summary(peft_model) -> dict:
-    """{layer path: {"density": nnz/numel, "nnz": nnz, "shape": (d_out, d_in)}} of every RoSA layer
-    (density is of the installed support; the layer's target when none is set yet)."""
-    from ..adapters.rosa import RosaLinear  # noqa: PLC0415
-
-    out = {}
-    for path, layer in peft_model.adapter_layers():
-        if isinstance(layer, RosaLinear):
-            numel = layer.d_out * layer.d_in
-            nnz = layer.spa.nnz if layer.spa is not None else layer.nnz
-            out[path] = {"density": nnz / numel, "nnz": int(nnz), "shape": list(layer.shape)}
-    return out
 
 
 def plot_density_per_layer(densities: dict, path) -> None:
     """Bar chart of the sparse adapter's density per layer. densities: {layer path: float or
     {"density": float, ...}} in model order."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(densities)
     values = [float(v["density"] if isinstance(v, dict) else v) * 100 for v in densities.values()]
-    short = [n.replace("base_model.model.", "").replace("transformer.", "") for n in names]
+    short = names
     fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(names) + 2), 3.6))
     ax.bar(range(len(values)), values, color="tab:purple")
     ax.set_xticks(range(len(values)))
@@ -55,7 +34,7 @@ def plot_density_per_layer(densities: dict, path) -> None:
 def plot_support_pattern(mask, path, title: str = "RoSA support") -> None:
     """The support of one (d_out, d_in) matrix, with its row and column counts in the margins
     (gradient-chosen supports cluster in rows and columns)."""
-    plt = _pyplot()
+    plt = pyplot()
     m = np.asarray(to_host(mask), dtype=bool)
     if m.ndim != 2:
         raise ValueError(f"plot_support_pattern: mask must be 2-D (d_out, d_in), got shape {m.shape}")
@@ -84,7 +63,7 @@ def plot_support_pattern(mask, path, title: str = "RoSA support") -> None:
 def plot_loss_curves(curves: dict, path, title: str = "LoRA vs RoSA vs sparse-only at equal budget") -> None:
     """Training-loss curves. curves: {label: {"steps": [..], "loss": [..], "params": int (optional)}}
     or {label: [loss, ...]} (steps 0..T-1). The trainable-parameter count goes into the legend."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, c in curves.items():
         if isinstance(c, dict):

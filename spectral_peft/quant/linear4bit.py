@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..adapters.base import match_target_modules
+from ..module import match_target_modules
 from ..backend import get_xp
 from ..module import Linear, Module
 from .blockwise import (BLOCKSIZES_4BIT, QuantState, _as_float32_flat, _check_blocksize,

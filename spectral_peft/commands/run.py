@@ -1,0 +1,283 @@
+"""The `run` command: the main job, on the embedded default, with no download.
+
+1. Data (spectral_peft.data): the standard library's own source (docstrings removed) is the
+   pretraining text; the docstrings of a disjoint set of modules are the shifted fine-tuning task
+   (train and held-out eval splits). Bytes are tokens (vocabulary 256).
+2. Base model (commands/pretrain.py): a small GPT-2 pretrained by the engine and cached.
+3. Fine-tuning: every method from that same base, at a matched trainable-parameter budget (within
+   ``--tolerance``, 5%; full fine-tuning is the unmatched reference), the same batches, steps and
+   evaluation set. Each method is a :class:`~spectral_peft.adapters.base.Recipe` of its own file;
+   the budget is matched through the configs' closed parameter counts (spectral_peft.budget).
+4. Output: a table (method, trainable params, frozen-weight bytes, peak activation bytes, ms/step,
+   final eval loss), ``results.json`` (spectral_peft.results) and the figures, in
+   ``<out>/<timestamp>/``, with ``<out>/latest`` pointing at it.
+
+The options are in commands/run_options.py. Shape legend: B batch, T sequence length, V = 256.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import sys
+import time
+
+import numpy as np
+
+from .. import data as data_mod
+from ..adapters.peft_model import PeftModel, adapted_shapes, get_peft_model
+from ..adapters.registry import recipe as get_recipe
+from ..backend import blas_threads, get_backend
+from ..budget import BudgetUnreachable, match_budget
+from ..figures import make_figures
+from ..optim import make_adamw
+from ..quant import frozen_weight_bytes, quantize_model
+from ..quant.report import quantization_record
+from ..results import RESULTS_FILE, format_table, new_results, save_results
+from ..train import SeededBatches, Trainer, evaluate
+from .pretrain import load_base, pretrain_base
+from .run_options import RunConfig, add_arguments, config_from_args  # noqa: F401 - add_arguments: the CLI's
+
+
+class Log:
+    """Prints to stdout at once (progress bars go to stderr) and keeps the lines."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "") -> None:
+        self.lines.append(text)
+        print(text, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# One method
+# ------------------------------------------------------------------------------------------------
+def build_method(recipe, cfg: RunConfig, base_folder: str, backend, size):
+    """A fresh base loaded from the cache, quantised when the recipe asks, with the recipe's
+    adapters at ``size``: (model, adapter config or None for full fine-tuning)."""
+    model = load_base(base_folder, backend)
+    if recipe.quantized:  # in place: every dense Linear -> Linear4bit
+        quantize_model(model, quant_type=cfg.quant_type, blocksize=cfg.blocksize,
+                       compress_statistics=cfg.compress_statistics)
+    conf = recipe.make_config(cfg, size)
+    if conf is None:
+        model.train()
+        return model, None
+    peft = get_peft_model(model, conf, seed=cfg.seed)
+    peft.train()
+    return peft, peft.peft_config
+
+
+def trainable_count(model) -> int:
+    """Trainable parameters: a PeftModel's count (RoSA's sparse values at their final nnz), else
+    every trainable parameter of the plain model."""
+    return model.trainable_parameter_count() if isinstance(model, PeftModel) else model.num_parameters(trainable_only=True)
+
+
+def _median_ms(times_ms: list[float]) -> float:
+    tail = times_ms[2:] if len(times_ms) > 4 else times_ms  # the first steps pay one-time costs
+    return float(np.median(tail)) if tail else 0.0
+
+
+def train_method(recipe, model, cfg: RunConfig, train_tokens, eval_sets: list) -> dict:
+    """Fine-tune ``model`` for cfg.steps steps with the engine's Trainer (PEFT's call order),
+    evaluating every cfg.eval_every steps; returns the measured record (MethodResult fields)."""
+    opt, sched = make_adamw(model, getattr(cfg, recipe.lr_option), cfg.weight_decay, cfg.steps)
+    trainer = Trainer(model, opt, sched, max_grad_norm=cfg.max_grad_norm, progress=cfg.progress,
+                      progress_desc=f"{recipe.name:>9}")
+    batches = SeededBatches(train_tokens, cfg.batch_size, cfg.n_positions, seed=cfg.seed + 2)  # same for all
+    steps = trainer.fit(batches, cfg.steps, eval_batches=eval_sets, eval_every=cfg.eval_every)
+    extras = model.report(lambda: trainer.evaluate(eval_sets)) if isinstance(model, PeftModel) else {}
+    if not extras.get("singular_values"):
+        extras.pop("singular_values", None)
+    times = [h["ms"] for h in trainer.history if not h["skipped"]]
+    return {
+        "trainable_params": trainable_count(model),
+        "frozen_weight_bytes": frozen_weight_bytes(model),
+        "peak_activation_bytes": int(max((h["activation_bytes"] for h in trainer.history), default=0)),
+        "ms_per_step": round(_median_ms(times), 3),
+        "final_eval_loss": float(trainer.eval_history[-1][1]),
+        "train_curve": {"step": [m["step"] for m in steps], "loss": [round(float(m["loss"]), 5) for m in steps]},
+        "eval_curve": {"step": [s for s, _ in trainer.eval_history], "loss": [float(v) for _, v in trainer.eval_history]},
+        "extras": extras,
+    }
+
+
+def _size_text(recipe, size) -> str:
+    if isinstance(size, tuple):
+        return f"r={size[0]}/{size[0] + 1} ({len(size[1])} at r+1)"
+    if not recipe.knob:
+        return "all weights"
+    return f"d={size:.4%}" if recipe.knob == "d" else f"{recipe.knob}={size}"
+
+
+def run_method(name: str, cfg: RunConfig, ctx: dict, results: dict, log: Log) -> None:
+    """Match the budget, build, train and record one method (or record why it did not run)."""
+    recipe, budget, t0 = get_recipe(name), results["budget"]["target"], time.perf_counter()
+    size, count = None, None
+    if recipe.knob:
+        try:
+            size, count = match_budget(recipe, cfg, ctx["shapes"], budget, cfg.tolerance)
+        except BudgetUnreachable as exc:
+            results["unavailable"].append({"method": name, "reason": str(exc)})
+            log(f"method {name}: not run: {exc}")
+            return
+        if abs(count - budget) > cfg.tolerance * budget:
+            reason = (f"its nearest size ({_size_text(recipe, size)}) has {count:,} trainable parameters, "
+                      f"{(count - budget) / budget:+.1%} from the budget {budget:,}")
+            results["unavailable"].append({"method": name, "reason": reason})
+            log(f"method {name}: not run: {reason}")
+            return
+    model, conf = build_method(recipe, cfg, ctx["base_folder"], ctx["backend"], size)
+    rec = train_method(recipe, model, cfg, ctx["train_tokens"], ctx["eval_sets"])
+    seconds = time.perf_counter() - t0
+    results["timing"]["methods_s"][name] = round(seconds, 2)
+    settings = conf.to_json_dict(model) if conf is not None else {"method": name}
+    results["methods"].append({"method": name, "settings": settings, **rec})
+    log(f"method {name:>9}: {_size_text(recipe, size):<22} trainable {rec['trainable_params']:>9,}  "
+        f"eval loss {rec['final_eval_loss']:.4f}  {rec['ms_per_step']:.1f} ms/step  ({seconds:.1f} s)")
+
+
+# ------------------------------------------------------------------------------------------------
+# The phases of the job
+# ------------------------------------------------------------------------------------------------
+def _data_phase(cfg: RunConfig, results: dict, log: Log) -> dict:
+    t0 = time.perf_counter()
+    pre = data_mod.pretrain_corpus()
+    ft_train, ft_eval = data_mod.finetune_corpora()
+    windows = data_mod.eval_batches(ft_eval.tokens, cfg.batch_size, cfg.n_positions, cfg.eval_batches)
+    results["data"] = {"tokenizer": "UTF-8 bytes (vocabulary 256)", "pretrain": pre.summary(),
+                       "finetune_train": ft_train.summary(), "finetune_eval": ft_eval.summary(),
+                       "eval_windows": int(sum(b.shape[0] for b in windows))}
+    results["timing"]["data_s"] = round(time.perf_counter() - t0, 2)
+    log(f"data: pretraining on the source code (docstrings removed) of {len(pre.modules)} standard-library modules "
+        f"of Python {sys.version.split()[0]}: {pre.summary()['bytes']:,} bytes, sha256 {pre.summary()['sha256'][:12]}")
+    log(f"      ({', '.join(pre.modules)})")
+    log(f"data: fine-tuning on the docstrings of {len(ft_train.modules)} other modules: "
+        f"{ft_train.summary()['bytes']:,} bytes train, {ft_eval.summary()['bytes']:,} bytes held out "
+        f"(every {data_mod.EVAL_EVERY}th docstring); eval on {results['data']['eval_windows']} windows of "
+        f"{cfg.n_positions} bytes")
+    return {"pretrain": pre, "train_tokens": ft_train.tokens,
+            "eval_sets": [{"input_ids": w, "labels": w} for w in windows]}
+
+
+def _base_phase(cfg: RunConfig, ctx: dict, results: dict, log: Log) -> None:
+    t0 = time.perf_counter()
+    base_folder, record = pretrain_base(cfg, ctx["pretrain"], ctx["backend"], log)
+    base = load_base(base_folder, ctx["backend"])
+    base_eval = evaluate(base, ctx["eval_sets"])
+    results["base_model"] = {"config": {"vocab_size": 256, "n_positions": cfg.n_positions, "n_embd": cfg.n_embd,
+                                        "n_layer": cfg.n_layer, "n_head": cfg.n_head},
+                             "params": int(base.num_parameters()), "pretrain": record, "eval_loss": base_eval}
+    results["timing"]["pretrain_s"] = round(time.perf_counter() - t0, 2)
+    log(f"base model: GPT-2, {cfg.n_layer} layers, d_model {cfg.n_embd}, {cfg.n_head} heads, T {cfg.n_positions}, "
+        f"{results['base_model']['params']:,} parameters; eval loss before fine-tuning {base_eval:.4f}")
+    ctx["base_folder"] = base_folder
+    ctx["shapes"] = adapted_shapes(base, cfg.target_list())
+    lora = get_recipe("lora").make_config(cfg, cfg.r)
+    budget = cfg.budget if cfg.budget is not None else lora.parameter_count(ctx["shapes"])
+    results["budget"] = {"target": int(budget), "tolerance": cfg.tolerance,
+                         "rule": f"LoRA r={cfg.r} on {cfg.target_modules}" if cfg.budget is None else "--budget"}
+    log(f"budget: {budget:,} trainable parameters ({results['budget']['rule']}), every method within "
+        f"{cfg.tolerance:.0%} (full fine-tuning is the unmatched reference)")
+    results["quantization"] = quantization_record(load_base(base_folder, get_backend("cpu", "float32")),
+                                                  cfg.blocksize)  # the NF4/FP4 figures' data
+
+
+def _finish(cfg: RunConfig, results: dict, folder: str, t_start: float, log: Log) -> None:
+    timing = results["timing"]
+    t0 = time.perf_counter()
+    if cfg.figures:
+        results["figures"], skipped = make_figures(results, folder)
+        for line in skipped:
+            log(f"figure {line}")
+    timing["figures_s"] = round(time.perf_counter() - t0, 2)
+    timing["total_s"] = round(time.perf_counter() - t_start, 2)
+    results_path = os.path.join(folder, RESULTS_FILE)
+    save_results(results, results_path)
+    _point_latest(cfg.out, folder)
+    log("")
+    log(format_table(results))
+    for u in results["unavailable"]:
+        log(f"method {u['method']}: not available: {u['reason']}")
+    log("")
+    per = ", ".join(f"{k} {v:.1f}" for k, v in timing["methods_s"].items())
+    log(f"time: data {timing['data_s']:.1f} s, base model {timing['pretrain_s']:.1f} s, methods "
+        f"{sum(timing['methods_s'].values()):.1f} s ({per}), figures {timing['figures_s']:.1f} s; "
+        f"total {timing['total_s']:.1f} s")
+    log(f"results: {results_path}")
+    if results["figures"]:
+        log(f"figures: {len(results['figures'])} files in {folder}")
+
+
+def _timestamp_folder(root: str) -> str:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    folder = os.path.join(root, stamp)
+    k = 1
+    while os.path.exists(folder):
+        folder = os.path.join(root, f"{stamp}-{k}")
+        k += 1
+    os.makedirs(folder)
+    return folder
+
+
+def _point_latest(root: str, folder: str) -> None:
+    link = os.path.join(root, "latest")
+    tmp = link + f".tmp{os.getpid()}"
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(os.path.basename(folder), tmp)
+        os.replace(tmp, link)
+    except OSError:  # no symlinks (some filesystems): write the folder's name instead
+        if os.path.lexists(link) and not os.path.isdir(link):
+            os.unlink(link)
+        with open(link + ".txt", "w", encoding="utf-8") as f:
+            f.write(os.path.basename(folder) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+def run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
+    """The whole job; returns (results, run folder)."""
+    log = log or Log()
+    with blas_threads(cfg.threads):
+        t_start = time.perf_counter()
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        results = new_results(created, dataclasses.asdict(cfg))
+        results["timing"]["methods_s"] = {}
+        folder = _timestamp_folder(cfg.out)
+        ctx = {"backend": get_backend(cfg.device, cfg.dtype)}
+        ctx.update(_data_phase(cfg, results, log))
+        log(f"compute: {cfg.device} {cfg.dtype}, seed {cfg.seed}, BLAS threads "
+            f"{cfg.threads if cfg.threads > 0 else 'as configured'}; output in {folder}")
+        _base_phase(cfg, ctx, results, log)
+        for name in cfg.method_list():
+            run_method(name, cfg, ctx, results, log)
+        _finish(cfg, results, folder, t_start, log)
+    return results, folder
+
+
+def precheck_methods(cfg: RunConfig) -> None:
+    """Build every chosen method's adapter config once (no model needed), so a bad method option
+    (a RoSA --schedule, a --dylora_mode, AdaLoRA's --tinit/--tfinal) fails before any work."""
+    sample = {"r": cfg.r, "init_r": cfg.init_r or cfg.r, "d": cfg.d if cfg.d is not None else 0.01, "": None}
+    for name in cfg.method_list():
+        recipe = get_recipe(name)
+        try:
+            recipe.make_config(cfg, sample[recipe.knob])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"method {name}: {exc}") from None
+
+
+def main(args) -> int:
+    try:
+        cfg = config_from_args(args)
+        precheck_methods(cfg)
+    except ValueError as exc:
+        print(f"spectral-peft run: error: {exc}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0

@@ -1,0 +1,234 @@
+"""The options of `spectral-peft run`: one dataclass, its command-line flags and its JSON file.
+
+Options use PEFT's field names where PEFT has one (r, lora_alpha, lora_dropout, target_modules,
+init_r, target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight; RoSA's d, spa_num_grads,
+schedule; bitsandbytes' quant_type, blocksize, compress_statistics). ``--config FILE`` reads a JSON
+object of the same names; flags given on the command line override the file, which overrides
+``--quick``, which overrides the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from ..adapters.registry import METHODS
+from ..backend import gpu_unavailable_reason
+
+# The default run: every method, as `--methods all` is. Each method costs about 20 s of the default
+# run's 5-minute budget on 2 cores; a method joins here only while that budget holds.
+DEFAULT_METHODS = METHODS
+
+
+@dataclass
+class RunConfig:
+    """Every option of `spectral-peft run`; each default carries its reason."""
+
+    methods: str = "default"  # comma-separated subset of METHODS, "default" (DEFAULT_METHODS) or "all"
+    steps: int = 200  # fine-tuning optimizer steps per method (11 methods in ~5 minutes on 2 cores)
+    pretrain_steps: int = 1000  # base-model steps (~1.5 min, cached): Python's byte statistics
+    batch_size: int = 16  # sequences per step
+    n_positions: int = 64  # T: sequence length (bytes) and GPT-2's context size
+    n_layer: int = 4  # a GPT-2 shape small enough for 2 CPU cores
+    n_embd: int = 128
+    n_head: int = 4
+    pretrain_lr: float = 2e-3  # AdamW, warm-up then cosine decay
+    lr: float = 2e-3  # the PEFT methods' AdamW learning rate (adapters start at zero)
+    full_lr: float = 3e-4  # full fine-tuning moves every weight: a smaller step
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    budget: int | None = None  # trainable parameters to match; None: LoRA's count at r
+    tolerance: float = 0.05  # allowed relative distance of a method's count from the budget
+    # LoRA family (PEFT LoraConfig fields)
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: str = "c_attn,c_proj,c_fc"  # comma list (PEFT's list form) matched by suffix
+    # AdaLoRA (PEFT AdaLoraConfig fields); None: chosen from the budget
+    init_r: int | None = None
+    target_r: int | None = None
+    tinit: int | None = None  # None: 10% of steps
+    tfinal: int | None = None  # None: 20% of steps
+    deltaT: int = 5
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.1
+    # RoSA (peft-rosa RosaConfig fields); None: chosen from the budget
+    rosa_r: int | None = None  # RoSA's LoRA rank (peft-rosa's field r); None: r // 2
+    d: float | None = None  # sparse density; None: whatever fills the budget left by rosa_r
+    spa_num_grads: int = 4
+    schedule: str | None = None  # None: 'wl<10% of steps>'
+    # QLoRA / QRoSA (bitsandbytes fields)
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    compress_statistics: bool = True
+    # Delta-LoRA (DeltaLoraConfig fields: the paper's λ and K; K = 0 as the runs are short)
+    delta_lambda: float = 2.0
+    delta_start_step: int = 0
+    # DyLoRA (DyLoraConfig field)
+    dylora_mode: str = "frozen"
+    # evaluation, placement, output
+    eval_every: int = 25
+    eval_batches: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    threads: int = 1  # BLAS threads (0: as configured). 1: small GEMMs gain little from 2, and a busy machine makes 2 threads ~10x slower
+    out: str = "runs"
+    cache_dir: str | None = None  # None: $SPECTRAL_PEFT_CACHE or ~/.cache/spectral_peft
+    figures: bool = True
+    progress: bool = True
+
+    def method_list(self) -> list[str]:
+        if self.methods.strip() == "all":
+            return list(METHODS)
+        if self.methods.strip() == "default":
+            return list(DEFAULT_METHODS)
+        return [m.strip().lower() for m in self.methods.split(",") if m.strip()]
+
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the option, its value and what would be right."""
+        bad = [m for m in self.method_list() if m not in METHODS]
+        if bad or not self.method_list():
+            raise ValueError(f"--methods {self.methods!r}: unknown {bad or 'empty list'}; choose from "
+                             f"{', '.join(METHODS)}, 'default' or 'all'")
+        positive = ("steps", "pretrain_steps", "batch_size", "n_positions", "n_layer", "n_embd", "n_head", "r",
+                    "deltaT", "spa_num_grads", "blocksize", "eval_every", "eval_batches")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"--threads must be an integer >= 0 (0: leave BLAS as configured), got {self.threads!r}")
+        if self.pretrain_steps < 1:
+            raise ValueError(f"--pretrain_steps must be >= 1, got {self.pretrain_steps}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}")
+        for name in ("lr", "full_lr", "pretrain_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"--tolerance must lie in (0, 1), got {self.tolerance}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"--budget must be a positive number of parameters, got {self.budget}")
+        if self.d is not None and not 0 <= self.d <= 1:
+            raise ValueError(f"--d (RoSA density) must lie in [0, 1], got {self.d}")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"--quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"--device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.device == "gpu":
+            reason = gpu_unavailable_reason()
+            if reason is not None:
+                raise ValueError(f"--device gpu: {reason}; use --device cpu")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"--dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if not self.target_list():
+            raise ValueError("--target_modules is empty; name linears such as c_attn,c_proj,c_fc")
+        if self.init_r is not None and self.target_r is not None and self.target_r > self.init_r:
+            raise ValueError(f"--target_r {self.target_r} exceeds --init_r {self.init_r}; target_r must be <= init_r")
+
+
+def _bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text):
+        if str(text).lower() in ("none", "auto", ""):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} or 'auto', got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_HELP = {
+    "methods": f"comma list of {', '.join(METHODS)}; 'default' ({','.join(DEFAULT_METHODS)}) or 'all'",
+    "steps": "fine-tuning steps per method",
+    "pretrain_steps": "base-model pretraining steps (cached)",
+    "budget": "trainable parameters every method is matched to (default: LoRA's count at --r)",
+    "n_positions": "sequence length T (bytes)",
+    "target_modules": "comma list of linear names to adapt",
+    "d": "RoSA sparse density (default: filling the budget)",
+    "out": "folder that receives <timestamp>/ and latest",
+    "config": "a JSON file of these options (flags given here override it)",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=_HELP["config"])
+    for f in dataclasses.fields(RunConfig):
+        default = f.default
+        flag = "--" + f.name
+        alias = ["--" + f.name.replace("_", "-")] if "_" in f.name else []
+        if isinstance(default, bool):
+            kind = _bool
+        elif f.type in ("int | None",):
+            kind = _optional(int)
+        elif f.type in ("float | None",):
+            kind = _optional(float)
+        elif f.type in ("str | None",):
+            kind = _optional(str)
+        elif isinstance(default, int):
+            kind = int
+        elif isinstance(default, float):
+            kind = float
+        else:
+            kind = str
+        parser.add_argument(flag, *alias, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                            help=f"{_HELP.get(f.name, '')} (default: {default})".strip())
+    parser.add_argument("--quick", action="store_true", default=argparse.SUPPRESS,
+                        help="a smoke test: tiny model, few steps (for CI)")
+
+
+QUICK = dict(steps=6, pretrain_steps=20, batch_size=4, n_positions=32, n_layer=2, n_embd=32, n_head=2,
+             eval_every=3, eval_batches=2, r=4, spa_num_grads=2, deltaT=1)
+
+
+def config_from_args(args) -> RunConfig:
+    """RunConfig defaults < --quick < the --config file < flags given on the command line."""
+    values: dict = {}
+    if getattr(args, "quick", False):
+        values.update(QUICK)
+    path = getattr(args, "config", None)
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                file_values = json.load(f)
+        except OSError as exc:
+            raise ValueError(f"--config {path!r}: cannot read it ({exc.strerror})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config {path!r}: not valid JSON ({exc})") from None
+        if not isinstance(file_values, dict):
+            raise ValueError(f"--config {path!r}: expected a JSON object of options, got {type(file_values).__name__}")
+        names = {f.name for f in dataclasses.fields(RunConfig)}
+        unknown = sorted(set(file_values) - names)
+        if unknown:
+            raise ValueError(f"--config {path!r}: unknown option(s) {unknown}; known: {sorted(names)}")
+        if isinstance(file_values.get("target_modules"), list):
+            file_values["target_modules"] = ",".join(file_values["target_modules"])
+        if isinstance(file_values.get("methods"), list):
+            file_values["methods"] = ",".join(file_values["methods"])
+        values.update(file_values)
+    for f in dataclasses.fields(RunConfig):
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    cfg = RunConfig(**values)
+    cfg.validate()
+    return cfg
+
+

@@ -22,7 +22,8 @@ Shape legend: N tokens (B·T flattened, or any leading dims), d_in, d_out.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 
 from .backend import get_xp
 from .ops.linear import linear_backward, linear_forward
@@ -266,3 +267,32 @@ class Linear(Module):
             self.accumulate("bias", db)
         self.cache = None
         return dx
+
+
+def linear_paths(model: Module) -> list[str]:
+    """Dotted paths of every Linear (dense or quantised) in ``model``."""
+    return [name for name, m in model.named_modules() if isinstance(m, Linear)]
+
+
+def match_target_modules(model: Module, target_modules: str | Sequence[str]) -> list[str]:
+    """The Linear paths chosen by ``target_modules``, following PEFT's rule.
+
+    A string is a regular expression matched against the whole path (``re.fullmatch``). A list
+    matches a path equal to an entry or ending with ``"." + entry``. Every list entry must match
+    something, otherwise a ValueError lists the linear names that exist.
+    """
+    paths = linear_paths(model)
+    leaf_names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    if isinstance(target_modules, str):
+        chosen = [p for p in paths if re.fullmatch(target_modules, p)]
+        if not chosen:
+            raise ValueError(
+                f"target_modules regex {target_modules!r} matches no linear layer; "
+                f"linear layers are named {leaf_names} (e.g. {paths[:3]})")
+        return chosen
+    if not target_modules:
+        raise ValueError("target_modules is empty; name at least one of " + str(leaf_names))
+    missing = [t for t in target_modules if not any(p == t or p.endswith("." + t) for p in paths)]
+    if missing:
+        raise ValueError(f"target_modules {missing} match no linear layer; the linear layers are named {leaf_names}")
+    return [p for p in paths if any(p == t or p.endswith("." + t) for t in target_modules)]

@@ -20,16 +20,9 @@ from spectral_peft.adapters.adalora import (
 )
 from spectral_peft.backend import to_host
 from spectral_peft.io.checkpoint import decode_state, encode_state
-from spectral_peft.module import Linear, Module
+from spectral_peft.module import Linear
+from tests._nets import Bag
 
-
-class Bag(Module):
-    """A model made only of adapted linears, named l0, l1, ..."""
-
-    def __init__(self, layers):
-        super().__init__()
-        for i, m in enumerate(layers):
-            setattr(self, f"l{i}", m)
 
 
 def cubic_budget(t, b0, bT, tinit, tfinal, T):

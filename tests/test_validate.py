@@ -57,7 +57,7 @@ def test_compare_shape_mismatch_fails():
 
 
 def test_ops_checks_pass_against_pytorch():
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
     rows, missing = validate.run_checks(["ops"], log=None)
     assert not missing
     assert len(rows) >= 9
@@ -90,7 +90,7 @@ def test_a_failing_check_sets_exit_status_1(monkeypatch, capsys):
 
 
 def test_validate_command_table(capsys):
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
     assert cli.main(["validate", "--only", "ops"]) == 0
     out = capsys.readouterr().out
     header = out.splitlines()[0]
@@ -101,8 +101,8 @@ def test_validate_command_table(capsys):
 
 @pytest.mark.slow
 def test_adapter_and_quant_checks_pass():
-    pytest.importorskip("peft")
-    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft", reason="peft: the PEFT peer these comparisons run against")
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes: the 4-bit quantisation peer")
     rows, missing = validate.run_checks(["lora", "adalora", "adapters", "bnb"], log=None)
     assert not missing, missing
     assert {r.verdict for r in rows} == {"PASS"}, [(r.component, r.detail) for r in rows if r.verdict != "PASS"]

@@ -34,20 +34,32 @@ def errors(actual, expected) -> tuple[float, float]:
     return float(diff.max()), float(rel.max())
 
 
-def assert_close(actual, expected, name: str, rtol: float, atol: float | None = None) -> None:
-    """Assert |actual - expected| <= atol + rtol·|expected| elementwise (see module docstring)."""
+def assert_close(actual, expected, name: str, rtol: float, atol: float | None = None,
+                 equal_nan: bool = False) -> None:
+    """Assert |actual - expected| <= atol + rtol·|expected| elementwise (see module docstring).
+
+    A non-finite element (NaN, ±inf) in either array fails, even where both hold the same one:
+    two NaNs agree on nothing. A caller that expects non-finite values passes ``equal_nan=True``;
+    then NaN must meet NaN and ±inf the same ±inf, element for element, and the finite rest is
+    compared as usual.
+    """
     a = np.asarray(to_host(actual), dtype=np.float64)
     e = np.asarray(to_host(expected), dtype=np.float64)
     if a.shape != e.shape:
         raise AssertionError(f"{name}: shape {a.shape} != expected {e.shape}")
-    if not np.all(np.isfinite(a)) or not np.all(np.isfinite(e)):
-        same_nonfinite = np.array_equal(np.isfinite(a), np.isfinite(e))
-        if not same_nonfinite:
+    finite_a, finite_e = np.isfinite(a), np.isfinite(e)
+    if not (finite_a.all() and finite_e.all()):
+        if not equal_nan:
+            raise AssertionError(f"{name}: {int((~finite_a).sum())} non-finite value(s) in actual, "
+                                 f"{int((~finite_e).sum())} in expected (pass equal_nan=True to compare them)")
+        same = np.array_equal(finite_a, finite_e) and np.array_equal(np.isnan(a), np.isnan(e)) \
+            and np.array_equal(a[np.isinf(e)], e[np.isinf(e)])
+        if not same:
             raise AssertionError(f"{name}: non-finite values differ from expected")
-    scale = float(np.max(np.abs(e[np.isfinite(e)]))) if np.isfinite(e).any() else 0.0
+    finite = finite_e
+    scale = float(np.max(np.abs(e[finite]))) if finite.any() else 0.0
     if atol is None:
         atol = rtol * scale
-    finite = np.isfinite(e)
     ok = np.abs(a[finite] - e[finite]) <= atol + rtol * np.abs(e[finite])
     if not np.all(ok):
         max_abs, max_rel = errors(a[finite], e[finite])

@@ -18,3 +18,12 @@ class TwoLinear(Module):
 
     def backward(self, dy):
         return self.a.backward(self.b.backward(dy))
+
+
+class Bag(Module):
+    """A model made only of the given layers, named l0, l1, ... in order."""
+
+    def __init__(self, layers):
+        super().__init__()
+        for i, m in enumerate(layers):
+            setattr(self, f"l{i}", m)

@@ -18,7 +18,8 @@ from spectral_peft.adapters.adalora import (
     orth_regularizer,
 )
 from spectral_peft.backend import to_host
-from spectral_peft.module import Linear, Module
+from spectral_peft.module import Linear
+from tests._nets import Bag
 from spectral_peft.testing import RTOL, assert_close, check_module_gradients, numerical_gradient
 
 
@@ -167,12 +168,6 @@ def _peft_orth(As, Bs, weight, squared=False):
         count += 1
     return weight * (total if squared else total / count)
 
-
-class _Bag(Module):
-    def __init__(self, layers):
-        super().__init__()
-        for i, m in enumerate(layers):
-            setattr(self, f"l{i}", m)
 
 
 @pytest.mark.parametrize("form", ["peft", "paper"])

@@ -20,16 +20,9 @@ from spectral_peft.adapters.adalora import (
 )
 from spectral_peft.backend import to_host
 from spectral_peft.io.checkpoint import decode_state, encode_state
-from spectral_peft.module import Linear, Module
+from spectral_peft.module import Linear
+from tests._nets import Bag
 
-
-class Bag(Module):
-    """A model made only of adapted linears, named l0, l1, ..."""
-
-    def __init__(self, layers):
-        super().__init__()
-        for i, m in enumerate(layers):
-            setattr(self, f"l{i}", m)
 
 
 def cubic_budget(t, b0, bT, tinit, tfinal, T):
@@ -79,12 +72,14 @@ def sgd_step(layers, lr=0.1):
 
 
 schedules = st.builds(
-    lambda init_r, dr, tinit, span, tfinal, deltaT: dict(init_r=init_r, target_r=init_r - dr, tinit=tinit,
-                                                        total_step=tinit + span + tfinal, tfinal=tfinal,
-                                                        deltaT=deltaT),
+    lambda init_r, dr, tinit, span, tfinal, deltaT, beta1, beta2: dict(
+        init_r=init_r, target_r=init_r - dr, tinit=tinit, total_step=tinit + span + tfinal, tfinal=tfinal,
+        deltaT=deltaT, beta1=beta1, beta2=beta2),
     init_r=st.integers(1, 5), dr=st.integers(0, 4), tinit=st.integers(0, 3), span=st.integers(1, 8),
     tfinal=st.integers(0, 3), deltaT=st.integers(1, 3),
-).filter(lambda d: d["target_r"] >= 0)
+    # distinct EMA factors (the defaults are equal, 0.85): the allocation must hold for any pair
+    beta1=st.floats(0.05, 0.99), beta2=st.floats(0.05, 0.99),
+).filter(lambda d: d["target_r"] >= 0 and d["beta1"] != d["beta2"])
 
 
 @given(sched=schedules, n=st.integers(1, 4), mode=st.sampled_from(["continuous", "ties", "zeros"]),

@@ -10,40 +10,23 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
+peft = pytest.importorskip("peft", reason="peft: the PEFT peer these comparisons run against")
 from torch import nn  # noqa: E402
 
 from spectral_peft.adapters.adalora import AdaLoraConfig, AdaLoraLinear, orth_regularizer  # noqa: E402
-from spectral_peft.adapters.peft_model import config_class, get_peft_model  # noqa: E402
-from spectral_peft.backend import to_host  # noqa: E402
-from spectral_peft.io.safe import load_json, load_safetensors, save_json, save_safetensors  # noqa: E402
+from spectral_peft.adapters.peft_model import get_peft_model  # noqa: E402
+from spectral_peft.backend import get_backend, to_host  # noqa: E402
+from spectral_peft.adapters.peft_model import load_peft_model, save_adapter  # noqa: E402
+from spectral_peft.io.safe import load_safetensors  # noqa: E402
+from spectral_peft.model import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from spectral_peft.module import Linear, Module  # noqa: E402
+from spectral_peft.optim import SGD  # noqa: E402
 from spectral_peft.testing import assert_close  # noqa: E402
+from spectral_peft.train import Trainer  # noqa: E402
 
 DIMS = [(6, 5), (5, 7), (7, 4)]  # (d_in, d_out) of l0, l1, l2
 NAMES = ["l0", "l1", "l2"]
-
-try:  # the generic adapter files (io/peft.py); stand-ins below follow the same contract
-    from spectral_peft.adapters.peft_model import load_peft_model, save_adapter
-except ImportError:
-    def save_adapter(peft_model, directory):
-        arrays = {}
-        for path, layer in peft_model.adapter_layers():
-            for k, v in layer.peft_state_dict().items():
-                arrays[f"{path}.{k}"] = np.ascontiguousarray(to_host(v))
-        save_safetensors(arrays, directory / "adapter_model.safetensors")
-        save_json(peft_model.peft_config.to_json_dict(peft_model), directory / "adapter_config.json")
-
-    def load_peft_model(model, directory):
-        config = config_class(load_json(directory / "adapter_config.json")["peft_type"]).from_json_dict(
-            load_json(directory / "adapter_config.json"))
-        pm = get_peft_model(model, config)
-        arrays = load_safetensors(directory / "adapter_model.safetensors")
-        for path, layer in pm.adapter_layers():
-            layer.load_peft_state_dict({k[len(path) + 1:]: v for k, v in arrays.items() if k.startswith(path + ".")})
-        return pm
-
 
 class Chain(Module):
     """x -> l0 -> l1 -> l2, the engine side."""
@@ -209,7 +192,7 @@ def test_loading_a_mismatched_array_installs_nothing():
 def test_reference_command_with_an_adalora_adapter_matches_torch_peft(tmp_path):
     """`spectral-peft reference --adapter`: logits, loss (with orth_reg_weight·R) and adapter
     gradients of a PEFT-trained, resized GPT-2 AdaLoRA adapter, against torch + PEFT in float64."""
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="transformers: the Hugging Face model peer these comparisons run against")
     from spectral_peft.oracle import reference
 
     torch.manual_seed(0)
@@ -259,30 +242,12 @@ def test_reference_command_with_an_adalora_adapter_matches_torch_peft(tmp_path):
 
 def test_trainer_runs_the_allocator_without_manual_wiring():
     """The engine's Trainer calls regularize() and after_optimizer_step() itself (PEFT #1327)."""
-    from spectral_peft.model import GPT2Config, GPT2LMHeadModel
-    from spectral_peft.backend import get_backend
-    from spectral_peft.train import Trainer
-
-    class SGD:
-        def __init__(self, model, lr):
-            self.model, self.lr = model, lr
-
-        def step(self):
-            for _, m, k in self.model.named_parameters(trainable_only=True):
-                m.params[k] -= self.lr * m.grads[k]
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state):
-            pass
-
     cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=8, vocab_size=40, resid_pdrop=0.0, embd_pdrop=0.0,
                      attn_pdrop=0.0)
     model = GPT2LMHeadModel(cfg, get_backend("cpu", "float64"), seed=0)
     acfg = AdaLoraConfig(target_modules=["c_attn", "c_fc"], init_r=3, target_r=1, tinit=1, tfinal=2, total_step=8)
     pm = get_peft_model(model, acfg, seed=0)
-    trainer = Trainer(pm, SGD(pm, 0.1))
+    trainer = Trainer(pm, SGD(pm, lr=0.1))
     rng = np.random.default_rng(0)
     for _ in range(8):
         ids = rng.integers(0, 40, size=(2, 8))

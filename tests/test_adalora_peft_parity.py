@@ -8,13 +8,14 @@ compared under the engine's default rule; exact ties (identical layers) under ti
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
+peft = pytest.importorskip("peft", reason="peft: the PEFT peer these comparisons run against")
 from torch import nn  # noqa: E402
 
 from spectral_peft.adapters.adalora import AdaLoraConfig, AdaLoraController, AdaLoraLinear  # noqa: E402
-from spectral_peft.module import Linear, Module  # noqa: E402
+from spectral_peft.module import Linear  # noqa: E402
 from spectral_peft.testing import assert_close  # noqa: E402
+from tests._nets import Bag  # noqa: E402
 
 KEYS = ("lora_A", "lora_E", "lora_B")
 
@@ -25,12 +26,6 @@ class TorchNet(nn.Module):
         for i, (d_in, d_out) in enumerate(dims):
             setattr(self, f"l{i}", nn.Linear(d_in, d_out, bias=False))
 
-
-class Bag(Module):
-    def __init__(self, layers):
-        super().__init__()
-        for i, m in enumerate(layers):
-            setattr(self, f"l{i}", m)
 
 
 def make_pair(dims, sched, tie_break, seed, identical):

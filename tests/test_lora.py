@@ -17,6 +17,7 @@ from spectral_peft.adapters.peft_model import merge_and_unload
 from spectral_peft.adapters.peft_model import get_peft_model
 from spectral_peft.backend import get_backend, to_host
 from spectral_peft.module import Linear, Module
+from spectral_peft.quant import Linear4bit
 from spectral_peft.testing import GRADCHECK_RTOL, RTOL, assert_close, check_module_gradients
 
 
@@ -231,9 +232,8 @@ def test_regex_target_modules():
 
 
 def test_lora_over_a_4bit_base_equals_lora_over_its_dequantised_weight():
-    quant = pytest.importorskip("spectral_peft.quant.linear4bit")
     rng = np.random.default_rng(0)
-    q = quant.Linear4bit.from_linear(Linear(rng.standard_normal((16, 32)).astype(np.float32),
+    q = Linear4bit.from_linear(Linear(rng.standard_normal((16, 32)).astype(np.float32),
                                             rng.standard_normal(16).astype(np.float32)))
     q.freeze()
     dense = Linear(np.array(q.effective_weight()), np.array(q.params["bias"]))

@@ -89,7 +89,7 @@ def test_corrected_gradient_is_the_projected_gradient():
 def test_lorafa_peft_optimizer_reference():
     """PEFT's LoraFAOptimizer takes one AdamW step with the corrected gradient: our corrected g_B fed
     to the same AdamW arithmetic gives the same B."""
-    pytest.importorskip("peft")
+    pytest.importorskip("peft", reason="peft: the PEFT peer these comparisons run against")
     from peft.optimizers.lorafa import LoraFAOptimizer
 
     from spectral_peft.adapters.lorafa import corrected_gradient

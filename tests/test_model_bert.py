@@ -10,8 +10,8 @@ from spectral_peft.model import (BertConfig, BertForSequenceClassification, Bert
                                  load_pretrained, save_pretrained)
 from spectral_peft.testing import assert_close, numerical_gradient
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
+transformers = pytest.importorskip("transformers", reason="transformers: the Hugging Face model peer these comparisons run against")
 transformers.logging.set_verbosity_error()
 
 V = 31

@@ -11,8 +11,8 @@ from spectral_peft.memory import memory_report
 from spectral_peft.model import GPT2Config, GPT2LMHeadModel, hf_gradients, save_pretrained
 from spectral_peft.testing import assert_close, numerical_gradient
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
+transformers = pytest.importorskip("transformers", reason="transformers: the Hugging Face model peer these comparisons run against")
 transformers.logging.set_verbosity_error()
 
 V = 29

@@ -12,7 +12,7 @@ from spectral_peft.optim import (SGD, AdamW, LinearWarmupCosineDecay, LinearWarm
                                  clip_grad_norm)
 from spectral_peft.testing import assert_close
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
 
 
 class Two(Module):
@@ -96,7 +96,7 @@ def test_frozen_parameters_untouched_and_params_list():
                                           (LinearWarmupCosineDecay, "get_cosine_schedule_with_warmup")])
 @pytest.mark.parametrize("warmup, total", [(0, 10), (3, 12), (5, 5)])
 def test_schedules_match_transformers(cls, hf_name, warmup, total):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="transformers: the Hugging Face model peer these comparisons run against")
     p = torch.nn.Parameter(torch.zeros(1))
     topt = torch.optim.SGD([p], lr=0.3)
     tsched = getattr(transformers, hf_name)(topt, warmup, total)

@@ -11,8 +11,8 @@ from safetensors.numpy import load_file, save_file
 from spectral_peft import cli
 from spectral_peft.testing import assert_close
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
+transformers = pytest.importorskip("transformers", reason="transformers: the Hugging Face model peer these comparisons run against")
 transformers.logging.set_verbosity_error()
 
 

@@ -4,9 +4,9 @@ status 2 and no output file."""
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
+transformers = pytest.importorskip("transformers", reason="transformers: the Hugging Face model peer these comparisons run against")
+peft = pytest.importorskip("peft", reason="peft: the PEFT peer these comparisons run against")
 
 from spectral_peft.backend import get_backend  # noqa: E402
 from spectral_peft.cli import main as cli_main  # noqa: E402

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch", reason="torch: the autograd peer these comparisons run against")
+transformers = pytest.importorskip("transformers", reason="transformers: the Hugging Face model peer these comparisons run against")
+peft = pytest.importorskip("peft", reason="peft: the PEFT peer these comparisons run against")
 
 from spectral_peft.adapters.deltalora import DeltaLoraConfig  # noqa: E402
 from spectral_peft.adapters.dylora import DyLoraConfig  # noqa: E402

@@ -392,9 +392,7 @@ def dequantize_blockwise(q, state: QuantState):
     """Inverse of quantize_blockwise: -> float32 array of state.shape, code[q] · absmax_j."""
     xp = get_xp(q)
     n = q.size
-    absmax = state.absmax
-    if state.nested:
-        absmax = dequantize_blockwise(state.absmax, state.state2) + xp.float32(state.offset)
+    absmax = dequantize_absmax(state)  # (nb,) float32
     block = xp.arange(n) // state.blocksize
     out = xp.asarray(state.code)[q.reshape(-1)] * absmax[block]
     return out.astype(xp.float32, copy=False).reshape(state.shape)
@@ -451,14 +449,13 @@ def double_quantize(state: QuantState, offset=None) -> QuantState:
 
 
 def dequantize_absmax(state: QuantState):
-    """The (nb,) float32 absmax of a 4-bit state, undoing double quantisation when present."""
+    """The (nb,) float32 block maxima of a state (4-bit or 8-bit), undoing double quantisation when
+    present: fl32(fl32(code8[q2] · absmax2) + offset), the product and the sum rounded separately
+    as bitsandbytes does (dequantize_blockwise of the nested state, then + offset)."""
     if not state.nested:
         return state.absmax
     xp = get_xp(state.absmax)
-    s2 = state.state2
-    block = xp.arange(state.absmax.size) // s2.blocksize
-    absmax = xp.asarray(s2.code)[state.absmax] * s2.absmax[block]  # fl32(code8[q2] · absmax2)
-    return absmax + xp.float32(state.offset)  # then + offset, a separate float32 rounding
+    return dequantize_blockwise(state.absmax, state.state2) + xp.float32(state.offset)  # (nb,)
 
 
 def dequantize_4bit(packed, state: QuantState, fast: bool | None = None):

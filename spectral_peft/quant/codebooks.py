@@ -4,8 +4,9 @@ Shape legend: every codebook is a float32 vector, (16,) for the 4-bit types and 
 8-bit dynamic map; ``midpoints`` are (15,) / (255,).
 
 Each codebook is BUILT here by its documented construction, in the float32 arithmetic bitsandbytes
-uses, and the tests check the result against the values bitsandbytes publishes (copied below with
-their source). Facts from bitsandbytes-foundation/bitsandbytes ``bitsandbytes/functional.py``
+uses; the tests check the result against the values QLoRA and bitsandbytes publish
+(tests/test_quant.py holds them, with their source) and against bitsandbytes' own tables
+(tests/golden/). Facts from bitsandbytes-foundation/bitsandbytes ``bitsandbytes/functional.py``
 (``create_normal_map``, ``create_dynamic_map``, ``get_4bit_type``) and Dettmers et al. 2023
 (QLoRA, arXiv 2305.14314).
 """
@@ -14,18 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 QUANT_TYPES = ("nf4", "fp4")
-
-# Published NF4 values, index 0..15 (bitsandbytes functional.get_4bit_type("nf4")).
-NF4_PUBLISHED = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
-# Published FP4 values in bit-pattern order before normalisation (bitsandbytes get_4bit_type("fp4")):
-# bit 0b1000 is the sign; the table is divided by its largest magnitude, 12.
-FP4_PUBLISHED_UNNORMALISED = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-                              -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 
 def linspace_float32(start: float, end: float, steps: int) -> np.ndarray:

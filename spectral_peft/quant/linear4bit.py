@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..module import match_target_modules
 from ..backend import get_xp
-from ..module import Linear, Module
+from ..module import Linear, Module, match_target_modules
 from .blockwise import (BLOCKSIZES_4BIT, QuantState, _as_float32_flat, _check_blocksize,
                         _check_quant_type, dequantize_4bit, quantize_4bit)
 
@@ -116,7 +115,7 @@ def quantize_model(model: Module, quant_type: str = "nf4", blocksize: int = 64, 
                    target_modules=None) -> list[str]:
     """Replace dense Linears of ``model`` by Linear4bit, in place; returns the replaced paths.
 
-    ``target_modules`` follows PEFT's rule (adapters.base.match_target_modules); None means every
+    ``target_modules`` follows PEFT's rule (module.match_target_modules); None means every
     dense Linear (a model's embeddings and tied head are not Linears, so they stay dense). Call it
     before wrapping with adapters, or after: an adapter's ``base_layer`` is a Linear like any other.
     Everything is checked and quantised before anything is installed, so an error (a bad

@@ -89,8 +89,9 @@ class SeededBatches:
         if seq_len is not None and (type(seq_len) is not int or seq_len < 1):
             raise ValueError(f"seq_len must be None or an int >= 1, got {seq_len!r}")
         if isinstance(data, Mapping):
-            if not data:
-                raise ValueError("data is an empty dict; give at least input_ids")
+            if "input_ids" not in data:
+                raise ValueError(f"data is a dict without 'input_ids' (keys {sorted(map(str, data))}); give at "
+                                 "least input_ids (N, T)")
             arrays = {}
             for k, v in data.items():
                 a = _host_array(v, f"data[{k!r}]")

@@ -5,7 +5,7 @@ Sources: Nikdan et al., "RoSA: Accurate Parameter-Efficient Fine-Tuning via Robu
 rosa_functions,splinear}.py`` (field names, schedules, key names and the accumulation rule are
 taken from there as facts; the code here is written from the equations).
 
-Shape legend: N tokens (B·T, or any leading dims), d_in, d_out; r rank; nnz = int(d · d_out · d_in)
+Shape legend: N tokens (B·T, or any leading dims), d_in, d_out; r rank; nnz = int(d · (d_out · d_in))
 entries of the sparse adapter S (d_out, d_in), stored in CSR (spectral_peft.sparse.CSR).
 
     y = x (W + S)ᵀ + b + s · dropout(x) Aᵀ Bᵀ               impl 'sp_add' (the default)
@@ -75,8 +75,9 @@ def _check_density(value, name: str) -> float:
 
 
 def nnz_for(density: float, shape: tuple[int, int]) -> int:
-    """k = int(density · numel), the number of entries a (d_out, d_in) matrix keeps (peft-rosa's rule)."""
-    return int(_check_density(density, "d") * shape[0] * shape[1])
+    """k = int(density · numel), the number of entries a (d_out, d_in) matrix keeps: peft-rosa's
+    rounding, the density times the entry count (not (d · d_out) · d_in, which can differ by one)."""
+    return int(_check_density(density, "d") * (shape[0] * shape[1]))
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -724,7 +725,7 @@ LLAMA2_7B_SHAPES: list[tuple[int, int]] = 32 * ([(4096, 4096)] * 4 + [(11008, 40
 
 
 def rosa_parameter_count(shapes, r: int, d: float) -> int:
-    """Σ over matrices of r·(d_in + d_out) + int(d · d_out · d_in): the trainable size of RoSA
+    """Σ over matrices of r·(d_in + d_out) + int(d · (d_out · d_in)): the trainable size of RoSA
     (r = 0: sparse only; d = 0: LoRA)."""
     return int(sum(r * (do + di) + (nnz_for(d, (do, di)) if d > 0 else 0) for do, di in shapes))
 

@@ -208,6 +208,15 @@ def _model_relative(path: str) -> str:
     return path[len(prefix):] if path.startswith(prefix) else path
 
 
+def mergeable_weight(base: Linear):
+    """The dense (d_out, d_in) weight array of ``base`` that a merge writes into, in place; a
+    quantised base (whose effective weight is computed, not stored) is refused."""
+    if type(base).effective_weight is not Linear.effective_weight:
+        raise TypeError(f"cannot merge into a {type(base).__name__} base (a quantised weight); "
+                        "dequantise the model first")
+    return base.params["weight"]
+
+
 # ------------------------------------------------------------------------------------------------
 # The layer
 # ------------------------------------------------------------------------------------------------
@@ -306,11 +315,7 @@ class LoraLinear(AdapterLayer):
 
     # --- merge -------------------------------------------------------------------------------------
     def _base_weight_for_merge(self):
-        base = self.base_layer
-        if type(base).effective_weight is not Linear.effective_weight:
-            raise TypeError(f"cannot merge into a {type(base).__name__} base (a quantised weight); "
-                            "dequantise the model first")
-        return base.params["weight"]
+        return mergeable_weight(self.base_layer)
 
     def merge(self) -> None:
         """W <- W + s · B A (in the weight's dtype); the forward becomes the base alone."""
@@ -377,14 +382,15 @@ def unmerge_adapters(model: Module) -> None:
 
 
 def merge_and_unload(peft_model) -> Module:
-    """Merge every LoRA-family layer into its base and put the base back in its place; returns the
-    plain model (``peft_model.model``), whose outputs equal the adapted model's. The PeftModel is
-    no longer usable afterwards. Every layer is checked mergeable before any weight changes."""
+    """Merge every adapter layer (LoRA's family, AdaLoRA, RoSA) into its base and put the base back
+    in its place; returns the plain model (``peft_model.model``), whose outputs equal the adapted
+    model's. The PeftModel is no longer usable afterwards. Every layer is checked mergeable before
+    any weight changes."""
     model = peft_model.model if hasattr(peft_model, "base_model") else peft_model
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     for _, layer in layers:
         if not layer.merged:
-            layer._base_weight_for_merge()  # raises for a quantised base before anything changes
+            mergeable_weight(layer.base_layer)  # raises for a quantised base before anything changes
     for path, layer in layers:
         if not layer.merged:
             layer.merge()

@@ -43,10 +43,13 @@ import numpy as np
 from .. import validation as V
 from ..backend import to_host
 from ..budget import topk_mask
+from ..io.safe import parse_safetensors, save_safetensors
 from ..module import Linear
+from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
 from ..sparse import CSR, SDDMM_IMPLS, sp_add, spmm, spmm_t
 from .base import AdapterLayer, Controller
+from .lora import mergeable_weight
 from .peft_model import AdapterConfig
 
 A_KEY, B_KEY = "rosa_A.weight", "rosa_B.weight"
@@ -320,6 +323,7 @@ class RosaLinear(AdapterLayer):
         self.collecting = False
         self.grad_sum = None
         self.grad_count = 0
+        self.merged = False
 
     # --- shapes and counts ---
 
@@ -327,9 +331,9 @@ class RosaLinear(AdapterLayer):
     def shape(self) -> tuple[int, int]:
         return (self.d_out, self.d_in)
 
-
     def adapter_parameter_count(self) -> int:
-        """r·(d_in + d_out) + nnz, the adapter's trainable size once its support is set."""
+        """r·(d_in + d_out) + int(d · (d_out · d_in)): A, B and the sparse values (trainable from
+        creation; they get a gradient once the support is set)."""
         return self.r * (self.d_in + self.d_out) + self.nnz
 
     # --- the support ---
@@ -339,6 +343,8 @@ class RosaLinear(AdapterLayer):
         (resuming), and are trained from the next backward."""
         if self.d <= 0:
             raise ValueError("this RoSA layer has d = 0: it has no sparse adapter to give a support")
+        if self.merged:
+            raise RuntimeError("cannot change the support of a merged RosaLinear (W holds S); unmerge() first")
         if isinstance(support, CSR):
             shape, count = support.shape, support.nnz
         else:
@@ -383,6 +389,28 @@ class RosaLinear(AdapterLayer):
             delta += S.to_dense()
         return delta
 
+    def effective_weight(self):
+        """The dense (d_out, d_in) matrix this layer applies: W + S + s·B A."""
+        if self.merged:
+            return self.base_layer.effective_weight()
+        return self.base_layer.effective_weight() + self.delta_weight()
+
+    def merge(self) -> None:
+        """W <- W + s·B A + S (in the weight's dtype); the forward becomes the base alone."""
+        if self.merged:
+            raise RuntimeError("RosaLinear is already merged")
+        W = mergeable_weight(self.base_layer)
+        W += self.delta_weight()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W − (s·B A + S): restores W up to rounding."""
+        if not self.merged:
+            raise RuntimeError("RosaLinear is not merged")
+        W = mergeable_weight(self.base_layer)
+        W -= self.delta_weight()
+        self.merged = False
+
     # --- gradient collection ---
     def collected_scores(self):
         """|mean of the collected gradients| (d_out, d_in): mean(G²) or |mean(G)|."""
@@ -410,7 +438,8 @@ class RosaLinear(AdapterLayer):
         self.grad_count += 1
 
     # --- forward / backward ---
-    def _effective_weight(self):
+    def sparse_weight(self):
+        """W + S (d_out, d_in): the dense part 'sp_add' multiplies by (the low-rank branch stays apart)."""
         W = self.base_layer.effective_weight()
         S = self._sparse()
         return W if S is None else sp_add(W, S)  # (d_out, d_in)
@@ -418,12 +447,15 @@ class RosaLinear(AdapterLayer):
     def forward(self, x):
         if x.shape[-1] != self.d_in:
             raise ValueError(f"RosaLinear expects inputs (..., {self.d_in}), got {x.shape}")
+        if self.merged:
+            self.cache = None
+            return self.base_layer.forward(x)
         S = self._sparse()
         lora_trainable = self.r > 0 and A_KEY not in self.frozen
         values_trainable = S is not None and VALUES_KEY not in self.frozen
         keep_x = values_trainable or self.collecting
         if self.impl == "sp_add":
-            y = x @ self._effective_weight().T  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+            y = x @ self.sparse_weight().T  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
             bias = self.base_layer.params.get("bias")
             if bias is not None:
                 y += bias
@@ -435,8 +467,6 @@ class RosaLinear(AdapterLayer):
         if self.r > 0:
             xd = x
             if self.lora_dropout > 0 and self.training:
-                from ..ops.dropout import dropout_forward  # noqa: PLC0415
-
                 xd, drop_cache = dropout_forward(x, self.lora_dropout, self.dropout_rng, True)
             y_lr, lr_cache = lowrank_forward(xd, self.params[A_KEY], self.params[B_KEY], self.scaling,
                                              keep_x=lora_trainable)
@@ -445,6 +475,8 @@ class RosaLinear(AdapterLayer):
         return y
 
     def backward(self, dy):
+        if self.merged:
+            return self.base_layer.backward(dy)
         if self.cache is None:
             raise RuntimeError("RosaLinear.backward called without a forward (or twice)")
         x, lr_cache, drop_cache = self.cache
@@ -460,7 +492,7 @@ class RosaLinear(AdapterLayer):
                 self._collect(dy2, x2)
         if self.impl == "sp_add":
             # y = x (W + S)ᵀ  =>  dX = dY (W + S)      (..., d_out) @ (d_out, d_in) -> (..., d_in)
-            dx = dy @ self._effective_weight()
+            dx = dy @ self.sparse_weight()
         else:
             dx = self.base_layer.backward(dy)  # y = x Wᵀ  =>  dX = dY W
             if S is not None:
@@ -471,8 +503,6 @@ class RosaLinear(AdapterLayer):
             dxd, dA, dB = lowrank_backward(dy, lr_cache, self.params[A_KEY], self.params[B_KEY], self.scaling,
                                            need_dA=need_dA, need_dB=need_dB, need_dx=True)
             if drop_cache is not None:
-                from ..ops.dropout import dropout_backward  # noqa: PLC0415
-
                 dxd = dropout_backward(dxd, drop_cache)  # xd = dropout(x)  =>  dX += mask ⊙ dXd / (1-p)
             dx += dxd  # y += s·(xd Aᵀ) Bᵀ  =>  dX += s·(dY B) A
             if dA is not None:
@@ -557,8 +587,6 @@ def save_masks(supports: dict, path: str) -> str:
     """Write supports {layer path: CSR} to ``path`` (a directory; the file is rosa_masks.safetensors)
     as CSR arrays "<layer>.row_offs" (d_out+1,), "<layer>.col_idx" (nnz,), shapes in the metadata.
     Returns the file written (atomically, through spectral_peft.io.safe)."""
-    from ..io.safe import save_safetensors  # noqa: PLC0415
-
     tensors, shapes = {}, {}
     for name, csr in supports.items():
         tensors[f"{name}.row_offs"] = to_host(csr.indptr).astype(np.int32)
@@ -573,8 +601,6 @@ def save_masks(supports: dict, path: str) -> str:
 def load_masks(path: str) -> dict:
     """Read supports written by :func:`save_masks`: {layer path: CSR with zero float64 values}.
     Every array is checked (file format, keys, CSR structure) before anything is returned."""
-    from ..io.safe import parse_safetensors  # noqa: PLC0415
-
     file = _mask_file(path)
     if not os.path.exists(file):
         raise FileNotFoundError(f"mask_load_path: no RoSA masks at {file!r}")
@@ -680,6 +706,22 @@ class RosaController(Controller):
             else:
                 self.install_supports(supports)
         self.step += 1
+
+    # --- what results and figures need ---
+    def report(self) -> dict:
+        """Plain data: {"density": {layer path: {"nnz", "shape", "density"}} of every sparse layer
+        (nnz is int(d·numel), what an installed support holds exactly), "support": the largest
+        installed support as {"layer", "shape", "nnz", "indices" (flat, row-major)} or None,
+        "step", "activated"}."""
+        density, support = {}, None
+        for path, layer in self.sparse_layers():
+            d_out, d_in = layer.shape
+            density[path] = {"nnz": int(layer.nnz), "shape": [d_out, d_in], "density": layer.nnz / (d_out * d_in)}
+            mask = layer.support_mask()
+            if mask is not None and (support is None or layer.nnz > support["nnz"]):
+                support = {"layer": path, "shape": [d_out, d_in], "nnz": int(layer.nnz),
+                           "indices": [int(i) for i in np.flatnonzero(to_host(mask).reshape(-1))]}
+        return {"density": density, "support": support, "step": self.step, "activated": self.activated}
 
     # --- exact resume ---
     def state_dict(self) -> dict:

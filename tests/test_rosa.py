@@ -194,6 +194,7 @@ def test_collection_and_support_selection(mode):
         dy = rng.standard_normal((4, 6))
         layer.forward(x)
         layer.backward(dy)
+        layer.commit_collection()  # each step taken (the controller commits in after_optimizer_step)
         Gs.append(dy.T @ x)
     expected = np.mean([G**2 for G in Gs], axis=0) if mode == "mean_squared" else np.abs(np.mean(Gs, axis=0))
     assert_close(layer.collected_scores(), expected, "collected", rtol=1e-12)

@@ -201,26 +201,35 @@ class DyLoraConfig(LoraConfig):
 class DyLoraController(Controller):
     """Draws b ~ U{1..r_max} before each training forward and sets it in every DyLoRA layer.
 
-    The stream is a NumPy generator seeded with ``dylora_seed``; its state is in
-    :meth:`state_dict`, so a resumed run draws the same ranks.
+    The stream is a NumPy generator seeded with ``dylora_seed``. A draw is committed only when its
+    step is taken (after_optimizer_step): before_forward always draws from the state after the last
+    step TAKEN, so a step the NaN guard skips leaves the stream as it was and its rank is drawn
+    again. ``rank`` is the rank of the current step; :meth:`state_dict` holds the committed state.
     """
 
     def __init__(self, peft_model, config: DyLoraConfig):
         self.layers = [m for _, m in dylora_layers(peft_model)]
         self.r_max = max((m.r for m in self.layers), default=0)
         self.rng = np.random.default_rng(config.dylora_seed)
-        self.rank = self.r_max
+        self.rank = self.committed_rank = self.r_max
+        self.committed_state = self.rng.bit_generator.state  # the stream after the last step taken
 
     def before_forward(self, step: int) -> None:
+        self.rng.bit_generator.state = self.committed_state
         self.rank = int(self.rng.integers(1, self.r_max + 1))  # b ~ U{1, ..., r_max}
         for layer in self.layers:
             layer.set_rank(self.rank, "train")
 
+    def after_optimizer_step(self, step: int) -> None:
+        self.committed_state = self.rng.bit_generator.state
+        self.committed_rank = self.rank
+
     def state_dict(self) -> dict:
-        return {"rng_state": json.dumps(self.rng.bit_generator.state), "rank": self.rank}
+        return {"rng_state": json.dumps(self.committed_state), "rank": self.committed_rank}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = json.loads(state["rng_state"])
-        self.rank = int(state["rank"])
+        self.committed_state = self.rng.bit_generator.state
+        self.rank = self.committed_rank = int(state["rank"])
         for layer in self.layers:
             layer.set_rank(self.rank, "train")

@@ -319,10 +319,13 @@ class RosaLinear(AdapterLayer):
             self.params[VALUES_KEY] = xp.zeros(self.nnz, dtype=dtype)
         self.spa: CSR | None = None
         self.dropout_rng = self.make_dropout_rng(rng, lora_dropout)
-        # gradient collection (the support selection): running sum of G or G², and its count
+        # gradient collection (the support selection): running sum of G or G², and its count, of the
+        # steps taken; the current step's G waits in pending_* until the step is taken (commit_collection)
         self.collecting = False
         self.grad_sum = None
         self.grad_count = 0
+        self.pending_sum = None
+        self.pending_count = 0
         self.merged = False
 
     # --- shapes and counts ---
@@ -426,16 +429,32 @@ class RosaLinear(AdapterLayer):
 
     def clear_collection(self) -> None:
         self.grad_sum, self.grad_count = None, 0
+        self.discard_pending()
+
+    def discard_pending(self) -> None:
+        """Drop the gradients of a step that was not taken (the NaN guard skipped it)."""
+        self.pending_sum, self.pending_count = None, 0
+
+    def commit_collection(self) -> None:
+        """The step is taken: its collected gradients join the running sum."""
+        if self.pending_count == 0:
+            return
+        if self.grad_sum is None:
+            self.grad_sum = self.pending_sum
+        else:
+            self.grad_sum += self.pending_sum
+        self.grad_count += self.pending_count
+        self.discard_pending()
 
     def _collect(self, dy2, x2) -> None:
         G = dy2.T @ x2  # dense weight gradient of the frozen W: (d_out, N) @ (N, d_in) -> (d_out, d_in)
         if self.grad_acc_mode == "mean_squared":
             G *= G
-        if self.grad_sum is None:
-            self.grad_sum = G
+        if self.pending_sum is None:
+            self.pending_sum = G
         else:
-            self.grad_sum += G
-        self.grad_count += 1
+            self.pending_sum += G
+        self.pending_count += 1
 
     # --- forward / backward ---
     def sparse_weight(self):
@@ -624,7 +643,9 @@ class RosaController(Controller):
     the supports are chosen (and saved), for every RosaLinear of a PeftModel.
 
     It counts optimizer steps itself (``self.step``, incremented by after_optimizer_step), as
-    peft-rosa's scheduler does, so it works whatever step numbers the loop passes. Supports are
+    peft-rosa's scheduler does, so it works whatever step numbers the loop passes. The gradients a
+    layer collects in its backward are committed here, once the step is taken: a step the NaN
+    guard skips (no after_optimizer_step) changes nothing, and before_forward drops its leftovers. Supports are
     chosen in after_optimizer_step of the last collection step, so the next step trains them.
     ``should_stop`` turns True when terminate_after_mask_generation asks the loop to stop.
     """
@@ -684,6 +705,7 @@ class RosaController(Controller):
         if not self.activated and sparse and all(m.spa is not None for _, m in sparse):
             self.activated = True  # supports came with a loaded adapter: never collect over them
         for _, layer in self.sparse_layers():
+            layer.discard_pending()  # left by a step that was not taken
             layer.collecting = "grad_collection" in agenda and not self.activated
             if layer.spa is not None:
                 if "spa" in agenda:
@@ -692,6 +714,8 @@ class RosaController(Controller):
                     layer.freeze(VALUES_KEY)
 
     def after_optimizer_step(self, step: int) -> None:
+        for _, layer in self.sparse_layers():
+            layer.commit_collection()
         agenda = agenda_at(self.schedule, self.step)
         following = agenda_at(self.schedule, self.step + 1)
         if not self.activated and "grad_collection" in agenda and "grad_collection" not in following:

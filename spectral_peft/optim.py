@@ -12,6 +12,8 @@ SGD (torch.optim.SGD, dampening 0, no Nesterov):
 AdamW (torch.optim.AdamW, decoupled weight decay, Loshchilov & Hutter 2019):
     p ← p (1 - η λ);   m ← β₁ m + (1 - β₁) g;   v ← β₂ v + (1 - β₂) g²
     p ← p - (η / (1 - β₁ᵗ)) · m / (√v / √(1 - β₂ᵗ) + ε)
+LoraFAAdamW (the update of PEFT's LoraFAOptimizer, peft/optimizers/lorafa.py): the same moments, then
+    p ← p - η √(1 - β₂ᵗ)/(1 - β₁ᵗ) · m / (√v + ε);   p ← p - η λ p   (weight decay AFTER the update)
 Clipping (torch.nn.utils.clip_grad_norm_): n = ‖(g₁, …, g_k)‖₂; if n > max: g ← g · max/(n + 1e-6).
 Schedules (transformers.get_linear_schedule_with_warmup / get_cosine_schedule_with_warmup):
     η(s) = η₀ · s/w for s < w; then linear: max(0, (S - s)/(S - w)), cosine: ½(1 + cos(π (s - w)/(S - w))).
@@ -168,24 +170,70 @@ class AdamW(Optimizer):
         step_size = lr / bc1
         for name, p, g in self._grads():
             xp = get_xp(p)
-            st = self.state.get(name)
-            if st is None:
-                st = self.state[name] = {"exp_avg": xp.zeros_like(p), "exp_avg_sq": xp.zeros_like(p)}
-            m, v = st["exp_avg"], st["exp_avg_sq"]
             if wd:
                 p *= 1.0 - lr * wd  # p ← p (1 - η λ), decoupled from the gradient
-            m *= b1
-            m += (1.0 - b1) * g  # m ← β₁ m + (1 - β₁) g
-            v *= b2
-            tmp = g * g
-            tmp *= 1.0 - b2
-            v += tmp  # v ← β₂ v + (1 - β₂) g²
-            xp.sqrt(v, out=tmp)
+            m, tmp = self._moments(name, p, g)
+            xp.sqrt(self.state[name]["exp_avg_sq"], out=tmp)
             tmp /= bc2_sqrt
             tmp += eps  # denom = √v / √(1 - β₂ᵗ) + ε
             xp.divide(m, tmp, out=tmp)
             tmp *= step_size
             p -= tmp  # p ← p - η/(1 - β₁ᵗ) · m / denom
+
+    def _moments(self, name: str, p, g):
+        """m ← β₁ m + (1 - β₁) g;  v ← β₂ v + (1 - β₂) g² (state created as zeros on the first step);
+        returns m and a scratch array of p's shape."""
+        xp = get_xp(p)
+        st = self.state.get(name)
+        if st is None:
+            st = self.state[name] = {"exp_avg": xp.zeros_like(p), "exp_avg_sq": xp.zeros_like(p)}
+        b1, b2 = self.betas
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        m *= b1
+        m += (1.0 - b1) * g  # m ← β₁ m + (1 - β₁) g
+        v *= b2
+        tmp = g * g
+        tmp *= 1.0 - b2
+        v += tmp  # v ← β₂ v + (1 - β₂) g²
+        return m, tmp
+
+
+class LoraFAAdamW(AdamW):
+    """The update rule of PEFT's LoraFAOptimizer (``peft/optimizers/lorafa.py``; PEFT's defaults
+    eps 1e-6, weight decay 0): Adam with ε added to √v and the bias corrections folded into the step
+    size, and the weight decay applied AFTER the update, to the updated parameter:
+
+        p ← p - η √(1 - β₂ᵗ)/(1 - β₁ᵗ) · m / (√v + ε)      (correct_bias=False: η · m / (√v + ε))
+        p ← p - η λ p
+
+    PEFT's optimizer also replaces LoRA-FA's g_B by the corrected gradient; here
+    ``adapters.lorafa.LoraFAController`` does that in after_backward, after the Trainer clips, which
+    is where PEFT's optimizer sees the gradient (``adapters.lorafa.lorafa_optimizer`` builds this).
+    """
+
+    def __init__(self, model_or_params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, correct_bias: bool = True):
+        super().__init__(model_or_params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        if not isinstance(correct_bias, bool):
+            raise ValueError(f"correct_bias must be a bool, got {correct_bias!r}")
+        self.correct_bias = correct_bias
+
+    def step(self) -> None:
+        self.step_count += 1
+        t = self.step_count
+        b1, b2 = self.betas
+        lr, eps, wd = self.lr, self.eps, self.weight_decay
+        step_size = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t) if self.correct_bias else lr
+        for name, p, g in self._grads():
+            xp = get_xp(p)
+            m, tmp = self._moments(name, p, g)
+            xp.sqrt(self.state[name]["exp_avg_sq"], out=tmp)
+            tmp += eps  # denom = √v + ε
+            xp.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp  # p ← p - η √(1 - β₂ᵗ)/(1 - β₁ᵗ) · m / denom
+            if wd:
+                p += (-lr * wd) * p  # p ← p - η λ p, on the updated p (PEFT: p.add_(p, alpha=-η λ))
 
 
 def clip_grad_norm(model_or_params, max_norm: float) -> float:

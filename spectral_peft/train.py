@@ -4,14 +4,19 @@ One step (``Trainer.train_step``), with ``t`` the number of steps already taken 
 
     controllers.before_forward(t)            DyLoRA draws its rank, RoSA picks its agenda
     out = model.forward(**batch)             loss from the batch's labels
-    model.backward()                         gradients accumulate into grads
+    model.backward()                         gradients accumulate into grads (RoSA's collection waits)
     loss += Σ controller.regularize()        AdaLoRA's orthogonal penalty (adds its own gradient)
-    controllers.after_backward(t)            RoSA collects gradients, LoRA-FA corrects them
     NaN guard                                a non-finite loss or gradient: raise, or skip the step
     clip_grad_norm(model, max_grad_norm)
+    controllers.after_backward(t)            LoRA-FA corrects g_B (after clipping, as PEFT's optimizer)
     optimizer.step(); schedule.step()
-    controllers.after_optimizer_step(t)      AdaLoRA allocates (update_and_allocate), Delta-LoRA
+    controllers.after_optimizer_step(t)      AdaLoRA allocates (update_and_allocate), Delta-LoRA moves
+                                             W, DyLoRA and RoSA commit what this step drew/collected
     model.zero_grad()
+
+A step the guard skips (nonfinite="skip") runs nothing after the guard: parameters, optimiser
+state, schedule and every controller's state are left exactly as they were (its batch and its
+dropout draws are consumed).
 
 Data. :class:`SeededBatches` draws the batch of step ``t`` from a generator seeded with
 ``(seed, t)`` alone, so a resumed run sees exactly the batches the uninterrupted run saw, with no
@@ -279,12 +284,12 @@ class Trainer:
         model.backward()
         for c in self.controllers:
             loss += float(c.regularize())
-        for c in self.controllers:
-            c.after_backward(t)
         skipped = not self._guard(t, loss)
         if not skipped:
             if self.clip is not None:
                 self.clip(model, self.max_grad_norm)
+            for c in self.controllers:
+                c.after_backward(t)
             self.optimizer.step()
             if self.schedule is not None:
                 self.schedule.step()

@@ -1,4 +1,4 @@
-"""Delta-LoRA: the base weight moves by λ·s·(B'A' − BA) after step K, never before; no dropout;
+"""Delta-LoRA: the base weight moves by λ·s·(B'A' − BA) after step index t > K (t from 0), never before; no dropout;
 LoRA's gradients; counts; the controller's state resumes exactly."""
 import numpy as np
 import pytest
@@ -54,7 +54,7 @@ def test_weight_moves_by_the_delta_of_the_products_after_K():
     x = np.random.default_rng(1).standard_normal((4, 5))
     a = pm.model.a
     W0 = a.base_layer.params["weight"].copy()
-    for step in range(1, 5):
+    for step in range(4):  # the 0-based step index t, as the Trainer passes it
         A0, B0 = a.params[A_KEY].copy(), a.params[B_KEY].copy()
         W_before = a.base_layer.params["weight"].copy()
         sgd_step(pm, x)
@@ -79,19 +79,19 @@ def test_controller_state_resumes_exactly():
     cfg = dict(r=2, lora_alpha=3, target_modules=["a", "b"], delta_start_step=0, init_lora_weights=False)
     x = np.random.default_rng(2).standard_normal((4, 5))
     pm = get_peft_model(Net(), DeltaLoraConfig(**cfg))
-    for step in (1, 2):
+    for step in (0, 1):
         sgd_step(pm, x)
         pm.controllers[0].after_optimizer_step(step)
     saved = {k: v.copy() for k, v in pm.state_dict().items()}
     ctl_state = {k: v.copy() for k, v in pm.controllers[0].state_dict().items()}
     sgd_step(pm, x)
-    pm.controllers[0].after_optimizer_step(3)
+    pm.controllers[0].after_optimizer_step(2)
     pm2 = get_peft_model(Net(), DeltaLoraConfig(**cfg))
     for n, m, k in pm2.named_parameters():
         m.params[k][...] = saved[n]
     pm2.controllers[0].load_state_dict(ctl_state)
     sgd_step(pm2, x)
-    pm2.controllers[0].after_optimizer_step(3)
+    pm2.controllers[0].after_optimizer_step(2)
     for n, v in pm.state_dict().items():
         assert np.array_equal(pm2.state_dict()[n], v), n
     with pytest.raises(ValueError, match=r"prev_A.*expected shape \(2, 5\)"):

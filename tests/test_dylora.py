@@ -95,6 +95,7 @@ def test_controller_shares_one_rank_and_resumes_its_stream():
         ctl.before_forward(step)
         assert pm.model.a.rank == pm.model.b.rank == ctl.rank
         drawn.append(ctl.rank)
+        ctl.after_optimizer_step(step)  # the step is taken: its draw is committed
     assert set(drawn) == {1, 2, 3, 4}  # 40 draws from U{1..4}
     assert drawn[:10] == [int(v) for v in np.random.default_rng(7).integers(1, 5, size=40)][:10]
     state = ctl.state_dict()
@@ -102,6 +103,7 @@ def test_controller_shares_one_rank_and_resumes_its_stream():
     for step in range(41, 51):
         ctl.before_forward(step)
         ahead.append(ctl.rank)
+        ctl.after_optimizer_step(step)
     pm2 = get_peft_model(TwoLinear(), DyLoraConfig(r=4, target_modules=["a", "b"], dylora_seed=0))
     ctl2 = pm2.controllers[0]
     ctl2.load_state_dict(state)
@@ -109,6 +111,7 @@ def test_controller_shares_one_rank_and_resumes_its_stream():
     for step in range(41, 51):
         ctl2.before_forward(step)
         again.append(ctl2.rank)
+        ctl2.after_optimizer_step(step)
     assert again == ahead
 
 
@@ -160,6 +163,7 @@ def test_rank_pattern_layers_stop_at_their_own_rank():
     for step in range(1, 30):
         ctl.before_forward(step)
         assert pm.model.a.rank == ctl.rank and pm.model.b.rank == min(ctl.rank, 2)
+        ctl.after_optimizer_step(step)
     set_rank(pm, 3)
     assert pm.model.a.eval_rank == 3 and pm.model.b.eval_rank == 2
 
@@ -195,6 +199,7 @@ def test_a_dylora_run_improves_the_loss_at_every_rank(tmp_path):
         pm.forward(ids, labels=ids)
         pm.backward()
         opt.step()
+        ctl.after_optimizer_step(step)
         opt.zero_grad()
 
     def evaluate():

@@ -19,16 +19,22 @@ import _train_worker as W  # noqa: E402
 
 
 class Poison(Controller):
-    """At step ``at``, after the backward, write ``value`` into one entry of a gradient."""
+    """At step ``at``, after the backward (in regularize, which the loop calls before the guard),
+    write ``value`` into one entry of a gradient."""
 
     def __init__(self, model, at, param, value=np.nan):
         self.model, self.at, self.param, self.value = model, at, param, value
+        self.step = 0
 
-    def after_backward(self, step):
-        if step == self.at:
+    def before_forward(self, step):
+        self.step = step
+
+    def regularize(self):
+        if self.step == self.at:
             for name, m, k in self.model.named_parameters(trainable_only=True):
                 if name == self.param:
                     m.grads[k].reshape(-1)[3] = self.value
+        return 0.0
 
 
 def param_named(model, suffix):

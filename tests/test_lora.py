@@ -212,11 +212,10 @@ def test_bad_config_is_refused_naming_the_field(kwargs, match):
         LoraConfig(**kw)
 
 
-def test_rank_above_min_dims_is_refused_and_model_untouched():
+def test_rank_above_min_dims_is_allowed_as_in_peft():
     net = Net(d=5, h=6, k=4)
-    with pytest.raises(ValueError, match=r"r must be an integer in \[1, min\(d_in, d_out\)\] = \[1, 4\].*'o'.*r=5"):
-        get_peft_model(net, LoraConfig(r=5, target_modules=["q", "o"]))
-    assert type(net.q) is Linear and type(net.o) is Linear and not net.q.frozen
+    pm = get_peft_model(net, LoraConfig(r=5, target_modules=["q", "o"]))
+    assert {tuple(m.params["lora_A.weight"].shape) for _, m in pm.adapter_layers()} == {(5, 5), (5, 6)}
 
 
 def test_missing_target_module_lists_the_existing_names():

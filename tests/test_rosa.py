@@ -29,7 +29,7 @@ def make_layer(be, d_out, d_in, r, d, seed=0, impl="sp_add", bias=True, init=Fal
                        init_lora_weights=init, sddmm_impl=sddmm_impl, rng=rng)
     mask = None
     if support and d > 0:
-        k = int(d * d_out * d_in)
+        k = int(d * (d_out * d_in))  # peft-rosa: int(density · numel)
         flat = np.zeros(d_out * d_in, dtype=bool)
         flat[rng.choice(flat.size, k, replace=False)] = True
         mask = flat.reshape(d_out, d_in)
@@ -172,12 +172,12 @@ def test_init_output_equals_base_and_counts(shape, d, impl, seed):
     x = rng.standard_normal((N, d_in))
     base_y = x @ layer.base_layer.params["weight"].T + layer.base_layer.params["bias"]
     np.testing.assert_array_equal(layer.forward(x), base_y)
-    assert layer.nnz == int(d * d_out * d_in)
+    assert layer.nnz == int(d * (d_out * d_in))
     if d > 0:
         layer.set_support(_first_k_mask((d_out, d_in), layer.nnz))
         np.testing.assert_array_equal(layer.forward(x), base_y)
-        assert layer.spa.nnz == int(d * d_out * d_in)
-    assert layer.num_parameters(trainable_only=True) == r * (d_in + d_out) + (int(d * d_out * d_in) if d > 0 else 0)
+        assert layer.spa.nnz == int(d * (d_out * d_in))
+    assert layer.num_parameters(trainable_only=True) == r * (d_in + d_out) + (int(d * (d_out * d_in)) if d > 0 else 0)
 
 
 @pytest.mark.parametrize("mode", ["mean_squared", "mean"])
@@ -194,6 +194,7 @@ def test_collection_and_support_selection(mode):
         dy = rng.standard_normal((4, 6))
         layer.forward(x)
         layer.backward(dy)
+        layer.commit_collection()  # each step taken (the controller commits in after_optimizer_step)
         Gs.append(dy.T @ x)
     expected = np.mean([G**2 for G in Gs], axis=0) if mode == "mean_squared" else np.abs(np.mean(Gs, axis=0))
     assert_close(layer.collected_scores(), expected, "collected", rtol=1e-12)

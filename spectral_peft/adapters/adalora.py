@@ -319,13 +319,16 @@ class AdaLoraLinear(AdapterLayer):
         self.lora_dropout = float(lora_dropout)
         self.dropout_rng = self.make_dropout_rng(rng, lora_dropout)
         self.pattern: list[bool] | None = None
+        self.merged = False
 
     # --- sizes and scale -----------------------------------------------------------------------
     @property
     def r(self) -> int:
         return int(self.params["lora_A"].shape[0])
 
-
+    def adapter_parameter_count(self) -> int:
+        """r · (d_in + d_out + 1): A (r, d_in), B (d_out, r), E (r, 1) at the layer's current rank."""
+        return self.r * (self.d_in + self.d_out + 1)
 
     @property
     def scaling(self) -> float:
@@ -343,7 +346,30 @@ class AdaLoraLinear(AdapterLayer):
         return (p["lora_B"] @ (p["lora_A"] * p["lora_E"])) * self.scale
 
     def effective_weight(self):
+        """The dense (d_out, d_in) matrix this layer applies: W + s · B (A ⊙ E)."""
+        if self.merged:
+            return self.base_layer.effective_weight()
         return self.base_layer.effective_weight() + self.delta_weight()
+
+    def merge(self) -> None:
+        """W <- W + s · B (A ⊙ E) (in the weight's dtype); the forward becomes the base alone."""
+        if self.merged:
+            raise RuntimeError("AdaLoraLinear is already merged")
+        W = self.base_weight_for_merge()
+        W += self.delta_weight()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W − s · B (A ⊙ E): restores W up to rounding."""
+        if not self.merged:
+            raise RuntimeError("AdaLoraLinear is not merged")
+        W = self.base_weight_for_merge()
+        W -= self.delta_weight()
+        self.merged = False
+
+    def _refuse_if_merged(self, what: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"cannot {what} a merged AdaLoraLinear (W holds its update); unmerge() first")
 
     # --- forward / backward --------------------------------------------------------------------
     def forward(self, x):
@@ -351,7 +377,7 @@ class AdaLoraLinear(AdapterLayer):
             raise ValueError(f"AdaLoraLinear expects inputs (..., {self.d_in}), got {x.shape}")
         p = self.params
         y = self.base_layer.forward(x)  # (..., d_in) -> (..., d_out)
-        if self.r == 0:  # a module pruned to rank 0 (allowed, PEFT #1539) is its base
+        if self.r == 0 or self.merged:  # pruned to rank 0 (allowed, PEFT #1539), or merged: the base
             self.cache = None
             return y
         xd, dcache = dropout_forward(x, self.lora_dropout, self.dropout_rng, self.training)
@@ -363,7 +389,7 @@ class AdaLoraLinear(AdapterLayer):
         return y
 
     def backward(self, dy):
-        if self.r == 0:
+        if self.r == 0 or self.merged:
             return self.base_layer.backward(dy)
         lcache, dcache = self.cache
         p = self.params
@@ -391,6 +417,7 @@ class AdaLoraLinear(AdapterLayer):
     def apply_mask(self, keep) -> None:
         """Zero lora_E where ``keep`` (r,) is False, in place (PEFT's masked_fill_), and record the
         pattern. Masked triplets contribute nothing to the output until an optimizer step revives E."""
+        self._refuse_if_merged("mask")
         xp = self.xp
         keep = xp.asarray(keep, dtype=bool).reshape(-1)
         if keep.shape != (self.r,):
@@ -401,6 +428,7 @@ class AdaLoraLinear(AdapterLayer):
     def resize(self, keep) -> None:
         """Keep only the triplets where ``keep`` (r,) is True: E[idx], A[idx], B[:, idx]; ranknum
         (hence the scale, when lora_alpha > 0) is unchanged, gradients are dropped."""
+        self._refuse_if_merged("resize")
         xp = self.xp
         keep = xp.asarray(keep, dtype=bool).reshape(-1)
         if keep.shape != (self.r,):
@@ -432,6 +460,7 @@ class AdaLoraLinear(AdapterLayer):
             if tuple(arrays[k].shape) != shape:
                 raise ValueError(f"{k} has shape {tuple(arrays[k].shape)}, the layer needs {shape} "
                                  f"(rank {self.r}; a resized file needs its rank_pattern in the config)")
+        self._refuse_if_merged("load arrays into")
         xp = self.xp
         for k in want:
             self.params[k] = xp.asarray(to_host(arrays[k]).astype(self.dtype))

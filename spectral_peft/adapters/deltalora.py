@@ -6,7 +6,9 @@ Shape legend: d_in, d_out, r.
 
     A (r, d_in), B (d_out, r) trained as LoRA; no dropout on the branch (the paper removes it so
     that the product's change is the update the branch actually saw)
-    after each optimizer step t (step > K):  W <- W + λ · s · (B⁽ᵗ⁺¹⁾ A⁽ᵗ⁺¹⁾ − B⁽ᵗ⁾ A⁽ᵗ⁾)
+    after optimizer step t (t > K):  W <- W + λ · s · (B⁽ᵗ⁺¹⁾ A⁽ᵗ⁺¹⁾ − B⁽ᵗ⁾ A⁽ᵗ⁾)
+    t counts from 0 (the paper's Algorithm 1: for t = 0, ..., T − 1; if t > K), so W stays fixed
+    over the first K + 1 steps and moves from the (K + 2)-th on
     the delta OF THE PRODUCTS, not the product of the deltas; λ = 2, K = 500 in the paper
     trainable parameters: r · (d_in + d_out) (W changes but gets no gradient and no optimizer state)
 
@@ -47,7 +49,7 @@ class DeltaLoraConfig(LoraConfig):
     """LoRA's fields plus Delta-LoRA's; written to adapter_config.json as PEFT LoRA."""
 
     delta_lambda: float = 2.0  # λ, the paper's update ratio
-    delta_start_step: int = 500  # K: W moves only for steps > K
+    delta_start_step: int = 500  # K: W moves after step index t > K (t counts from 0)
 
     def validate(self) -> None:
         super().validate()
@@ -69,7 +71,8 @@ class DeltaLoraConfig(LoraConfig):
 class DeltaLoraController(Controller):
     """Moves every base weight by λ·s·(B'A' − BA) after each optimizer step past K.
 
-    ``step`` is the count of optimizer steps taken, as the loop passes it (1 after the first).
+    ``step`` is the 0-based index t of the optimizer step just taken, as the Trainer passes it (0 after
+    the first step); W moves when t > K (the paper's convention, module docstring).
     State: the previous factors of every layer (for exact resume).
     """
 

@@ -64,6 +64,13 @@ class DoraLinear(LoraLinear):
             raise RuntimeError("weight_norm needs the un-merged weight; unmerge() first")
         return row_norms(W + self.delta_weight())
 
+    def effective_weight(self):
+        """The dense (d_out, d_in) matrix this layer applies: g ⊙ (W + s·B A) per output row."""
+        if self.merged:
+            return self.base_layer.effective_weight()
+        V = self.base_layer.effective_weight() + self.delta_weight()  # (d_out, d_in)
+        return (self.params[M_KEY] / row_norms(V))[:, None] * V
+
     def forward(self, x):
         self._check_input(x)
         if self.merged:

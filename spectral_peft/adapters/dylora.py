@@ -13,6 +13,8 @@ Shape legend: N tokens (any leading dims), d_in, d_out, r_max the stored rank, b
     mode "full": the first b rows of A and columns of B all get gradients
     evaluation at any b in 1..r_max without retraining (``set_rank``); at b = r_max the layer is
     exactly the PEFT LoRA its file describes (scaling α / r_max)
+    merge: W <- W + (α / e) · B[:, :e] A[:e] at the EVALUATION rank e (r_max unless set_rank chose
+    another), in train mode as in eval mode; unmerge subtracts that same e's product
     trainable parameters: r_max · (d_in + d_out)
 
 The truncated layer at rank b IS plain LoRA with A[:b], B[:, :b] and α/b: the test proves it.
@@ -48,6 +50,7 @@ class DyLoraLinear(LoraLinear):
         self.mode = mode
         self.rank = self.r
         self.eval_rank = self.r
+        self.merged_rank = None  # the rank merged into the base weight (unmerge subtracts it)
 
     @property
     def active_rank(self) -> int:
@@ -70,12 +73,30 @@ class DyLoraLinear(LoraLinear):
         if which in ("eval", "both"):
             self.eval_rank = b
 
-    def delta_weight(self):
-        """ΔW at the active rank: (α/b) · B[:, :b] A[:b]   (d_out, b) @ (b, d_in) -> (d_out, d_in)."""
-        b = self.active_rank
+    def delta_weight(self, b: int | None = None):
+        """ΔW at rank b (default the active rank): (α/b) · B[:, :b] A[:b]   (d_out, b) @ (b, d_in) -> (d_out, d_in)."""
+        b = self.active_rank if b is None else b
         d = self.params[B_KEY][:, :b] @ self.params[A_KEY][:b]
         d *= self.scaling_at(b)
         return d
+
+    def merge(self) -> None:
+        """W <- W + ΔW at the evaluation rank (whatever the mode: merging is for inference)."""
+        if self.merged:
+            raise RuntimeError("DyLoraLinear is already merged")
+        W = self.base_weight_for_merge()
+        W += self.delta_weight(self.eval_rank)
+        self.merged_rank = self.eval_rank
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W − ΔW at the rank that was merged."""
+        if not self.merged:
+            raise RuntimeError("DyLoraLinear is not merged")
+        W = self.base_weight_for_merge()
+        W -= self.delta_weight(self.merged_rank)
+        self.merged_rank = None
+        self.merged = False
 
     def forward(self, x):
         self._check_input(x)
@@ -180,8 +201,10 @@ class DyLoraConfig(LoraConfig):
 class DyLoraController(Controller):
     """Draws b ~ U{1..r_max} before each training forward and sets it in every DyLoRA layer.
 
-    The stream is a NumPy generator seeded with ``dylora_seed``; its state is in
-    :meth:`state_dict`, so a resumed run draws the same ranks.
+    The stream is a NumPy generator seeded with ``dylora_seed``. A draw is committed only when its
+    step is taken (after_optimizer_step): before_forward always draws from the state after the last
+    step TAKEN, so a step the NaN guard skips leaves the stream as it was and its rank is drawn
+    again. ``rank`` is the rank of the current step; :meth:`state_dict` holds the committed state.
     """
 
     def __init__(self, peft_model, config: DyLoraConfig):
@@ -189,19 +212,26 @@ class DyLoraController(Controller):
         self.layers = [m for _, m in dylora_layers(peft_model)]
         self.r_max = max((m.r for m in self.layers), default=0)
         self.rng = np.random.default_rng(config.dylora_seed)
-        self.rank = self.r_max
+        self.rank = self.committed_rank = self.r_max
+        self.committed_state = self.rng.bit_generator.state  # the stream after the last step taken
 
     def before_forward(self, step: int) -> None:
+        self.rng.bit_generator.state = self.committed_state
         self.rank = int(self.rng.integers(1, self.r_max + 1))  # b ~ U{1, ..., r_max}
         for layer in self.layers:
             layer.set_rank(self.rank, "train")
 
+    def after_optimizer_step(self, step: int) -> None:
+        self.committed_state = self.rng.bit_generator.state
+        self.committed_rank = self.rank
+
     def state_dict(self) -> dict:
-        return {"rng_state": json.dumps(self.rng.bit_generator.state), "rank": self.rank}
+        return {"rng_state": json.dumps(self.committed_state), "rank": self.committed_rank}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = json.loads(state["rng_state"])
-        self.rank = int(state["rank"])
+        self.committed_state = self.rng.bit_generator.state
+        self.rank = self.committed_rank = int(state["rank"])
         for layer in self.layers:
             layer.set_rank(self.rank, "train")
 

@@ -231,9 +231,9 @@ class LoraLinear(AdapterLayer):
         if not isinstance(base, Linear):
             raise TypeError(f"LoRA wraps a Linear{where}, got {type(base).__name__}")
         d_out, d_in = base.d_out, base.d_in
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or r > min(d_in, d_out):
-            raise ValueError(f"r must be an integer in [1, min(d_in, d_out)] = [1, {min(d_in, d_out)}]{where}, "
-                             f"got r={r!r}")
+        # r > min(d_in, d_out) is allowed, as in PEFT: the update's rank is then min(d_in, d_out)
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be an integer >= 1{where}, got r={r!r}")
         if not lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0{where}, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
@@ -256,8 +256,6 @@ class LoraLinear(AdapterLayer):
         self.merged = False
 
     # --- sizes -------------------------------------------------------------------------------------
-
-
     def adapter_parameter_count(self) -> int:
         """r · (d_in + d_out): the trainable size of plain LoRA (docs/lora.md)."""
         return self.r * (self.d_in + self.d_out)

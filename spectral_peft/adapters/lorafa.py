@@ -19,8 +19,11 @@ reproduces full fine-tuning's update of W through the frozen A:
     g_B <- (1/s²) · g_B · (A Aᵀ + 1e-8 I)⁻¹              (r, r) solve; pinv as in PEFT
 
 Here it is an option (``LoraFAConfig.corrected_grad``) applied by a controller in after_backward,
-so any optimizer then sees the corrected gradient. (PEFT's optimizer computes it under bf16
-autocast where available; the engine computes it in the model's dtype.)
+which the Trainer runs after clipping, so the correction sees the clipped gradient exactly as PEFT's
+optimizer does (the Trainer clips, then calls optimizer.step, which corrects), and any optimizer
+then sees the corrected gradient. PEFT's optimizer also applies weight decay after its Adam update:
+:func:`lorafa_optimizer` gives that update (``optim.LoraFAAdamW``), PEFT's create_lorafa_optimizer.
+(PEFT computes the correction under bf16 autocast where available; the engine in the model's dtype.)
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 from .. import validation as V
 from ..backend import get_xp
+from ..optim import LoraFAAdamW
 from .base import Controller, Recipe, adapter_layers
 from .lora import A_KEY, B_KEY, LoraConfig, LoraLinear
 
@@ -52,6 +56,13 @@ def corrected_gradient(gB, A, scale: float):
     r = A.shape[0]
     M = A @ A.T + CORRECTION_EPS * xp.eye(r, dtype=A.dtype)  # (r, r)
     return (gB @ xp.linalg.pinv(M)) * (1.0 / scale**2)  # (d_out, r) @ (r, r)
+
+
+def lorafa_optimizer(peft_model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                     eps: float = 1e-6) -> LoraFAAdamW:
+    """PEFT's create_lorafa_optimizer: the LoraFAOptimizer update over the trainable parameters
+    (B of every LoRA-FA layer; A is frozen by the layer), with PEFT's default eps 1e-6."""
+    return LoraFAAdamW(peft_model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 @dataclass
@@ -79,7 +90,7 @@ class LoraFAConfig(LoraConfig):
 
 
 class LoraFAController(Controller):
-    """Replaces every g_B by the corrected gradient once the gradients are complete."""
+    """Replaces every g_B by the corrected gradient once the gradients are complete and clipped."""
 
     def __init__(self, peft_model):
         self.layers = [m for _, m in adapter_layers(peft_model, LoraFALinear)]

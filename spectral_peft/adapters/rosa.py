@@ -5,7 +5,7 @@ Sources: Nikdan et al., "RoSA: Accurate Parameter-Efficient Fine-Tuning via Robu
 rosa_functions,splinear}.py`` (field names, schedules, key names and the accumulation rule are
 taken from there as facts; the code here is written from the equations).
 
-Shape legend: N tokens (B·T, or any leading dims), d_in, d_out; r rank; nnz = int(d · d_out · d_in)
+Shape legend: N tokens (B·T, or any leading dims), d_in, d_out; r rank; nnz = int(d · (d_out · d_in))
 entries of the sparse adapter S (d_out, d_in), stored in CSR (spectral_peft.sparse.CSR).
 
     y = x (W + S)ᵀ + b + s · dropout(x) Aᵀ Bᵀ               impl 'sp_add' (the default)
@@ -43,7 +43,9 @@ import numpy as np
 from .. import validation as V
 from ..backend import to_host
 from ..budget import topk_mask
+from ..io.safe import parse_safetensors, save_safetensors
 from ..module import Linear
+from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
 from ..sparse import CSR, SDDMM_IMPLS, sp_add, spmm, spmm_t
 from .base import AdapterConfig, AdapterLayer, Controller, Recipe, model_relative, pattern_value
@@ -65,8 +67,9 @@ def _check_density(value, name: str) -> float:
 
 
 def nnz_for(density: float, shape: tuple[int, int]) -> int:
-    """k = int(density · numel), the number of entries a (d_out, d_in) matrix keeps (peft-rosa's rule)."""
-    return int(_check_density(density, "d") * shape[0] * shape[1])
+    """k = int(density · numel), the number of entries a (d_out, d_in) matrix keeps: peft-rosa's
+    rounding, the density times the entry count (not (d · d_out) · d_in, which can differ by one)."""
+    return int(_check_density(density, "d") * (shape[0] * shape[1]))
 
 
 # --- configuration ---------------------------------------------------------------------------------
@@ -323,10 +326,14 @@ class RosaLinear(AdapterLayer):
             self.params[VALUES_KEY] = xp.zeros(self.nnz, dtype=dtype)
         self.spa: CSR | None = None
         self.dropout_rng = self.make_dropout_rng(rng, lora_dropout)
-        # gradient collection (the support selection): running sum of G or G², and its count
+        # gradient collection (the support selection): running sum of G or G², and its count, of the
+        # steps taken; the current step's G waits in pending_* until the step is taken (commit_collection)
         self.collecting = False
         self.grad_sum = None
         self.grad_count = 0
+        self.pending_sum = None
+        self.pending_count = 0
+        self.merged = False
 
     # --- shapes and counts ---
 
@@ -334,9 +341,9 @@ class RosaLinear(AdapterLayer):
     def shape(self) -> tuple[int, int]:
         return (self.d_out, self.d_in)
 
-
     def adapter_parameter_count(self) -> int:
-        """r·(d_in + d_out) + nnz, the adapter's trainable size once its support is set."""
+        """r·(d_in + d_out) + int(d · (d_out · d_in)): A, B and the sparse values (trainable from
+        creation; they get a gradient once the support is set)."""
         return self.r * (self.d_in + self.d_out) + self.nnz
 
     # --- the support ---
@@ -346,6 +353,8 @@ class RosaLinear(AdapterLayer):
         (resuming), and are trained from the next backward."""
         if self.d <= 0:
             raise ValueError("this RoSA layer has d = 0: it has no sparse adapter to give a support")
+        if self.merged:
+            raise RuntimeError("cannot change the support of a merged RosaLinear (W holds S); unmerge() first")
         if isinstance(support, CSR):
             shape, count = support.shape, support.nnz
         else:
@@ -390,6 +399,28 @@ class RosaLinear(AdapterLayer):
             delta += S.to_dense()
         return delta
 
+    def effective_weight(self):
+        """The dense (d_out, d_in) matrix this layer applies: W + S + s·B A."""
+        if self.merged:
+            return self.base_layer.effective_weight()
+        return self.base_layer.effective_weight() + self.delta_weight()
+
+    def merge(self) -> None:
+        """W <- W + s·B A + S (in the weight's dtype); the forward becomes the base alone."""
+        if self.merged:
+            raise RuntimeError("RosaLinear is already merged")
+        W = self.base_weight_for_merge()
+        W += self.delta_weight()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W − (s·B A + S): restores W up to rounding."""
+        if not self.merged:
+            raise RuntimeError("RosaLinear is not merged")
+        W = self.base_weight_for_merge()
+        W -= self.delta_weight()
+        self.merged = False
+
     # --- gradient collection ---
     def collected_scores(self):
         """|mean of the collected gradients| (d_out, d_in): mean(G²) or |mean(G)|."""
@@ -405,19 +436,36 @@ class RosaLinear(AdapterLayer):
 
     def clear_collection(self) -> None:
         self.grad_sum, self.grad_count = None, 0
+        self.discard_pending()
+
+    def discard_pending(self) -> None:
+        """Drop the gradients of a step that was not taken (the NaN guard skipped it)."""
+        self.pending_sum, self.pending_count = None, 0
+
+    def commit_collection(self) -> None:
+        """The step is taken: its collected gradients join the running sum."""
+        if self.pending_count == 0:
+            return
+        if self.grad_sum is None:
+            self.grad_sum = self.pending_sum
+        else:
+            self.grad_sum += self.pending_sum
+        self.grad_count += self.pending_count
+        self.discard_pending()
 
     def _collect(self, dy2, x2) -> None:
         G = dy2.T @ x2  # dense weight gradient of the frozen W: (d_out, N) @ (N, d_in) -> (d_out, d_in)
         if self.grad_acc_mode == "mean_squared":
             G *= G
-        if self.grad_sum is None:
-            self.grad_sum = G
+        if self.pending_sum is None:
+            self.pending_sum = G
         else:
-            self.grad_sum += G
-        self.grad_count += 1
+            self.pending_sum += G
+        self.pending_count += 1
 
     # --- forward / backward ---
-    def _effective_weight(self):
+    def sparse_weight(self):
+        """W + S (d_out, d_in): the dense part 'sp_add' multiplies by (the low-rank branch stays apart)."""
         W = self.base_layer.effective_weight()
         S = self._sparse()
         return W if S is None else sp_add(W, S)  # (d_out, d_in)
@@ -425,12 +473,15 @@ class RosaLinear(AdapterLayer):
     def forward(self, x):
         if x.shape[-1] != self.d_in:
             raise ValueError(f"RosaLinear expects inputs (..., {self.d_in}), got {x.shape}")
+        if self.merged:
+            self.cache = None
+            return self.base_layer.forward(x)
         S = self._sparse()
         lora_trainable = self.r > 0 and A_KEY not in self.frozen
         values_trainable = S is not None and VALUES_KEY not in self.frozen
         keep_x = values_trainable or self.collecting
         if self.impl == "sp_add":
-            y = x @ self._effective_weight().T  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
+            y = x @ self.sparse_weight().T  # (..., d_in) @ (d_in, d_out) -> (..., d_out)
             bias = self.base_layer.params.get("bias")
             if bias is not None:
                 y += bias
@@ -442,8 +493,6 @@ class RosaLinear(AdapterLayer):
         if self.r > 0:
             xd = x
             if self.lora_dropout > 0 and self.training:
-                from ..ops.dropout import dropout_forward  # noqa: PLC0415
-
                 xd, drop_cache = dropout_forward(x, self.lora_dropout, self.dropout_rng, True)
             y_lr, lr_cache = lowrank_forward(xd, self.params[A_KEY], self.params[B_KEY], self.scaling,
                                              keep_x=lora_trainable)
@@ -452,6 +501,8 @@ class RosaLinear(AdapterLayer):
         return y
 
     def backward(self, dy):
+        if self.merged:
+            return self.base_layer.backward(dy)
         if self.cache is None:
             raise RuntimeError("RosaLinear.backward called without a forward (or twice)")
         x, lr_cache, drop_cache = self.cache
@@ -467,7 +518,7 @@ class RosaLinear(AdapterLayer):
                 self._collect(dy2, x2)
         if self.impl == "sp_add":
             # y = x (W + S)ᵀ  =>  dX = dY (W + S)      (..., d_out) @ (d_out, d_in) -> (..., d_in)
-            dx = dy @ self._effective_weight()
+            dx = dy @ self.sparse_weight()
         else:
             dx = self.base_layer.backward(dy)  # y = x Wᵀ  =>  dX = dY W
             if S is not None:
@@ -478,8 +529,6 @@ class RosaLinear(AdapterLayer):
             dxd, dA, dB = lowrank_backward(dy, lr_cache, self.params[A_KEY], self.params[B_KEY], self.scaling,
                                            need_dA=need_dA, need_dB=need_dB, need_dx=True)
             if drop_cache is not None:
-                from ..ops.dropout import dropout_backward  # noqa: PLC0415
-
                 dxd = dropout_backward(dxd, drop_cache)  # xd = dropout(x)  =>  dX += mask ⊙ dXd / (1-p)
             dx += dxd  # y += s·(xd Aᵀ) Bᵀ  =>  dX += s·(dY B) A
             if dA is not None:
@@ -564,8 +613,6 @@ def save_masks(supports: dict, path: str) -> str:
     """Write supports {layer path: CSR} to ``path`` (a directory; the file is rosa_masks.safetensors)
     as CSR arrays "<layer>.row_offs" (d_out+1,), "<layer>.col_idx" (nnz,), shapes in the metadata.
     Returns the file written (atomically, through spectral_peft.io.safe)."""
-    from ..io.safe import save_safetensors  # noqa: PLC0415
-
     tensors, shapes = {}, {}
     for name, csr in supports.items():
         tensors[f"{name}.row_offs"] = to_host(csr.indptr).astype(np.int32)
@@ -580,8 +627,6 @@ def save_masks(supports: dict, path: str) -> str:
 def load_masks(path: str) -> dict:
     """Read supports written by :func:`save_masks`: {layer path: CSR with zero float64 values}.
     Every array is checked (file format, keys, CSR structure) before anything is returned."""
-    from ..io.safe import parse_safetensors  # noqa: PLC0415
-
     file = _mask_file(path)
     if not os.path.exists(file):
         raise FileNotFoundError(f"mask_load_path: no RoSA masks at {file!r}")
@@ -605,7 +650,9 @@ class RosaController(Controller):
     the supports are chosen (and saved), for every RosaLinear of a PeftModel.
 
     It counts optimizer steps itself (``self.step``, incremented by after_optimizer_step), as
-    peft-rosa's scheduler does, so it works whatever step numbers the loop passes. Supports are
+    peft-rosa's scheduler does, so it works whatever step numbers the loop passes. The gradients a
+    layer collects in its backward are committed here, once the step is taken: a step the NaN
+    guard skips (no after_optimizer_step) changes nothing, and before_forward drops its leftovers. Supports are
     chosen in after_optimizer_step of the last collection step, so the next step trains them.
     ``should_stop`` turns True when terminate_after_mask_generation asks the loop to stop.
     """
@@ -665,6 +712,7 @@ class RosaController(Controller):
         if not self.activated and sparse and all(m.spa is not None for _, m in sparse):
             self.activated = True  # supports came with a loaded adapter: never collect over them
         for _, layer in self.sparse_layers():
+            layer.discard_pending()  # left by a step that was not taken
             layer.collecting = "grad_collection" in agenda and not self.activated
             if layer.spa is not None:
                 if "spa" in agenda:
@@ -673,6 +721,8 @@ class RosaController(Controller):
                     layer.freeze(VALUES_KEY)
 
     def after_optimizer_step(self, step: int) -> None:
+        for _, layer in self.sparse_layers():
+            layer.commit_collection()
         agenda = agenda_at(self.schedule, self.step)
         following = agenda_at(self.schedule, self.step + 1)
         if not self.activated and "grad_collection" in agenda and "grad_collection" not in following:
@@ -758,7 +808,7 @@ LLAMA2_7B_SHAPES: list[tuple[int, int]] = 32 * ([(4096, 4096)] * 4 + [(11008, 40
 
 
 def rosa_parameter_count(shapes, r: int, d: float) -> int:
-    """Σ over matrices of r·(d_in + d_out) + int(d · d_out · d_in): the trainable size of RoSA
+    """Σ over matrices of r·(d_in + d_out) + int(d · (d_out · d_in)): the trainable size of RoSA
     (r = 0: sparse only; d = 0: LoRA)."""
     return int(sum(r * (do + di) + (nnz_for(d, (do, di)) if d > 0 else 0) for do, di in shapes))
 

@@ -48,26 +48,24 @@ def bounded(*dims):
     return int(np.prod(dims)) <= MAX_ELEMENTS
 
 
-@wide
-@given(seed=seeds, B=st.integers(1, 2), T=lengths, C=widths, kind=kinds)
-def test_layernorm_gradients_wide(seed, B, T, C, kind):
-    if not bounded(B, T, C):
-        B = 1
-    rng = np.random.default_rng(seed)
-    x, w, b = draw(rng, kind, B, T, C), rng.standard_normal(C), rng.standard_normal(C)
-    check_grads(lambda x, w, b: layernorm_forward(x, w, b, 1e-5), lambda g, c: layernorm_backward(g, c, w),
-                {"x": x, "weight": w, "bias": b}, seed, eps=step(kind, True))
+NORMS = {  # name -> (forward(x, w, b), backward(g, cache, w) -> grads of (x, w, b) or (x, w), uses bias)
+    "layernorm": (lambda x, w, b: layernorm_forward(x, w, b, 1e-5), layernorm_backward, True),
+    "rmsnorm": (lambda x, w: rmsnorm_forward(x, w, 1e-6), rmsnorm_backward, False),
+}
 
 
+@pytest.mark.parametrize("norm", sorted(NORMS))
 @wide
 @given(seed=seeds, B=st.integers(1, 2), T=lengths, C=widths, kind=kinds)
-def test_rmsnorm_gradients_wide(seed, B, T, C, kind):
+def test_norm_gradients_wide(norm, seed, B, T, C, kind):
     if not bounded(B, T, C):
         B = 1
+    forward, backward, has_bias = NORMS[norm]
     rng = np.random.default_rng(seed)
-    x, w = draw(rng, kind, B, T, C), rng.standard_normal(C)
-    check_grads(lambda x, w: rmsnorm_forward(x, w, 1e-6), lambda g, c: rmsnorm_backward(g, c, w),
-                {"x": x, "weight": w}, seed, eps=step(kind, True))
+    inputs = {"x": draw(rng, kind, B, T, C), "weight": rng.standard_normal(C)}
+    if has_bias:
+        inputs["bias"] = rng.standard_normal(C)
+    check_grads(forward, lambda g, c: backward(g, c, inputs["weight"]), inputs, seed, eps=step(kind, True))
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))

@@ -16,42 +16,13 @@ from spectral_peft.ops import (ACTIVATIONS, attention_backward, attention_forwar
                                layernorm_backward, layernorm_forward, merge_heads, merge_heads_backward,
                                residual_backward, residual_forward, rmsnorm_backward, rmsnorm_forward,
                                softmax_backward, softmax_forward, split_heads, split_heads_backward)
-from spectral_peft.testing import GRADCHECK_RTOL, assert_close, numerical_gradient
+from spectral_peft.testing import assert_close
 from spectral_peft.testing import RTOL as RTOL_BY_DTYPE
+from tests._gradcheck import check_grads
 
 seeds = st.integers(0, 2**31 - 1)
 small = st.integers(1, 3)
 odd = st.sampled_from([1, 3, 5])
-
-
-def check_grads(forward, backward, inputs: dict, seed: int, scalar_out: bool = False):
-    """Central differences of L = Σ forward(*inputs)[0] ⊙ G against backward(G, cache).
-
-    forward(*arrays) -> (out, cache); backward(G, cache) -> one gradient per input, in order.
-    """
-    rng = np.random.default_rng(seed)
-    arrays = list(inputs.values())
-    originals = [a.copy() for a in arrays]
-    out, cache = forward(*arrays)
-    G = float(rng.standard_normal()) if scalar_out else rng.standard_normal(np.shape(out))
-    G0 = np.copy(G)
-    grads = backward(G, cache)
-    grads = grads if isinstance(grads, tuple) else (grads,)
-    assert len(grads) == len(arrays)
-    for name, a, a0 in zip(inputs, arrays, originals):
-        assert np.array_equal(a, a0), f"{name} was mutated by forward/backward"
-    assert np.array_equal(G, G0), "the upstream gradient was mutated by backward"
-
-    def loss() -> float:
-        return float(np.sum(forward(*arrays)[0] * G))
-
-    # central differences carry round-off of about machine-eps·Σ|out ⊙ G| / eps ≈ 1e-10·Σ|out ⊙ G|:
-    # a floor for the absolute tolerance where the true gradient is ~0 (e.g. LayerNorm with C = 1)
-    noise = 1e-9 * max(1.0, float(np.sum(np.abs(np.asarray(out) * G))))
-    for (name, a), g in zip(inputs.items(), grads):
-        num = numerical_gradient(loss, a)
-        atol = GRADCHECK_RTOL * float(np.max(np.abs(num), initial=0.0)) + noise
-        assert_close(g, num, f"d{name}", rtol=GRADCHECK_RTOL, atol=atol)
 
 
 def normal(rng, *shape):

@@ -44,15 +44,23 @@ class _ConfigIO:
     """from_dict / from_json_file / to_dict shared by both configs."""
 
     model_type = ""
+    # Hugging Face fields that change the model's maths and that the engine does not implement:
+    # {field: the only value accepted (transformers' default)}; any other value is refused by name.
+    REFUSED: dict = {}
 
     @classmethod
     def from_dict(cls, d: dict):
-        """Build from a Hugging Face config dict; keys that are not fields are ignored."""
+        """Build from a Hugging Face config dict; keys that are not fields are ignored, except those
+        in REFUSED, which must hold transformers' default."""
         if not isinstance(d, dict):
             raise ValueError(f"{cls.__name__}.from_dict needs a dict, got {type(d).__name__}")
         mt = d.get("model_type", cls.model_type)
         if mt != cls.model_type:
             raise ValueError(f"{cls.__name__}: config model_type is {mt!r}, expected {cls.model_type!r}")
+        for key, default in cls.REFUSED.items():
+            if key in d and d[key] != default:
+                raise ValueError(f"{cls.__name__}: config field {key} = {d[key]!r} changes the model's maths and is "
+                                 f"not implemented; only {default!r} (transformers' default) is supported")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -93,9 +101,20 @@ class GPT2Config(_ConfigIO):
     attn_pdrop: float = 0.1  # dropout on attention probabilities
     initializer_range: float = 0.02  # std of the normal initialisation of weights
     tie_word_embeddings: bool = True  # lm_head shares wte; the only layout this engine supports
+    scale_attn_weights: bool = True  # scores scaled by 1/√hd (False: unscaled q kᵀ)
+    scale_attn_by_inverse_layer_idx: bool = False  # scores of block i (from 0) further scaled by 1/(i + 1)
+    # transformers' _upcast_and_reordered_attn: the scale applied to q before the product, in float32.
+    # The engine always scales before the product, in the model's dtype: the same maths, and in float64
+    # more accurate than the peer (which downcasts a float64 model's scores to float32 on this path)
+    reorder_and_upcast_attn: bool = False
+
+    REFUSED = {"add_cross_attention": False}  # cross-attention blocks (encoder-decoder use)
 
     def __post_init__(self):
         _positive_int(self, "vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPT2Config.{name} must be a bool, got {getattr(self, name)!r}")
         if self.n_inner is not None:
             _positive_int(self, "n_inner")
         if self.n_embd % self.n_head:
@@ -111,6 +130,14 @@ class GPT2Config(_ConfigIO):
     def inner_dim(self) -> int:
         """The MLP width: n_inner, or 4·n_embd when n_inner is None."""
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    def attention_scale(self, layer_idx: int) -> float:
+        """The factor of q kᵀ in block ``layer_idx`` (from 0): 1/√hd (scale_attn_weights), times
+        1/(layer_idx + 1) (scale_attn_by_inverse_layer_idx), as transformers' GPT2Attention.scaling."""
+        scale = (self.n_embd // self.n_head) ** -0.5 if self.scale_attn_weights else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        return scale
 
 
 @dataclass
@@ -134,6 +161,9 @@ class BertConfig(_ConfigIO):
     initializer_range: float = 0.02  # std of the normal initialisation of weights
     pad_token_id: int | None = 0  # [PAD]: its word-embedding row gets no gradient (PyTorch padding_idx)
 
+    # relative position embeddings, a causal decoder, cross-attention: not implemented
+    REFUSED = {"position_embedding_type": "absolute", "is_decoder": False, "add_cross_attention": False}
+
     def __post_init__(self):
         _positive_int(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                       "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels")
@@ -153,7 +183,18 @@ class BertConfig(_ConfigIO):
         # HF stores num_labels implicitly as the size of id2label.
         if isinstance(d, dict) and "num_labels" not in d and isinstance(d.get("id2label"), dict):
             d = {**d, "num_labels": len(d["id2label"])}
-        return super().from_dict(d)
+        cfg = super().from_dict(d)
+        # the classifier's dropout is hidden_dropout_prob here; the loss follows num_labels
+        cd = d.get("classifier_dropout")
+        if cd is not None and cd != cfg.hidden_dropout_prob:
+            raise ValueError(f"BertConfig: config field classifier_dropout = {cd!r} is not implemented; use None "
+                             f"(the classifier then uses hidden_dropout_prob = {cfg.hidden_dropout_prob})")
+        want = "regression" if cfg.num_labels == 1 else "single_label_classification"
+        pt = d.get("problem_type")
+        if pt is not None and pt != want:
+            raise ValueError(f"BertConfig: config field problem_type = {pt!r} is not implemented for num_labels = "
+                             f"{cfg.num_labels}; use None or {want!r} (MSE for 1 label, cross-entropy otherwise)")
+        return cfg
 
     def to_dict(self) -> dict:
         d = super().to_dict()

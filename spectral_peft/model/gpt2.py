@@ -6,6 +6,8 @@ V = vocab_size, N = B·T.
     x   = drop(wte[ids] + wpe[0..T-1])                      (B, T, C), flattened to (N, C)
     for each block:
         h   = x + resid_drop(attn(ln_1(x)))                  attn: c_attn C->3C, causal SDPA, c_proj C->C
+                                                             scores scale · q kᵀ, scale = 1/√hd, times
+                                                             1/(i+1) in block i with scale_attn_by_inverse_layer_idx
         x   = h + resid_drop(c_proj(act(c_fc(ln_2(h)))))     mlp: c_fc C->F, c_proj F->C
     h_L = ln_f(x)                                            (N, C)
     logits = h_L wteᵀ                                         (N, V) -> (B, T, V)   lm_head tied to wte
@@ -63,9 +65,12 @@ class GPT2Attention(Module):
     every projection is one 2-D GEMM).
 
     c_attn: one Linear C -> 3C (q, k, v side by side, HF's layout); c_proj: C -> C.
+    scale: the factor of q kᵀ (GPT2Config.attention_scale; None: 1/√hd). The attention op scales
+    q by 1/√hd; any other factor is applied to q first, q' = q · scale·√hd, before the product.
     """
 
-    def __init__(self, c_attn: Linear, c_proj: Linear, n_head: int, attn_pdrop: float, resid_pdrop: float, rng):
+    def __init__(self, c_attn: Linear, c_proj: Linear, n_head: int, attn_pdrop: float, resid_pdrop: float, rng,
+                 scale: float | None = None):
         super().__init__()
         self.c_attn = c_attn
         self.c_proj = c_proj
@@ -74,6 +79,12 @@ class GPT2Attention(Module):
         self.attn_pdrop = attn_pdrop  # dropout on the attention probabilities (HF's attn_dropout)
         self.rng = rng
         self.shift_group = None  # LongLoRA's S2-Attn group size when set (training only)
+        self.scale = scale
+
+    def _q_factor(self, hd: int):
+        if self.scale is None or self.scale == hd ** -0.5:
+            return None
+        return self.scale * math.sqrt(hd)
 
     def forward(self, x, bt, key_padding_mask=None):
         """x (N, C), bt = (B, T), key_padding_mask (B, T) bool or None -> (N, C)."""
@@ -83,6 +94,9 @@ class GPT2Attention(Module):
         qkv = self.c_attn(x).reshape(B, T, 3 * C)  # (N, C) -> (N, 3C) -> (B, T, 3C), a view
         # views, no copies: (B, T, C) slices of qkv -> (B, H, T, hd)
         q = split_heads(qkv[..., :C], H)
+        f = self._q_factor(C // H)
+        if f is not None:
+            q = q * f  # S = (q·f/√hd) kᵀ = scale · q kᵀ   (B, H, T, hd), a new array
         k = split_heads(qkv[..., C:2 * C], H)
         v = split_heads(qkv[..., 2 * C:], H)
         p = self.attn_pdrop if self.training else 0.0
@@ -102,6 +116,9 @@ class GPT2Attention(Module):
         hd = C // H
         dq, dk, dv = attention_backward(split_heads(dmerged.reshape(B, T, C), H), attn_cache)  # (B, H, T, hd)
         self.cache = None
+        f = self._q_factor(hd)
+        if f is not None:
+            dq *= f  # q' = q · f  =>  dq = dq' · f
         # q, k, v = split(qkv)  =>  dqkv = [merge(dq) | merge(dk) | merge(dv)], written in place
         dqkv = get_xp(dq).empty((B, T, 3, H, hd), dtype=dq.dtype)
         dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)  # (B, H, T, hd) -> (B, T, H, hd)
@@ -173,11 +190,11 @@ class GPT2Model(Module):
             GPT2Block(
                 init.layernorm(C, c.layer_norm_epsilon),
                 GPT2Attention(init.linear(C, 3 * C), init.linear(C, C, proj_std), c.n_head, c.attn_pdrop,
-                              c.resid_pdrop, self.rng),
+                              c.resid_pdrop, self.rng, scale=c.attention_scale(i)),
                 init.layernorm(C, c.layer_norm_epsilon),
                 GPT2MLP(init.linear(C, F), init.linear(F, C, proj_std), c.activation_function, c.resid_pdrop, self.rng),
             )
-            for _ in range(c.n_layer)
+            for i in range(c.n_layer)
         ])
         self.ln_f = init.layernorm(C, c.layer_norm_epsilon)
         self.config = config

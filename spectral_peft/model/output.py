@@ -32,7 +32,7 @@ def to_backend(a, backend):
     """A host or device array -> this backend's device (the API edge; a no-op on the CPU)."""
     from ..backend import is_device_array, to_device  # noqa: PLC0415
 
-    if backend.device == "gpu" and not is_device_array(a):
+    if backend.on_device and not is_device_array(a):
         import numpy as np  # noqa: PLC0415
 
         return to_device(np.asarray(a), backend)

@@ -10,7 +10,7 @@ The gradient is accumulated by a scatter-add over the ids, never by a one-hot (N
 """
 from __future__ import annotations
 
-from ..backend import get_xp
+from ..backend import get_xp, get_xpx
 
 
 def _check_ids(ids, V: int) -> None:
@@ -63,12 +63,11 @@ def embedding_backward(dout, cache, accumulate_into=None):
     flat_ids = ids.reshape(-1)  # (N,)
     dout2 = dout.reshape(-1, C)  # (N, C)
     N = flat_ids.size
-    if xp.__name__ != "numpy":
-        import cupyx  # noqa: PLC0415 - only on the GPU backend
-
+    xpx = get_xpx(xp)
+    if xpx is not None:
         dtable = xp.zeros((V, C), dtype=dout.dtype) if accumulate_into is None else accumulate_into
         # out[s] = table[ids[s]]  =>  dtable[v] += dout[s] for every s with ids[s] = v
-        cupyx.scatter_add(dtable, flat_ids, dout2)
+        xpx.scatter_add(dtable, flat_ids, dout2)
         return dtable
     import scipy.sparse  # noqa: PLC0415 - CPU path only
 

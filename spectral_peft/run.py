@@ -37,7 +37,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import data as data_mod
-from .backend import get_backend, to_host
+from .backend import DEVICES, emulation_unavailable_reason, get_backend, gpu_unavailable_reason, to_host
 from .results import RESULTS_FILE, new_results, save_results
 
 METHODS = ("full", "lora", "rslora", "dora", "dylora", "lorafa", "deltalora", "adalora", "rosa", "qlora", "qrosa")
@@ -146,14 +146,13 @@ class RunConfig:
             raise ValueError(f"--d (RoSA density) must lie in [0, 1], got {self.d}")
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"--quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
-        if self.device not in ("cpu", "gpu"):
-            raise ValueError(f"--device must be 'cpu' or 'gpu', got {self.device!r}")
-        if self.device == "gpu":
-            from .backend import gpu_unavailable_reason  # noqa: PLC0415
-
-            reason = gpu_unavailable_reason()
-            if reason is not None:
-                raise ValueError(f"--device gpu: {reason}; use --device cpu")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        reason = {"gpu": gpu_unavailable_reason, "gpu-emulated": emulation_unavailable_reason,
+                  "cpu": lambda: None}[self.device]()
+        if reason is not None:
+            raise ValueError(f"--device {self.device}: {reason}; use --device cpu, or --device gpu-emulated "
+                             "(CuPy's rules on the CPU)")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if not self.target_list():
@@ -629,7 +628,7 @@ def train_method(method: str, model, cfg: RunConfig, train_tokens, eval_sets, lo
     trainer = Trainer(model, opt, sched, max_grad_norm=cfg.max_grad_norm)
     controllers = trainer.controllers
     batches = SeededBatches(train_tokens, cfg.batch_size, cfg.n_positions, seed=cfg.seed + 2)  # same for all
-    train_curve = {"step": [], "loss": []}
+    train_curve = {"step": [], "loss": [], "d2h": [], "h2d": []}
     eval_curve = {"step": [0], "loss": [evaluate(model, eval_sets)]}
     extras: dict = {}
     with _progress(cfg.steps, f"{method:>9}", cfg.progress) as bar:
@@ -638,6 +637,8 @@ def train_method(method: str, model, cfg: RunConfig, train_tokens, eval_sets, lo
             step = trainer.step
             train_curve["step"].append(step)
             train_curve["loss"].append(round(float(m["loss"]), 5))
+            train_curve["d2h"].append(m["d2h"])  # device-to-host syncs and host-to-device copies
+            train_curve["h2d"].append(m["h2d"])
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 eval_curve["step"].append(step)
                 eval_curve["loss"].append(evaluate(model, eval_sets))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..backend import host_scalar
+
 
 @dataclass
 class ModelOutput:
@@ -52,7 +54,7 @@ def check_input_ids(input_ids, vocab_size: int, max_positions: int, max_name: st
         raise ValueError(f"input_ids: sequence length T = {T} exceeds {max_name} = {max_positions}")
     xp = _xp_of(input_ids)
     bad = (input_ids < 0) | (input_ids >= vocab_size)
-    if bool(bad.any()):
+    if host_scalar(bad.any(), "input check"):
         i = int(xp.argmax(bad.reshape(-1)))
         raise ValueError(f"input_ids: token id {int(input_ids.reshape(-1)[i])} at flat position {i} is outside "
                          f"[0, vocab_size) with vocab_size = {vocab_size}")
@@ -80,7 +82,7 @@ def check_int_range(a, shape: tuple, low: int, high: int, name: str, ignore: int
     bad = (a < low) | (a >= high)
     if ignore is not None:
         bad &= a != ignore
-    if bool(bad.any()):
+    if host_scalar(bad.any(), "input check"):
         xp = _xp_of(a)
         i = int(xp.argmax(bad.reshape(-1)))
         extra = f" or {ignore} (ignored)" if ignore is not None else ""

@@ -10,7 +10,7 @@ The gradient is accumulated by a scatter-add over the ids, never by a one-hot (N
 """
 from __future__ import annotations
 
-from ..backend import get_xp, get_xpx
+from ..backend import get_xp, get_xpx, host_scalar
 
 
 def _check_ids(ids, V: int) -> None:
@@ -21,7 +21,7 @@ def _check_ids(ids, V: int) -> None:
     if ids.size == 0:
         return
     bad = (ids < 0) | (ids >= V)
-    if bool(bad.any()):
+    if host_scalar(bad.any(), "input check"):
         first = int(xp.argmax(bad.reshape(-1)))
         value = int(ids.reshape(-1)[first])
         raise ValueError(f"ids: token id {value} (flat position {first}) is outside [0, V) with V = {V}")

@@ -8,10 +8,11 @@ as ``import cupy as np``. Data moves between host and device only through :func:
 :func:`to_host`, which callers use at the API edge (loading weights, writing results), never
 silently in the middle of a computation. Both count every transfer (device-to-host "d2h",
 host-to-device "h2d") in :data:`spectral_peft.emulated.LEDGER`, on a real GPU and on the emulated
-one; :func:`host_scalar` is the named read of a device scalar a training step needs (its loss
-log, the NaN guard, clipping). The transfer guard (``SPECTRAL_PEFT_TRANSFER_GUARD=error``) turns
-every other transfer the emulated device sees into an error naming the array, the operation and
-the call site.
+one; :func:`host_scalar` is the named read of a device scalar a training step needs (its loss,
+the NaN guard, clipping, input checks). The transfer guard (``SPECTRAL_PEFT_TRANSFER_GUARD=error``)
+turns every other transfer the emulated device sees in a training step after the first
+(:func:`begin_step`/:func:`end_step`) into an error naming the array, the operation and the call
+site.
 
 Dtype policy: parameters and activations share one floating dtype, float32 (speed) or float64
 (the oracle). Token ids and labels are int64. Quantised weights are uint8 codes with float32
@@ -224,14 +225,18 @@ def host_scalar(a, name: str):
     return a.item()
 
 
-def transfer_snapshot() -> dict:
-    """The transfers counted so far: {"d2h": n, "h2d": n, "by_name": {name: n}}."""
+def begin_step(step: int) -> dict:
+    """Start accounting training step ``step`` (0-based): returns the counts so far, for
+    :func:`end_step`. From the second step on, ``SPECTRAL_PEFT_TRANSFER_GUARD`` applies until
+    end_step (the first step may set up device state: code books, caches)."""
+    LEDGER.armed = step >= 1
     return LEDGER.snapshot()
 
 
-def transfers_since(snapshot: dict) -> dict:
-    """The transfers counted after ``snapshot`` (see :func:`transfer_snapshot`)."""
-    return since(snapshot)
+def end_step(before: dict) -> dict:
+    """The step's transfers since :func:`begin_step`: {"d2h": n, "h2d": n, "by_name": {name: n}}."""
+    LEDGER.armed = False
+    return since(before)
 
 
 def host_rng(seed: int) -> np.random.Generator:

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from .backend import get_xp, host_scalar, to_host, transfer_snapshot, transfers_since
+from .backend import begin_step, end_step, get_xp, host_scalar, to_host
 from .io import checkpoint as ckpt_io
 
 NONFINITE_MODES = ("raise", "skip")
@@ -273,7 +273,7 @@ class Trainer:
                              + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else ""))
         t = self.step
         model, backend = self.model, getattr(self.model, "backend", None)
-        moved_before = transfer_snapshot()
+        moved_before = begin_step(t)
         if backend is not None:  # the edge: host batches move to the model's device here
             batch = {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
         lr = self._lr()
@@ -311,7 +311,7 @@ class Trainer:
         ids = batch["input_ids"]
         tokens = int(to_host(mask).sum()) if mask is not None else int(ids.size)
         self.step = t + 1
-        moved = transfers_since(moved_before)  # device-to-host syncs and host-to-device copies this step
+        moved = end_step(moved_before)  # device-to-host syncs and host-to-device copies this step
         metrics = {"step": self.step, "loss": loss, "lr": lr, "ms": ms, "tokens": tokens,
                    "d2h": moved["d2h"], "h2d": moved["h2d"], "transfers": moved["by_name"],
                    "tokens_per_s": tokens / (ms / 1e3) if ms > 0 else float("inf"),

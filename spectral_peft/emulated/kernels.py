@@ -79,13 +79,17 @@ class EmulatedElementwiseKernel:
             raise TypeError(f"Wrong number of arguments for {self.name!r}: expected {self.nin} or "
                             f"{self.nin + self.nout}, got {len(args)}")
         where = f"ElementwiseKernel {self.name!r}"
+        twin = _twin(self.name, "ElementwiseKernel")
         inputs = unwrap(args[:self.nin], where)
         outs = args[self.nin:]
-        if size is None:
-            if not outs:
-                raise ValueError(f"{where}: give the output arrays or size= (its inputs are raw)")
+        if size is None and outs:
             size = outs[0].size
-        result = _twin(self.name, "ElementwiseKernel").fn(*inputs, size=size)
+        elif size is None:  # the inputs' broadcast size (a raw input needs outputs or size=)
+            shapes = [a.shape for a in inputs if hasattr(a, "shape")]
+            if not shapes:
+                raise ValueError(f"{where}: give the output arrays or size=")
+            size = int(np.prod(np.broadcast_shapes(*shapes)))
+        result = twin.fn(*inputs, size=size)
         if not outs:
             return wrap(result)
         results = result if self.nout > 1 else (result,)

@@ -8,9 +8,10 @@ first frame outside spectral_peft.backend and spectral_peft.emulated).
 
 ``explicit`` events are the API edges (``to_device``, ``to_host``, ``.get()``, and the named
 scalar reads of :func:`spectral_peft.backend.host_scalar`); every other event is implicit. With
-``SPECTRAL_PEFT_TRANSFER_GUARD=error`` (or inside :func:`guard`) an implicit event raises
-:class:`TransferError`, as ``jax.transfer_guard("disallow")`` and
-``torch.cuda.set_sync_debug_mode("error")`` do; ``log`` prints each implicit event to stderr.
+``SPECTRAL_PEFT_TRANSFER_GUARD=error`` an implicit event in a training step after the first
+(``armed`` by :func:`spectral_peft.backend.begin_step`), or any implicit event inside
+:func:`guard`, raises :class:`TransferError`, as ``jax.transfer_guard("disallow")`` and
+``torch.cuda.set_sync_debug_mode("error")`` do; ``log`` prints each one to stderr instead.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class Ledger:
     def __init__(self):
         self.reset()
         self._mode_override: list[str] = []
+        self.armed = False  # inside a training step after the first: $SPECTRAL_PEFT_TRANSFER_GUARD applies
 
     def reset(self) -> None:
         self.d2h = 0
@@ -64,6 +66,8 @@ class Ledger:
     def mode(self) -> str:
         if self._mode_override:
             return self._mode_override[-1]
+        if not self.armed:
+            return "allow"
         mode = os.environ.get(ENV_GUARD, "allow").strip().lower() or "allow"
         if mode not in GUARD_MODES:
             raise ValueError(f"${ENV_GUARD} must be one of {GUARD_MODES}, got {mode!r}")

@@ -33,17 +33,20 @@ class Twin:
     kind: str
     fn: Callable
     example: Callable | None = None
+    source: dict | None = None  # the CuPy constructor's keyword arguments (for the real-GPU check)
 
 
 TWINS: dict[str, Twin] = {}
 _REPLACED: list[str] = []
 
 
-def register_twin(name: str, kind: str, fn: Callable, example: Callable | None = None) -> None:
-    """Register ``fn`` as the NumPy twin of the CuPy kernel called ``name``."""
+def register_twin(name: str, kind: str, fn: Callable, example: Callable | None = None,
+                  source: dict | None = None) -> None:
+    """Register ``fn`` as the NumPy twin of the CuPy kernel called ``name`` (``source``: the keyword
+    arguments that build the kernel, so a real-GPU check can compile it)."""
     if kind not in ("ElementwiseKernel", "RawKernel"):
         raise ValueError(f"kind must be 'ElementwiseKernel' or 'RawKernel', got {kind!r}")
-    TWINS[name] = Twin(kind, fn, example)
+    TWINS[name] = Twin(kind, fn, example, source)
 
 
 def replaced_kernels() -> list[str]:

@@ -43,7 +43,7 @@ def _dequantize_example(rng):
     return (packed, absmax, get_4bit_code("nf4"), blocksize), n
 
 
-register_twin(DEQUANT_4BIT["name"], "ElementwiseKernel", dequantize_4bit_twin, _dequantize_example)
+register_twin(DEQUANT_4BIT["name"], "ElementwiseKernel", dequantize_4bit_twin, _dequantize_example, DEQUANT_4BIT)
 
 _KERNELS: dict = {}
 _CODES: dict = {}

@@ -65,20 +65,21 @@ def gpt2_config() -> GPT2Config:
                       embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def make_pair(seed: int = 0):
-    """(engine PeftModel + AdamW, torch PeftModel + AdamW) holding the same weights."""
+def make_pair(seed: int = 0, device: str = "cpu", torch_device: str = "cpu"):
+    """(engine PeftModel + AdamW on ``device``, torch PeftModel + AdamW on ``torch_device``) holding
+    the same weights."""
     import peft  # noqa: PLC0415
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
     transformers.logging.set_verbosity_error()
-    model = GPT2LMHeadModel(gpt2_config(), get_backend("cpu", "float32"), seed=seed)
+    model = GPT2LMHeadModel(gpt2_config(), get_backend(device, "float32"), seed=seed)
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(model, os.path.join(d, "base"))
         pm = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS), seed=seed)
         save_adapter(pm, os.path.join(d, "adapter"))
         tm = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(d, "base"), dtype=torch.float32)
-        pm_t = peft.PeftModel.from_pretrained(tm, os.path.join(d, "adapter"), is_trainable=True)
+        pm_t = peft.PeftModel.from_pretrained(tm, os.path.join(d, "adapter"), is_trainable=True).to(torch_device)
     pm.train()
     pm_t.train()
     opt = AdamW(pm, lr=LR, weight_decay=WD)

@@ -1,11 +1,18 @@
 """Backend selection: NumPy (CPU) or CuPy (GPU), the dtype policy and seeded RNGs.
 
 The backend is chosen once, at the edge (a CLI flag, a function argument, or the environment
-variable ``SPECTRAL_PEFT_DEVICE=cpu|gpu``). Inside the engine every function takes its array
+variable ``SPECTRAL_PEFT_DEVICE=cpu|gpu|gpu-emulated``; "gpu-emulated" is CuPy's API and host/device
+rules computed by NumPy on the CPU, :mod:`spectral_peft.emulated`). Inside the engine every function takes its array
 namespace from its arrays with :func:`get_xp`, never from a global: NumPy code is never written
 as ``import cupy as np``. Data moves between host and device only through :func:`to_device` and
 :func:`to_host`, which callers use at the API edge (loading weights, writing results), never
-silently in the middle of a computation.
+silently in the middle of a computation. Both count every transfer (device-to-host "d2h",
+host-to-device "h2d") in :data:`spectral_peft.emulated.LEDGER`, on a real GPU and on the emulated
+one; :func:`host_scalar` is the named read of a device scalar a training step needs (its loss,
+the NaN guard, clipping, input checks). The transfer guard (``SPECTRAL_PEFT_TRANSFER_GUARD=error``)
+turns every other transfer the emulated device sees in a training step after the first
+(:func:`begin_step`/:func:`end_step`) into an error naming the array, the operation and the call
+site.
 
 Dtype policy: parameters and activations share one floating dtype, float32 (speed) or float64
 (the oracle). Token ids and labels are int64. Quantised weights are uint8 codes with float32
@@ -21,7 +28,12 @@ from types import ModuleType
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-DEVICES = ("cpu", "gpu")
+from .emulated import LEDGER, EmulatedArray, cupy_namespace, cupyx_namespace, device_put
+from .emulated.api import cupy_module
+from .emulated.array import private_host_array
+from .emulated.ledger import since
+
+DEVICES = ("cpu", "gpu", "gpu-emulated")
 DTYPES = ("float32", "float64")
 ENV_DEVICE = "SPECTRAL_PEFT_DEVICE"
 
@@ -51,12 +63,21 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
+def emulation_unavailable_reason() -> str | None:
+    """None when the gpu-emulated device can be used (the cupy package imports), else why not."""
+    try:
+        cupy_module()
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 @dataclass(frozen=True)
 class Backend:
     """Where arrays live and which float dtype they use.
 
     Attributes:
-        device: "cpu" (NumPy) or "gpu" (CuPy).
+        device: "cpu" (NumPy), "gpu" (CuPy) or "gpu-emulated" (CuPy's rules on NumPy).
         dtype:  "float32" or "float64", the dtype of parameters and activations.
     """
 
@@ -71,15 +92,27 @@ class Backend:
         if self.device == "gpu":
             reason = gpu_unavailable_reason()
             if reason is not None:
-                raise RuntimeError(f"device='gpu' was asked for but {reason}")
+                raise RuntimeError(f"device='gpu' was asked for but {reason}; device='gpu-emulated' runs "
+                                   "CuPy's rules on the CPU")
+        if self.device == "gpu-emulated":
+            reason = emulation_unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"device='gpu-emulated' was asked for but {reason}")
+
+    @property
+    def on_device(self) -> bool:
+        """True for "gpu" and "gpu-emulated": arrays live apart from the host."""
+        return self.device != "cpu"
 
     @property
     def xp(self) -> ModuleType:
-        """The array namespace: numpy or cupy."""
+        """The array namespace: numpy, cupy, or the emulated cupy namespace."""
         if self.device == "gpu":
             import cupy  # noqa: PLC0415
 
             return cupy
+        if self.device == "gpu-emulated":
+            return cupy_namespace()
         return np
 
     @property
@@ -109,8 +142,11 @@ def get_backend(device: str | None = None, dtype: str = "float32") -> Backend:
 
 
 def get_xp(*arrays) -> ModuleType:
-    """The namespace (numpy or cupy) that owns ``arrays``; numpy for host data or no arrays."""
+    """The namespace that owns ``arrays``: cupy, the emulated cupy namespace, or numpy (host data
+    or no arrays)."""
     for a in arrays:
+        if isinstance(a, EmulatedArray):
+            return cupy_namespace()
         if type(a).__module__.startswith("cupy"):
             import cupy  # noqa: PLC0415
 
@@ -118,24 +154,91 @@ def get_xp(*arrays) -> ModuleType:
     return np
 
 
+def get_xpx(xp: ModuleType) -> ModuleType | None:
+    """The ``cupyx`` that goes with the namespace ``xp`` (cupyx.scatter_add, cupyx.scipy.special,
+    cupyx.scipy.sparse): the real one for cupy, the emulated one for the emulated namespace, None
+    for numpy (whose counterparts are SciPy's)."""
+    if xp is np:
+        return None
+    if xp is cupy_namespace():
+        return cupyx_namespace()
+    import cupyx  # noqa: PLC0415
+    import cupyx.scipy.sparse  # noqa: F401, PLC0415
+    import cupyx.scipy.special  # noqa: F401, PLC0415
+
+    return cupyx
+
+
 def is_device_array(a) -> bool:
-    return type(a).__module__.startswith("cupy")
+    """A CuPy or an emulated device array."""
+    return isinstance(a, EmulatedArray) or type(a).__module__.startswith("cupy")
+
+
+def device_of(a) -> str:
+    """The device name ("cpu", "gpu", "gpu-emulated") an array lives on."""
+    if isinstance(a, EmulatedArray):
+        return "gpu-emulated"
+    return "gpu" if is_device_array(a) else "cpu"
 
 
 def to_device(host_array: np.ndarray, backend: Backend):
-    """Host -> the backend's device. A no-op (no copy) on CPU."""
+    """Host -> the backend's device (an explicit, counted copy). A no-op (no copy) on CPU."""
     if backend.device == "gpu":
         import cupy  # noqa: PLC0415
 
+        LEDGER.record("h2d", "to_device", host_array, explicit=True)
         return cupy.asarray(host_array)
+    if backend.device == "gpu-emulated":
+        return device_put(host_array)
     return host_array
 
 
+def to_xp(host_array, xp: ModuleType):
+    """Host data -> an array of the namespace ``xp`` (numpy: as is; a device: an explicit, counted
+    copy). For engine code that holds a namespace rather than a Backend (index arrays of a sparse
+    support, a kernel's code book)."""
+    if xp is np:
+        return np.asarray(host_array)
+    if xp is cupy_namespace():
+        return device_put(host_array)
+    LEDGER.record("h2d", "to_device", host_array, explicit=True)
+    return xp.asarray(host_array)
+
+
 def to_host(a) -> np.ndarray:
-    """Any backend's array -> a NumPy array (a device->host copy on GPU)."""
+    """Any backend's array -> a NumPy array (an explicit, counted device->host copy on a device)."""
+    if isinstance(a, EmulatedArray):
+        return a.get()
     if is_device_array(a):
+        LEDGER.record("d2h", "to_host", a, explicit=True)
         return a.get()
     return np.asarray(a)
+
+
+def host_scalar(a, name: str):
+    """The Python value of a 0-d (or one-element) array, as a named, explicit device-to-host read:
+    the few reads a training step needs (its loss, the NaN guard, the clipping norm) are counted
+    under ``name`` and allowed by the transfer guard. On the CPU it is ``a.item()``."""
+    if not is_device_array(a):
+        return np.asarray(a).item()
+    LEDGER.record("d2h", "host_scalar", a, explicit=True, name=name)
+    if isinstance(a, EmulatedArray):
+        return private_host_array(a).item()
+    return a.item()
+
+
+def begin_step(step: int) -> dict:
+    """Start accounting training step ``step`` (0-based): returns the counts so far, for
+    :func:`end_step`. From the second step on, ``SPECTRAL_PEFT_TRANSFER_GUARD`` applies until
+    end_step (the first step may set up device state: code books, caches)."""
+    LEDGER.armed = step >= 1
+    return LEDGER.snapshot()
+
+
+def end_step(before: dict) -> dict:
+    """The step's transfers since :func:`begin_step`: {"d2h": n, "h2d": n, "by_name": {name: n}}."""
+    LEDGER.armed = False
+    return since(before)
 
 
 def host_rng(seed: int) -> np.random.Generator:

@@ -14,7 +14,7 @@ Shapes: scores (n,) or any shape (flattened row-major); k an int with 0 <= k <= 
 """
 from __future__ import annotations
 
-from .backend import get_xp
+from .backend import get_xp, host_scalar
 
 
 def topk_indices(scores, k: int):
@@ -30,7 +30,7 @@ def topk_indices(scores, k: int):
     k = int(k)
     if not 0 <= k <= n:
         raise ValueError(f"k must lie in [0, {n}] (the number of scores), got {k}")
-    if bool(xp.isnan(flat).any()):
+    if host_scalar(xp.isnan(flat).any(), "input check"):
         raise ValueError("scores contain NaN; a budget cannot rank them")
     if k == 0:
         return xp.zeros(0, dtype=xp.int64)

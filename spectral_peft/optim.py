@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from .backend import get_xp, to_host
+from .backend import get_xp, host_scalar, to_host
 from .module import Module
 
 
@@ -243,7 +243,9 @@ def clip_grad_norm(model_or_params, max_norm: float) -> float:
     grads = [m.grads[k] for _, m, k in _collect(model_or_params) if k in m.grads]
     if not grads:
         return 0.0
-    total = math.sqrt(sum(float((g.reshape(-1) @ g.reshape(-1))) for g in grads))  # ‖g‖² as a dot product
+    # ‖g‖² as dot products summed in float64 on the device, then one read
+    total2 = sum((g.reshape(-1) @ g.reshape(-1)).astype(np.float64) for g in grads)
+    total = math.sqrt(host_scalar(total2, "clip norm"))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in grads:

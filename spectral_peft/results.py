@@ -30,7 +30,8 @@ MethodResult:
     peak_activation_bytes  int, the largest activation_bytes() seen right after a forward
     ms_per_step            float, median wall time of a training step
     final_eval_loss        float, mean cross-entropy (nats/byte) on the eval split after training
-    train_curve            {step: [...], loss: [...]}: training loss per step
+    train_curve            {step: [...], loss: [...], d2h: [...], h2d: [...]}: training loss,
+                           device-to-host syncs and host-to-device copies per step
     eval_curve             {step: [...], loss: [...]}: eval loss at the evaluation points
     extras                 method-specific records for figures: the singular values of every
                            layer's ΔW, and the method controller's report() (AdaLoRA's ranks and

@@ -41,7 +41,7 @@ import numpy as np
 
 from tqdm.auto import tqdm
 
-from .backend import get_xp, to_host
+from .backend import begin_step, end_step, get_xp, host_scalar, to_host
 from .io import checkpoint as ckpt_io
 from .memory import memory_report
 from .optim import clip_grad_norm
@@ -181,9 +181,21 @@ def _finite(a) -> bool:
     """All entries finite. A sum is one pass with no temporary; only when it is not finite (a NaN,
     an Inf, or an overflow of huge finite values) is the exact elementwise test run."""
     xp = get_xp(a)
-    if a.size == 0 or bool(xp.isfinite(a.sum())):
+    if a.size == 0 or host_scalar(xp.isfinite(a.sum()), "nan guard"):
         return True
-    return bool(xp.isfinite(a).all())
+    return host_scalar(xp.isfinite(a).all(), "nan guard")
+
+
+def _all_finite(arrays) -> bool:
+    """All entries of every array finite, read with one device-to-host sync: the sum of their sums
+    is finite when they are (else, or on overflow, the exact per-array test of :func:`_finite`)."""
+    arrays = [a for a in arrays if a.size]
+    if not arrays:
+        return True
+    total = arrays[0].sum()
+    for a in arrays[1:]:
+        total = total + a.sum()
+    return host_scalar(get_xp(total).isfinite(total), "nan guard") or all(_finite(a) for a in arrays)
 
 
 class Trainer:
@@ -268,6 +280,7 @@ class Trainer:
                              + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else ""))
         t = self.step
         model, backend = self.model, getattr(self.model, "backend", None)
+        moved_before = begin_step(t)
         if backend is not None:  # the edge: host batches move to the model's device here
             batch = {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
         lr = self._lr()
@@ -305,7 +318,9 @@ class Trainer:
         ids = batch["input_ids"]
         tokens = int(to_host(mask).sum()) if mask is not None else int(ids.size)
         self.step = t + 1
+        moved = end_step(moved_before)  # device-to-host syncs and host-to-device copies this step
         metrics = {"step": self.step, "loss": loss, "lr": lr, "ms": ms, "tokens": tokens,
+                   "d2h": moved["d2h"], "h2d": moved["h2d"], "transfers": moved["by_name"],
                    "tokens_per_s": tokens / (ms / 1e3) if ms > 0 else float("inf"),
                    "activation_bytes": int(activation_bytes), "skipped": skipped}
         self.history.append(metrics)
@@ -316,7 +331,9 @@ class Trainer:
         the step, the parameter and its layer (mode "raise"), or return False (mode "skip")."""
         bad_name = bad_layer = None
         detail = ""
-        for name, m, k in self.model.named_parameters(trainable_only=True):
+        trainable = list(self.model.named_parameters(trainable_only=True))
+        all_finite = _all_finite([m.grads[k] for _, m, k in trainable if m.grads.get(k) is not None])
+        for name, m, k in ([] if all_finite else trainable):
             g = m.grads.get(k)
             if g is not None and not _finite(g):
                 xp = get_xp(g)

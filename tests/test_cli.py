@@ -33,7 +33,7 @@ def test_no_or_unknown_command(capsys):
     (["run", "--quant_type", "int3"], "--quant_type must be 'nf4' or 'fp4', got 'int3'"),
     (["run", "--init_r", "4", "--target_r", "6"], "--target_r 6 exceeds --init_r 4"),
     (["run", "--lora_dropout", "1.5"], "--lora_dropout must lie in [0, 1), got 1.5"),
-    (["run", "--device", "tpu"], "--device must be 'cpu' or 'gpu'"),
+    (["run", "--device", "tpu"], "--device must be one of cpu, gpu, gpu-emulated"),
     (["run", "--threads", "-1"], "--threads must be an integer >= 0"),
     (["run", "--schedule", "warmup-then-sparse"], "method rosa: "),
     (["run", "--dylora_mode", "sometimes"], "method dylora: "),

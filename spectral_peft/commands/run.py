@@ -98,7 +98,9 @@ def train_method(recipe, model, cfg: RunConfig, train_tokens, eval_sets: list) -
         "peak_activation_bytes": int(max((h["activation_bytes"] for h in trainer.history), default=0)),
         "ms_per_step": round(_median_ms(times), 3),
         "final_eval_loss": float(trainer.eval_history[-1][1]),
-        "train_curve": {"step": [m["step"] for m in steps], "loss": [round(float(m["loss"]), 5) for m in steps]},
+        "train_curve": {"step": [m["step"] for m in steps], "loss": [round(float(m["loss"]), 5) for m in steps],
+                        # device-to-host syncs and host-to-device copies of each step (backend accounting)
+                        "d2h": [m["d2h"] for m in steps], "h2d": [m["h2d"] for m in steps]},
         "eval_curve": {"step": [s for s, _ in trainer.eval_history], "loss": [float(v) for _, v in trainer.eval_history]},
         "extras": extras,
     }

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from ..adapters.registry import METHODS
-from ..backend import gpu_unavailable_reason
+from ..backend import DEVICES, emulation_unavailable_reason, gpu_unavailable_reason
 
 # The default run: every method, as `--methods all` is. Each method costs about 20 s of the default
 # run's 5-minute budget on 2 cores; a method joins here only while that budget holds.
@@ -121,12 +121,13 @@ class RunConfig:
             raise ValueError(f"--d (RoSA density) must lie in [0, 1], got {self.d}")
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"--quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
-        if self.device not in ("cpu", "gpu"):
-            raise ValueError(f"--device must be 'cpu' or 'gpu', got {self.device!r}")
-        if self.device == "gpu":
-            reason = gpu_unavailable_reason()
-            if reason is not None:
-                raise ValueError(f"--device gpu: {reason}; use --device cpu")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        reason = {"gpu": gpu_unavailable_reason, "gpu-emulated": emulation_unavailable_reason,
+                  "cpu": lambda: None}[self.device]()
+        if reason is not None:
+            raise ValueError(f"--device {self.device}: {reason}; use --device cpu, or --device gpu-emulated "
+                             "(CuPy's rules on the CPU)")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if not self.target_list():

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..backend import get_xp, is_device_array, to_host
+from ..backend import device_of, get_backend, get_xp, is_device_array, to_device, to_host
 from .safe import (FileFormatError, atomic_write_bytes, fsync_dir, parse_json, parse_safetensors,
                    safetensors_bytes, save_json)
 
@@ -88,7 +88,7 @@ def encode_state(obj, prefix: str, arrays: dict, where: str = "state"):
     if _is_array(obj):
         key = f"{prefix}#{len(arrays)}"
         arrays[key] = np.array(to_host(obj), copy=True)
-        return {"__ndarray__": key, "device": "gpu" if is_device_array(obj) else "cpu"}
+        return {"__ndarray__": key, "device": device_of(obj)}
     if isinstance(obj, np.random.Generator):
         return {"__generator__": type(obj.bit_generator).__name__,
                 "state": encode_state(obj.bit_generator.state, prefix, arrays, where)}
@@ -121,10 +121,8 @@ def decode_state(obj, arrays: dict, path, where: str = "state"):
         a = arrays[key]
         if "__npscalar__" in obj:
             return a[()] if a.ndim == 0 else a
-        if obj.get("device") == "gpu":
-            import cupy  # noqa: PLC0415 - only a GPU checkpoint needs it
-
-            return cupy.asarray(a)
+        if obj.get("device") in ("gpu", "gpu-emulated"):
+            return to_device(a, get_backend(obj["device"]))
         return a
     if "__tuple__" in obj:
         return tuple(decode_state(v, arrays, path, where) for v in obj["__tuple__"])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import get_xp, is_device_array, to_device
+from ..backend import get_xp, host_scalar, is_device_array, to_device
 
 
 @dataclass
@@ -32,7 +32,7 @@ def _xp_of(a):
 
 def to_backend(a, backend):
     """A host or device array -> this backend's device (the API edge; a no-op on the CPU)."""
-    if backend.device == "gpu" and not is_device_array(a):
+    if backend.on_device and not is_device_array(a):
         return to_device(np.asarray(a), backend)
     if backend.device == "cpu" and is_device_array(a):
         raise ValueError("a GPU array was passed to a CPU model; move it to the host first")
@@ -50,7 +50,7 @@ def check_input_ids(input_ids, vocab_size: int, max_positions: int, max_name: st
         raise ValueError(f"input_ids: sequence length T = {T} exceeds {max_name} = {max_positions}")
     xp = _xp_of(input_ids)
     bad = (input_ids < 0) | (input_ids >= vocab_size)
-    if bool(bad.any()):
+    if host_scalar(bad.any(), "input check"):
         i = int(xp.argmax(bad.reshape(-1)))
         raise ValueError(f"input_ids: token id {int(input_ids.reshape(-1)[i])} at flat position {i} is outside "
                          f"[0, vocab_size) with vocab_size = {vocab_size}")
@@ -78,7 +78,7 @@ def check_int_range(a, shape: tuple, low: int, high: int, name: str, ignore: int
     bad = (a < low) | (a >= high)
     if ignore is not None:
         bad &= a != ignore
-    if bool(bad.any()):
+    if host_scalar(bad.any(), "input check"):
         xp = _xp_of(a)
         i = int(xp.argmax(bad.reshape(-1)))
         extra = f" or {ignore} (ignored)" if ignore is not None else ""

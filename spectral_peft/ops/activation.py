@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ..backend import get_xp
+from ..backend import get_xp, get_xpx
 
 GELU_K = math.sqrt(2.0 / math.pi)  # k in the tanh form (HF NewGELUActivation)
 GELU_C = 0.044715
@@ -27,13 +27,12 @@ GELU_APPROXIMATIONS = ("tanh", "none")
 
 def _special(xp):
     """scipy.special on NumPy, cupyx.scipy.special on CuPy (for erf and expit)."""
-    if xp.__name__ == "numpy":
+    xpx = get_xpx(xp)
+    if xpx is None:
         import scipy.special  # noqa: PLC0415
 
         return scipy.special
-    import cupyx.scipy.special  # noqa: PLC0415
-
-    return cupyx.scipy.special
+    return xpx.scipy.special
 
 
 def _check_float(x, name: str) -> None:

@@ -10,7 +10,7 @@ The gradient is accumulated by a scatter-add over the ids, never by a one-hot (N
 """
 from __future__ import annotations
 
-from ..backend import get_xp
+from ..backend import get_xp, get_xpx, host_scalar
 
 
 def _check_ids(ids, V: int) -> None:
@@ -21,7 +21,7 @@ def _check_ids(ids, V: int) -> None:
     if ids.size == 0:
         return
     bad = (ids < 0) | (ids >= V)
-    if bool(bad.any()):
+    if host_scalar(bad.any(), "input check"):
         first = int(xp.argmax(bad.reshape(-1)))
         value = int(ids.reshape(-1)[first])
         raise ValueError(f"ids: token id {value} (flat position {first}) is outside [0, V) with V = {V}")
@@ -63,12 +63,11 @@ def embedding_backward(dout, cache, accumulate_into=None):
     flat_ids = ids.reshape(-1)  # (N,)
     dout2 = dout.reshape(-1, C)  # (N, C)
     N = flat_ids.size
-    if xp.__name__ != "numpy":
-        import cupyx  # noqa: PLC0415 - only on the GPU backend
-
+    xpx = get_xpx(xp)
+    if xpx is not None:
         dtable = xp.zeros((V, C), dtype=dout.dtype) if accumulate_into is None else accumulate_into
         # out[s] = table[ids[s]]  =>  dtable[v] += dout[s] for every s with ids[s] = v
-        cupyx.scatter_add(dtable, flat_ids, dout2)
+        xpx.scatter_add(dtable, flat_ids, dout2)
         return dtable
     import scipy.sparse  # noqa: PLC0415 - CPU path only
 

@@ -13,7 +13,7 @@ backward on the same cache raises.
 """
 from __future__ import annotations
 
-from ..backend import get_xp
+from ..backend import get_xp, host_scalar
 
 
 def cross_entropy_forward(logits, targets, ignore_index: int = -100):
@@ -31,11 +31,11 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -100):
     xp = get_xp(logits)
     valid = targets != ignore_index  # (N,) bool
     bad = valid & ((targets < 0) | (targets >= V))
-    if bool(bad.any()):
+    if host_scalar(bad.any(), "input check"):
         i = int(xp.argmax(bad))
         raise ValueError(f"cross_entropy_forward: targets[{i}] = {int(targets[i])} is outside [0, V) with V = {V} "
                          f"and is not ignore_index = {ignore_index}")
-    n = int(valid.sum())
+    n = host_scalar(valid.sum(), "loss")
     rows = xp.arange(N)
     safe_t = xp.where(valid, targets, 0)  # (N,) an in-range index even on ignored rows
     m = logits.max(axis=-1, keepdims=True)  # (N, 1)
@@ -44,7 +44,7 @@ def cross_entropy_forward(logits, targets, ignore_index: int = -100):
     denom = E @ xp.ones(V, dtype=E.dtype)  # (N,)  row sums as a BLAS gemv
     # logsumexp(z_i) - z_{i, t_i} = log Σ e^(z - m) - (z_{i, t_i} - m)
     nll = xp.log(denom) - (logits[rows, safe_t] - m[:, 0])  # (N,)
-    loss = float((nll * valid).sum()) / n if n else 0.0
+    loss = float(host_scalar((nll * valid).sum(), "loss")) / n if n else 0.0
     return loss, [E, denom, safe_t, valid, n]
 
 

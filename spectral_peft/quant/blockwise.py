@@ -37,6 +37,7 @@ import numpy as np
 
 from ..backend import get_xp, is_device_array
 from .codebooks import QUANT_TYPES, get_4bit_code, get_dynamic_map, sorted_4bit_code
+from .kernels import dequantize_4bit_cupy
 
 # bitsandbytes.functional.quantize_4bit accepts exactly these block sizes.
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -473,8 +474,6 @@ def dequantize_4bit(packed, state: QuantState, fast: bool | None = None):
                          f"got {packed.dtype} with {packed.size}")
     absmax = dequantize_absmax(state)
     if is_device_array(packed):
-        from .kernels import dequantize_4bit_cupy  # noqa: PLC0415 - only with CuPy
-
         return dequantize_4bit_cupy(packed, absmax, state.blocksize, state.quant_type, n).reshape(state.shape)
     if fast is None or fast:
         out = _dequantize_4bit_fast(np.asarray(packed), absmax, state.blocksize, state.quant_type, n)

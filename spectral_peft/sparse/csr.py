@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_xp, to_host
+from ..backend import get_xp, get_xpx, to_host, to_xp
 
 
 class CSR:
@@ -46,13 +46,13 @@ class CSR:
         if flat.size > 1 and np.any(np.diff(flat) <= 0):
             raise ValueError("CSR column indices must be strictly increasing within each row (sorted, no duplicates)")
         self.values = values
-        self.indptr = xp.asarray(indptr_h.astype(np.int32))
-        self.indices = xp.asarray(indices_h.astype(np.int32))
+        self.indptr = to_xp(indptr_h.astype(np.int32), xp)
+        self.indices = to_xp(indices_h.astype(np.int32), xp)
         self.shape = shape
-        self.rows = xp.asarray(rows_h.astype(np.int32))
+        self.rows = to_xp(rows_h.astype(np.int32), xp)
         counts = np.diff(indptr_h)
         # rows by nnz descending, ties by row index (a stable sort of -counts)
-        self.row_idx = xp.asarray(np.argsort(-counts, kind="stable").astype(np.int32))
+        self.row_idx = to_xp(np.argsort(-counts, kind="stable").astype(np.int32), xp)
         self._plan = None  # the SDDMM plans, built on first use (see kernels.SddmmPlan)
         self._auto_plan = None
 
@@ -69,7 +69,7 @@ class CSR:
         np.cumsum(np.bincount(rows, minlength=m.shape[0]), out=indptr[1:])
         if values is None:
             values = xp.zeros(rows.size, dtype=dtype or np.float64)
-        return cls(values, xp.asarray(indptr), xp.asarray(cols), m.shape)
+        return cls(values, to_xp(indptr, xp), to_xp(cols, xp), m.shape)
 
     # --- views ----------------------------------------------------------------------------------
     @property
@@ -106,10 +106,11 @@ class CSR:
     def to_scipy(self):
         """``scipy.sparse.csr_matrix`` (CPU) or ``cupyx.scipy.sparse.csr_matrix`` (GPU) over the
         same arrays (no copy)."""
-        if get_xp(self.values) is np:
+        xpx = get_xpx(get_xp(self.values))
+        if xpx is None:
             import scipy.sparse as sp  # noqa: PLC0415
         else:
-            import cupyx.scipy.sparse as sp  # noqa: PLC0415
+            sp = xpx.scipy.sparse
         return sp.csr_matrix((self.values, self.indices, self.indptr), shape=self.shape, copy=False)
 
     def row_counts(self):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import get_xp, to_host
+from ..backend import get_xp, to_host, to_xp
 from .csr import CSR
 
 # Elements (tokens × entries) gathered per chunk by the canonical SDDMM: ~1 MiB of float32 per operand.
@@ -155,9 +155,9 @@ class SddmmPlan:
                 todo[sel] = False
         # 3. the scattered rest
         rest = np.flatnonzero(todo)
-        self.rest = xp.asarray(rest)
-        self.rest_rows = xp.asarray(rows[rest].astype(np.int32))
-        self.rest_cols = xp.asarray(cols[rest].astype(np.int32))
+        self.rest = to_xp(rest, xp)
+        self.rest_rows = to_xp(rows[rest].astype(np.int32), xp)
+        self.rest_cols = to_xp(cols[rest].astype(np.int32), xp)
         cost += gather_cost * rest.size
         self.cost = cost  # multiply-adds per token
         self.dense_cost = float(d_out * d_in)
@@ -176,8 +176,8 @@ class SddmmPlan:
         n_r = shape[0] if R is None else R.size
         n_c = shape[1] if C is None else C.size
         flat = r_inv * n_c + c_inv
-        self.blocks.append((None if R is None else xp.asarray(R), None if C is None else xp.asarray(C),
-                            xp.asarray(entries), xp.asarray(flat)))
+        self.blocks.append((None if R is None else to_xp(R, xp), None if C is None else to_xp(C, xp),
+                            to_xp(entries, xp), to_xp(flat, xp)))
         return float(n_r * n_c)
 
 

@@ -8,6 +8,8 @@ The gated activations share one form, y = x · s(x), whose derivative is
                                         s' = 2 s (1 - s) · k (1 + 3c x²)
   GELU, erf form ("gelu", BERT):        s = Φ(x) = ½(1 + erf(x/√2)),     s' = φ(x) = e^(-x²/2)/√(2π)
   SiLU ("silu", "swish", LLaMA):        s = σ(x) = 1/(1 + e^(-x)),       s' = s (1 - s)
+SwiGLU (LLaMA's MLP, Shazeer 2020): y = silu(g) ⊙ u of two projections g (gate_proj), u (up_proj):
+    du = dy ⊙ g σ(g),   dg = dy ⊙ u ⊙ (σ + g σ (1 - σ)).
 Their caches hold (x, s): x is needed for x · s', and keeping s saves recomputing the
 transcendental (tanh, erf, exp) in the backward, the costliest pass. Derivations: docs/ops.md.
 """
@@ -122,6 +124,36 @@ def silu_backward(dy, cache):
     ds *= s
     # y = x s(x)  =>  dx = dy (s + x s')
     return _gated_backward(dy, x, s, ds)
+
+
+def swiglu_forward(gate, up):
+    """SwiGLU, y = silu(gate) ⊙ up = gate σ(gate) ⊙ up.  gate, up (...) -> y (...); cache (gate, up).
+
+    σ(gate) is recomputed in the backward (one expit) rather than kept: the cache is then the two
+    inputs alone, (N, F) each, the same memory as caching silu's (x, σ) plus up.
+    """
+    _check_float(gate, "swiglu_forward")
+    if up.shape != gate.shape or up.dtype != gate.dtype:
+        raise ValueError(f"swiglu_forward: up must have gate's shape {tuple(gate.shape)} and dtype {gate.dtype}, "
+                         f"got {tuple(up.shape)} {up.dtype}")
+    y = _special(get_xp(gate)).expit(gate)  # σ(g)
+    y *= gate  # silu(g) = g σ(g)
+    y *= up
+    return y, (gate, up)
+
+
+def swiglu_backward(dy, cache):
+    """(dgate, dup) of y = silu(gate) ⊙ up."""
+    gate, up = cache
+    s = _special(get_xp(gate)).expit(gate)  # σ(g), recomputed
+    # y = silu(g) u  =>  du = dy ⊙ silu(g)
+    dup = gate * s
+    dup *= dy
+    # y = g σ(g) u  =>  dg = dy ⊙ u ⊙ (σ + g σ (1 - σ))
+    ds = 1.0 - s
+    ds *= s
+    dgate = _gated_backward(dy * up, gate, s, ds)
+    return dgate, dup
 
 
 # --- ReLU, tanh ------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Multi-head scaled-dot-product attention on already-split heads, and the head split/merge.
 
-Shape legend: B batch, H heads, T sequence, hd = C/H head width, C model width.
-q, k, v, out, dq, dk, dv (B, H, T, hd); S, P (B, H, T, T); key_padding_mask (B, T).
+Shape legend: B batch, H heads, T sequence, hd = C/H head width, C model width; with grouped
+queries Hkv key/value heads, G = H/Hkv, and Tq <= Tk query and key lengths (Tq = Tk = T otherwise).
+q, out, dq (B, H, Tq, hd); k, v, dk, dv (B, Hkv, Tk, hd); S, P (B, H, Tq, Tk);
+key_padding_mask (B, Tk).
 
 Forward:
     S = q kᵀ / √hd                                   (B, H, T, T)
@@ -10,6 +12,16 @@ Forward:
     out = P v                                        (B, H, T, hd)
 Backward (D_i = Σ_j P_ij dP_ij = dout_i · out_i, the FlashAttention identity):
     dv = Pᵀ dout,  dP = dout vᵀ,  dS = P ⊙ (dP - D),  dq = dS k / √hd,  dk = dSᵀ q / √hd
+
+Grouped-query attention (Llama 2/3, Mistral, Qwen2): k and v carry Hkv heads, H = G·Hkv, and
+query head h reads key/value head h // G (Hugging Face's repeat_kv order). The G query heads of a
+group are stacked along the query axis, q (B, H, Tq, hd) -> (B, Hkv, G·Tq, hd), so every product
+is against the un-repeated k, v; the backward's dk = dSᵀ q and dv = Pᵀ dout then sum over the
+group by themselves: no repeated K/V is ever formed, forward or backward.
+
+Decoding with a KV cache: Tq <= Tk queries are the last Tq positions of the Tk keys, so under the
+causal mask query i (absolute position Tk - Tq + i) sees keys j <= Tk - Tq + i. Sliding window W
+(Mistral): it also sees only keys j > Tk - Tq + i - W (masking_utils' sliding_window_overlay).
 
 Fully masked rows (a query that may attend to no key, e.g. an all-padding sequence, or left
 padding under a causal mask): this engine gives P = 0 on that row, hence out = 0 and zero
@@ -60,55 +72,93 @@ def merge_heads_backward(dout, H: int):
 
 def _check_qkv(q, k, v, key_padding_mask):
     if q.ndim != 4:
-        raise ValueError(f"attention_forward: q must have shape (B, H, T, hd), got {tuple(q.shape)}")
+        raise ValueError(f"attention_forward: q must have shape (B, H, Tq, hd), got {tuple(q.shape)}")
     if q.dtype.kind != "f":
         raise ValueError(f"attention_forward: q must be float32 or float64, got {q.dtype}")
+    B, H, _, hd = q.shape
+    if k.shape != v.shape or k.ndim != 4 or k.shape[0] != B or k.shape[3] != hd:
+        name, a = ("k", k) if k.shape != q.shape else ("v", v)
+        raise ValueError(f"attention_forward: {name} must have q's shape (B, H, T, hd) = {tuple(q.shape)}, or with "
+                         f"grouped queries or a KV cache (B, Hkv, Tk, hd) equal for k and v; got {tuple(a.shape)}")
     for name, a in (("k", k), ("v", v)):
-        if a.shape != q.shape:
-            raise ValueError(f"attention_forward: {name} must have q's shape (B, H, T, hd) = {tuple(q.shape)}, got {tuple(a.shape)}")
         if a.dtype != q.dtype:
             raise ValueError(f"attention_forward: {name} must have q's dtype {q.dtype}, got {a.dtype}")
+    if H % k.shape[1]:
+        raise ValueError(f"attention_forward: q's head count H = {H} must be a multiple of k's Hkv = {k.shape[1]}")
     if key_padding_mask is not None:
-        B, _, T, _ = q.shape
-        if tuple(key_padding_mask.shape) != (B, T):
-            raise ValueError(f"attention_forward: key_padding_mask must have shape (B, T) = ({B}, {T}), got {tuple(key_padding_mask.shape)}")
+        Tk = k.shape[2]
+        if tuple(key_padding_mask.shape) != (B, Tk):
+            raise ValueError(f"attention_forward: key_padding_mask must have shape (B, T) = ({B}, {Tk}) (T the key length), got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.dtype.kind not in "biu":
             raise ValueError(f"attention_forward: key_padding_mask must be bool or int (1 = real token, 0 = padding), got {key_padding_mask.dtype}")
 
 
+def attention_mask(Tq: int, Tk: int, causal: bool, key_padding_mask=None, sliding_window: int | None = None, xp=None):
+    """The removed scores, bool broadcastable to (B, 1, Tq, Tk), True where query i may not see key
+    j, or None when nothing is removed. Query i sits at absolute position Tk - Tq + i."""
+    masked = None
+    if causal:
+        masked = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)[None, None]  # j > Tk - Tq + i
+        if sliding_window is not None:
+            masked |= xp.tril(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq - sliding_window)  # j <= pos_i - W
+    if key_padding_mask is not None:
+        pad = (key_padding_mask == 0)[:, None, None, :]  # (B, 1, 1, Tk)
+        masked = pad if masked is None else (masked | pad)
+    return masked
+
+
 def attention_forward(q, k, v, causal: bool, key_padding_mask=None, shift_group: int | None = None,
-                      dropout_p: float = 0.0, rng=None):
+                      dropout_p: float = 0.0, rng=None, sliding_window: int | None = None):
     """out = softmax(q kᵀ/√hd + mask) v per head.
 
-    q, k, v (B, H, T, hd); causal: query i sees keys j <= i; key_padding_mask (B, T), 1 = real
-    token, 0 = padding (never attended to), or None. -> out (B, H, T, hd), cache.
-    shift_group = G: LongLoRA's S2-Attn instead of full attention (training only; see
-    :func:`s2_attention_forward`).
+    q (B, H, Tq, hd), k, v (B, Hkv, Tk, hd) with Hkv dividing H (grouped-query attention when
+    Hkv < H) and Tq <= Tk under the causal mask (the queries are the last Tq positions: cached
+    decoding); causal: query i sees keys j <= Tk - Tq + i; sliding_window W (causal only): and
+    j > Tk - Tq + i - W; key_padding_mask (B, Tk), 1 = real token, 0 = padding (never attended
+    to), or None. -> out (B, H, Tq, hd), cache.
+    shift_group = G: LongLoRA's S2-Attn instead of full attention (training only; H = Hkv and
+    Tq = Tk; see :func:`s2_attention_forward`).
     dropout_p > 0: inverted dropout on the attention probabilities P (HF's attn_dropout), the mask
     drawn from ``rng``; pass 0 (the default) at evaluation.
     """
     _check_qkv(q, k, v, key_padding_mask)
     _check_dropout(dropout_p, rng)
+    B, H, Tq, hd = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
     if shift_group is not None:
+        if Hkv != H or Tq != Tk:
+            raise ValueError("attention_forward: shift_group (S2-Attn) needs q, k, v of one shape (B, H, T, hd)")
         return s2_attention_forward(q, k, v, causal, shift_group, key_padding_mask, dropout_p, rng)
+    if causal and Tq > Tk:
+        raise ValueError(f"attention_forward: causal attention needs Tq <= Tk (queries are the last Tq keys), got Tq = {Tq}, Tk = {Tk}")
+    if sliding_window is not None and (not causal or type(sliding_window) is not int or sliding_window < 1):
+        raise ValueError(f"attention_forward: sliding_window must be a positive int with causal=True, got {sliding_window!r}")
     xp = get_xp(q)
-    T = q.shape[-2]
-    masked = None  # (B or 1, 1, T, T) bool, True where a score is removed
-    if causal:
-        masked = xp.triu(xp.ones((T, T), dtype=bool), k=1)[None, None]  # j > i
-    if key_padding_mask is not None:
-        pad = (key_padding_mask == 0)[:, None, None, :]  # (B, 1, 1, T)
-        masked = pad if masked is None else (masked | pad)
+    G = H // Hkv
+    masked = attention_mask(Tq, Tk, causal, key_padding_mask, sliding_window, xp)
+    if G > 1:
+        # the G query heads of each group stacked along the query axis: (B, H, Tq, hd) -> (B, Hkv, G·Tq, hd)
+        q = q.reshape(B, Hkv, G * Tq, hd)
+        if masked is not None:  # (b, 1, Tq, Tk) -> (b, 1, G·Tq, Tk), the same rows for every head of a group
+            masked = xp.broadcast_to(masked[:, :, None], (masked.shape[0], 1, G, Tq, Tk)).reshape(-1, 1, G * Tq, Tk)
     out, core = _sdpa_forward(q, k, v, masked, key_padding_mask is not None, dropout_p, rng)
-    return out, ("full", core)
+    return out.reshape(B, H, Tq, hd), ("full", core)
 
 
 def attention_backward(dout, cache):
-    """(dq, dk, dv), each (B, H, T, hd), of out = softmax(q kᵀ/√hd + mask) v."""
+    """(dq (B, H, Tq, hd), dk, dv (B, Hkv, Tk, hd)) of out = softmax(q kᵀ/√hd + mask) v."""
     kind, core = cache
     if kind == "s2":
         return s2_attention_backward(dout, cache)
-    return _sdpa_backward(dout, core)
+    B, H, Tq, hd = dout.shape
+    Hkv = core[1].shape[1]
+    if H % Hkv or core[0].shape[2] * Hkv != H * Tq:
+        raise ValueError(f"attention_backward: dout (B, H, Tq, hd) = {tuple(dout.shape)} does not match the forward's "
+                         f"stacked queries {tuple(core[0].shape)}")
+    # out = reshape(out_g)  =>  dout_g = reshape(dout); q_g = reshape(q)  =>  dq = reshape(dq_g);
+    # dk, dv come back (B, Hkv, Tk, hd), already summed over each group's G query heads
+    dq, dk, dv = _sdpa_backward(dout.reshape(core[0].shape), core)
+    return dq.reshape(B, H, Tq, hd), dk, dv
 
 
 def _check_dropout(dropout_p, rng) -> None:
@@ -130,7 +180,7 @@ def _sdpa_forward(q, k, v, masked, may_be_fully_masked: bool, dropout_p: float =
     dropout_p, rng: dropout on P. -> out (*L, T, hd), cache (q, k, v, P, keep, out, scale).
     """
     xp = get_xp(q)
-    T, hd = q.shape[-2], q.shape[-1]
+    Tk, hd = k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(hd)
     # S = (q / √hd) kᵀ: the scale goes on q, (B, H, T, hd), not on S, (B, H, T, T): a smaller pass
     P = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
@@ -143,7 +193,7 @@ def _sdpa_forward(q, k, v, masked, may_be_fully_masked: bool, dropout_p: float =
         m[m == -math.inf] = 0.0
     P -= m
     xp.exp(P, out=P)
-    denom = (P @ xp.ones(T, dtype=P.dtype))[..., None]  # (B, H, T, 1)  row sums as BLAS gemv
+    denom = (P @ xp.ones(Tk, dtype=P.dtype))[..., None]  # (B, H, T, 1)  row sums as BLAS gemv
     if may_be_fully_masked:
         denom[denom == 0] = 1.0
     P /= denom

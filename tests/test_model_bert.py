@@ -138,7 +138,9 @@ def test_whole_model_central_differences(B, T, H, hd, L, K, seed):
 
         num = numerical_gradient(f, view)
         flat[idx] = view
-        assert_close(analytic, num, f"d{name}", 1e-6, atol=1e-9)
+        # atol: a whole model's loss differenced at step h carries ~1e-16·|loss|/h ≈ 1e-9 of rounding
+        # noise (seen at 1.06e-9 on a drawn config); the exact check is the PyTorch parity test
+        assert_close(analytic, num, f"d{name}", 1e-6, atol=5e-9)
 
 
 def test_padding_never_changes_real_outputs(backend64):

@@ -204,11 +204,11 @@ def test_paper_budget_rows_on_llama2_7b():
 def test_budget_pairs_fit_and_are_maximal(budget, dims):
     res = 1e-3
     for p in equal_budget_pairs(budget, dims, ranks=(0, 1, 2, 4), resolution=res):
-        count = sum(p.r * (a + b) + int(p.d * a * b) for a, b in dims)
+        count = sum(p.r * (a + b) + int(p.d * (a * b)) for a, b in dims)
         assert count == p.params == rosa_parameter_count(dims, p.r, p.d) <= budget
         if p.d + res <= 1.0:
             bigger = round(p.d + res, 12)
-            assert sum(p.r * (a + b) + int(bigger * a * b) for a, b in dims) > budget or bigger > 1
+            assert sum(p.r * (a + b) + int(bigger * (a * b)) for a, b in dims) > budget or bigger > 1
     # a rank whose LoRA part alone is over budget is left out
     assert all(p.r * sum(a + b for a, b in dims) <= budget for p in equal_budget_pairs(budget, dims))
 

@@ -343,28 +343,6 @@ class AdaLoraLinear(AdapterLayer):
         p = self.params
         return (p["lora_B"] @ (p["lora_A"] * p["lora_E"])) * self.scale
 
-    def effective_weight(self):
-        """The dense (d_out, d_in) matrix this layer applies: W + s · B (A ⊙ E)."""
-        if self.merged:
-            return self.base_layer.effective_weight()
-        return self.base_layer.effective_weight() + self.delta_weight()
-
-    def merge(self) -> None:
-        """W <- W + s · B (A ⊙ E) (in the weight's dtype); the forward becomes the base alone."""
-        if self.merged:
-            raise RuntimeError("AdaLoraLinear is already merged")
-        W = self.base_weight_for_merge()
-        W += self.delta_weight()
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """W <- W − s · B (A ⊙ E): restores W up to rounding."""
-        if not self.merged:
-            raise RuntimeError("AdaLoraLinear is not merged")
-        W = self.base_weight_for_merge()
-        W -= self.delta_weight()
-        self.merged = False
-
     def _refuse_if_merged(self, what: str) -> None:
         if self.merged:
             raise RuntimeError(f"cannot {what} a merged AdaLoraLinear (W holds its update); unmerge() first")

@@ -73,6 +73,7 @@ class AdapterLayer(Module):
     def __init__(self, base: Linear):
         super().__init__()
         self.base_layer = base
+        self.merged = False  # True once merge() has added ΔW into the base weight
 
     @property
     def d_in(self) -> int:
@@ -89,6 +90,32 @@ class AdapterLayer(Module):
     @property
     def xp(self):
         return self.base_layer.xp
+
+    def delta_weight(self):
+        """The dense ΔW (d_out, d_in) the adapter adds to its base (each method's own)."""
+        raise NotImplementedError
+
+    def effective_weight(self):
+        """The dense (d_out, d_in) matrix this layer applies: W + ΔW (the base alone once merged)."""
+        if self.merged:
+            return self.base_layer.effective_weight()
+        return self.base_layer.effective_weight() + self.delta_weight()
+
+    def merge(self) -> None:
+        """W <- W + ΔW (in the weight's dtype); the forward becomes the base alone."""
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is already merged")
+        W = self.base_weight_for_merge()
+        W += self.delta_weight()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W − ΔW: restores W up to rounding."""
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__} is not merged")
+        W = self.base_weight_for_merge()
+        W -= self.delta_weight()
+        self.merged = False
 
     def base_weight_for_merge(self):
         """The base's dense weight (d_out, d_in), which merge() adds the delta into; a TypeError for

@@ -266,12 +266,6 @@ class LoraLinear(AdapterLayer):
         d *= self.scaling
         return d
 
-    def effective_weight(self):
-        """The dense (d_out, d_in) matrix this layer applies (W + s·B A)."""
-        if self.merged:
-            return self.base_layer.effective_weight()
-        return self.base_layer.effective_weight() + self.delta_weight()
-
     # --- forward / backward ------------------------------------------------------------------------
     def _check_input(self, x):
         if x.shape[-1] != self.d_in:
@@ -304,23 +298,6 @@ class LoraLinear(AdapterLayer):
         dx += dropout_backward(dx_b, dcache)  # branch input = drop(x)  =>  dx += drop'(dx_branch)
         self.cache = None
         return dx
-
-    # --- merge -------------------------------------------------------------------------------------
-    def merge(self) -> None:
-        """W <- W + s · B A (in the weight's dtype); the forward becomes the base alone."""
-        if self.merged:
-            raise RuntimeError(f"{type(self).__name__} is already merged")
-        W = self.base_weight_for_merge()
-        W += self.delta_weight()
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """W <- W - s · B A: restores W up to rounding."""
-        if not self.merged:
-            raise RuntimeError(f"{type(self).__name__} is not merged")
-        W = self.base_weight_for_merge()
-        W -= self.delta_weight()
-        self.merged = False
 
     # --- adapter file ------------------------------------------------------------------------------
     def peft_state_dict(self) -> dict:

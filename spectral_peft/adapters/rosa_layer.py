@@ -169,28 +169,6 @@ class RosaLinear(AdapterLayer):
             delta += S.to_dense()
         return delta
 
-    def effective_weight(self):
-        """The dense (d_out, d_in) matrix this layer applies: W + S + s·B A."""
-        if self.merged:
-            return self.base_layer.effective_weight()
-        return self.base_layer.effective_weight() + self.delta_weight()
-
-    def merge(self) -> None:
-        """W <- W + s·B A + S (in the weight's dtype); the forward becomes the base alone."""
-        if self.merged:
-            raise RuntimeError("RosaLinear is already merged")
-        W = self.base_weight_for_merge()
-        W += self.delta_weight()
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """W <- W − (s·B A + S): restores W up to rounding."""
-        if not self.merged:
-            raise RuntimeError("RosaLinear is not merged")
-        W = self.base_weight_for_merge()
-        W -= self.delta_weight()
-        self.merged = False
-
     # --- gradient collection ---
     def collected_scores(self):
         """|mean of the collected gradients| (d_out, d_in): mean(G²) or |mean(G)|."""

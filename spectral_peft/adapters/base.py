@@ -10,8 +10,11 @@ Training-time behaviour that is not a forward/backward (AdaLoRA's allocator, DyL
 Delta-LoRA's weight update, RoSA's gradient collection) is a :class:`Controller`, which the
 training loop calls in PEFT's order:
 
-    before_forward(step) -> forward -> backward -> regularize() -> after_backward(step)
-    -> (clip) -> optimizer.step -> lr step -> after_optimizer_step(step) -> zero_grad
+    before_forward(step) -> forward -> backward -> regularize() -> NaN guard -> (clip)
+    -> after_backward(step) -> optimizer.step -> lr step -> after_optimizer_step(step) -> zero_grad
+
+A step the NaN guard skips runs nothing after the guard, so a controller stages what a step draws
+or collects and commits it in after_optimizer_step (spectral_peft/train.py).
 """
 from __future__ import annotations
 
@@ -148,8 +151,8 @@ class Controller:
         return 0.0
 
     def after_backward(self, step: int) -> None:
-        """Runs once the gradients are complete, before clipping and the optimizer (e.g. LoRA-FA's
-        corrected gradient, RoSA's gradient collection)."""
+        """Runs once the gradients are complete, after the NaN guard and the clipping, before the
+        optimizer (LoRA-FA's corrected gradient, from the clipped g_B as PEFT's optimizer does)."""
 
     def after_optimizer_step(self, step: int) -> None:
         pass

@@ -203,5 +203,3 @@ class BertConfig(_ConfigIO):
         d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
         return d
 
-
-CONFIG_CLASSES = {"gpt2": GPT2Config, "bert": BertConfig}

@@ -232,6 +232,8 @@ class GPT2LMHeadModel(Module):
     with logits (B, T, V) and loss (float) when labels were given; backward(dlogits=None).
     """
 
+    TIED_EMBEDDING = "transformer.wte.weight"  # the parameter the tied head shares
+
     def __init__(self, config: GPT2Config, backend: Backend, seed: int = 0):
         super().__init__()
         if not isinstance(config, GPT2Config):

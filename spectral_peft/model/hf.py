@@ -8,6 +8,13 @@ A checkpoint directory holds ``config.json`` and ``model.safetensors``. What is 
 - ``model_type`` "bert" -> :class:`BertForSequenceClassification` when the file holds
   ``classifier.weight``, else :class:`BertModel` (keys with or without ``bert.``); the
   ``embeddings.position_ids`` buffer is ignored.
+- ``model_type`` "llama", "mistral", "qwen2" -> :class:`LlamaForCausalLM`,
+  :class:`MistralForCausalLM`, :class:`Qwen2ForCausalLM` (keys as transformers names them); with
+  tie_word_embeddings the file has no ``lm_head.weight`` (transformers drops it) or one equal to
+  ``model.embed_tokens.weight``; the ``rotary_emb.inv_freq`` buffer some files carry is ignored.
+
+The weights are ``model.safetensors``, or shards listed by ``model.safetensors.index.json``
+(``weight_map``: key -> shard file), as transformers writes models over its shard size.
 
 GPT-2's Conv1D layers (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) store their
 weight as (d_in, d_out); the engine's Linear holds (d_out, d_in): the loader transposes and
@@ -30,15 +37,19 @@ from ..io.safe import FileFormatError, atomic_write_bytes, load_json, load_safet
 from .bert import BertForSequenceClassification, BertModel
 from .config import BertConfig, GPT2Config
 from .gpt2 import GPT2LMHeadModel
+from .llama import LLAMA_MODEL_CLASSES, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from .llama_config import LLAMA_CONFIG_CLASSES
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "bert")
+CONFIG_CLASSES = {"gpt2": GPT2Config, "bert": BertConfig, **LLAMA_CONFIG_CLASSES}
+SUPPORTED_MODEL_TYPES = tuple(CONFIG_CLASSES)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's key -> shard map
 # GPT-2 Conv1D weights, stored (d_in, d_out) in HF files.
 CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # Buffers some checkpoints carry that are not parameters.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids")
-GPT2_HEAD_KEY = "lm_head.weight"
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "rotary_emb.inv_freq")
+HEAD_KEY = "lm_head.weight"  # a tied head's key, when a file carries it (in PyTorch it names the embedding)
 
 
 def is_conv1d(model, name: str) -> bool:
@@ -74,7 +85,7 @@ def hf_gradients(model) -> dict:
         g = m.grads.get(k)
         g = np.zeros(m.params[k].shape, dtype=to_host(m.params[k]).dtype) if g is None else to_host(g)
         out[hf_key(model, n)] = np.ascontiguousarray(_hf_layout(model, n, g))
-        if getattr(model, "hf_head_key", None) and n == "transformer.wte.weight":
+        if getattr(model, "hf_head_key", None) and n == model.TIED_EMBEDDING:
             out[model.hf_head_key] = out[hf_key(model, n)]
     return out
 
@@ -83,7 +94,8 @@ def hf_gradients(model) -> dict:
 # loading
 # ------------------------------------------------------------------------------------------------
 def read_config(directory):
-    """config.json -> (model_type, GPT2Config or BertConfig). Errors name the file and the field."""
+    """config.json -> (model_type, its config: GPT2Config, BertConfig, LlamaConfig, ...). Errors name
+    the file and the field."""
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     d = load_json(path)
     if not isinstance(d, dict):
@@ -92,7 +104,7 @@ def read_config(directory):
     if mt not in SUPPORTED_MODEL_TYPES:
         raise FileFormatError(path, f"unsupported model_type {mt!r}; supported: {list(SUPPORTED_MODEL_TYPES)}",
                               key="model_type")
-    cls = GPT2Config if mt == "gpt2" else BertConfig
+    cls = CONFIG_CLASSES[mt]
     try:
         return mt, cls.from_dict(d)
     except (ValueError, TypeError) as exc:
@@ -108,9 +120,51 @@ def _candidates(model, name: str) -> list[str]:
     return [name]
 
 
+def read_weights(directory) -> tuple[str, dict]:
+    """(the weights' path for messages, key -> host array) from model.safetensors or, when the
+    directory has no such file, from the shards that model.safetensors.index.json lists. Every
+    shard must exist and hold exactly the keys the index maps to it."""
+    single = os.path.join(directory, WEIGHTS_NAME)
+    index_path = os.path.join(directory, INDEX_NAME)
+    if os.path.exists(single) or not os.path.exists(index_path):
+        return single, load_safetensors(single)
+    index = load_json(index_path)
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
+        raise FileFormatError(index_path, "must hold a non-empty 'weight_map' object of key -> shard file name",
+                              key="weight_map")
+    arrays = {}
+    for shard in sorted(set(wmap.values())):
+        if os.path.basename(shard) != shard:
+            raise FileFormatError(index_path, f"shard {shard!r} must be a file name in the checkpoint directory",
+                                  key="weight_map")
+        path = os.path.join(directory, shard)
+        part = load_safetensors(path)
+        want = {k for k, v in wmap.items() if v == shard}
+        if set(part) != want:
+            odd = sorted(set(part) ^ want)[0]
+            where = "listed in the index but not in the shard" if odd in want else "in the shard but not mapped to it"
+            raise FileFormatError(path, f"{where} ({INDEX_NAME})", key=odd)
+        arrays.update(part)
+    return index_path, arrays
+
+
+def new_model(model_type: str, config, arrays: dict, backend: Backend, seed: int = 0):
+    """The engine model a checkpoint of ``model_type`` holds (BERT: with a classifier or a pooler
+    when the file has their weights)."""
+    if model_type == "gpt2":
+        return GPT2LMHeadModel(config, backend, seed)
+    if model_type in LLAMA_MODEL_CLASSES:
+        return LLAMA_MODEL_CLASSES[model_type](config, backend, seed)
+    if "classifier.weight" in arrays:
+        return BertForSequenceClassification(config, backend, seed)
+    return BertModel(config, backend, seed, add_pooling_layer=any(k.endswith("pooler.dense.weight") for k in arrays))
+
+
 def load_pretrained(directory, backend: Backend | None = None, seed: int = 0):
-    """Read ``directory`` (config.json + model.safetensors) -> a GPT2LMHeadModel,
-    BertForSequenceClassification or BertModel on ``backend`` (default: CPU float32).
+    """Read ``directory`` (config.json + model.safetensors, or its shards) -> a GPT2LMHeadModel,
+    BertForSequenceClassification, BertModel, LlamaForCausalLM, MistralForCausalLM or
+    Qwen2ForCausalLM on ``backend`` (default: CPU float32).
 
     Raises FileFormatError (a ValueError) naming the file, the key and the expected/found shape;
     nothing is installed unless everything validates.
@@ -118,15 +172,8 @@ def load_pretrained(directory, backend: Backend | None = None, seed: int = 0):
     backend = backend or get_backend()
     directory = os.fspath(directory)
     model_type, config = read_config(directory)
-    wpath = os.path.join(directory, WEIGHTS_NAME)
-    arrays = load_safetensors(wpath)
-    if model_type == "gpt2":
-        model = GPT2LMHeadModel(config, backend, seed)
-    elif "classifier.weight" in arrays:
-        model = BertForSequenceClassification(config, backend, seed)
-    else:
-        model = BertModel(config, backend, seed,
-                          add_pooling_layer=any(k.endswith("pooler.dense.weight") for k in arrays))
+    wpath, arrays = read_weights(directory)
+    model = new_model(model_type, config, arrays, backend, seed)
     # 1. resolve and validate every key and shape
     plan, used = [], set()
     for name, m, k in model.named_parameters():
@@ -143,13 +190,14 @@ def load_pretrained(directory, backend: Backend | None = None, seed: int = 0):
         plan.append((name, m, k, key))
         used.add(key)
     head_key = None
-    if isinstance(model, GPT2LMHeadModel) and GPT2_HEAD_KEY in arrays:
-        wte_key = next(key for n, _, _, key in plan if n == "transformer.wte.weight")
-        head = arrays[GPT2_HEAD_KEY]
-        if head.shape != arrays[wte_key].shape or not np.array_equal(head, arrays[wte_key]):
-            raise FileFormatError(wpath, f"differs from {wte_key!r}; GPT-2's lm_head must be tied to wte "
-                                         "(tie_word_embeddings = true)", key=GPT2_HEAD_KEY)
-        head_key = GPT2_HEAD_KEY
+    if _tied(model) and HEAD_KEY in arrays:
+        emb_key = next(key for n, _, _, key in plan if n == model.TIED_EMBEDDING)
+        head = arrays[HEAD_KEY]
+        if head.shape != arrays[emb_key].shape or not np.array_equal(head, arrays[emb_key]):
+            raise FileFormatError(wpath, f"differs from {emb_key!r}, but the config ties lm_head to it "
+                                         "(tie_word_embeddings = true): a tied lm_head must equal the embedding",
+                                  key=HEAD_KEY)
+        head_key = HEAD_KEY
         used.add(head_key)
     extra = sorted(k for k in arrays if k not in used and not k.endswith(IGNORED_SUFFIXES))
     if extra:
@@ -163,6 +211,12 @@ def load_pretrained(directory, backend: Backend | None = None, seed: int = 0):
     model.hf_keys = {name: key for name, _, _, key in plan}
     model.hf_head_key = head_key
     return model
+
+
+def _tied(model) -> bool:
+    """Whether the model's LM head is its input embedding (GPT-2 always; LLaMA-family when tied)."""
+    return isinstance(model, GPT2LMHeadModel) or (isinstance(model, LlamaForCausalLM)
+                                                  and model.config.tie_word_embeddings)
 
 
 def from_pretrained(cls, directory, backend: Backend | None = None, *, device: str | None = None,
@@ -183,7 +237,8 @@ def from_pretrained(cls, directory, backend: Backend | None = None, *, device: s
 # saving
 # ------------------------------------------------------------------------------------------------
 ARCHITECTURES = {GPT2LMHeadModel: "GPT2LMHeadModel", BertForSequenceClassification: "BertForSequenceClassification",
-                 BertModel: "BertModel"}
+                 BertModel: "BertModel", LlamaForCausalLM: "LlamaForCausalLM",
+                 MistralForCausalLM: "MistralForCausalLM", Qwen2ForCausalLM: "Qwen2ForCausalLM"}
 
 
 def save_pretrained(model, directory, dtype: str | None = None) -> None:

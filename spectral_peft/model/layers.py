@@ -1,4 +1,4 @@
-"""The parameter-holding layers the models are built from, besides Linear: Embedding, LayerNorm,
+"""The parameter-holding layers the models are built from, besides Linear: Embedding, LayerNorm, RMSNorm,
 and the parameter-free Dropout and Activation wrappers. Each wraps one op pair of
 :mod:`spectral_peft.ops` in the Module contract (module.py).
 
@@ -10,7 +10,7 @@ from ..module import Module
 from ..ops.activation import get_activation
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.embedding import embedding_backward, embedding_forward
-from ..ops.norm import layernorm_backward, layernorm_forward
+from ..ops.norm import layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward
 
 
 class Embedding(Module):
@@ -68,6 +68,26 @@ class LayerNorm(Module):
             self.accumulate("weight", dw)
         if "bias" not in self.frozen:
             self.accumulate("bias", db)
+        self.cache = None
+        return dx
+
+
+class RMSNorm(Module):
+    """y = x / sqrt(mean(x²) + eps) ⊙ weight over the last axis (LLaMA's norm, no bias).  x (..., C) -> y (..., C)."""
+
+    def __init__(self, weight, eps: float):
+        super().__init__()
+        self.params["weight"] = weight
+        self.eps = float(eps)
+
+    def forward(self, x):
+        y, self.cache = rmsnorm_forward(x, self.params["weight"], self.eps)
+        return y
+
+    def backward(self, dy):
+        dx, dw = rmsnorm_backward(dy, self.cache, self.params["weight"])
+        if "weight" not in self.frozen:
+            self.accumulate("weight", dw)
         self.cache = None
         return dx
 

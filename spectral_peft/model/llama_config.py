@@ -95,6 +95,12 @@ class LlamaConfig(_ConfigIO):
             check_rope_parameters(self.rope_parameters, self.head_dim)
         except ValueError as exc:
             raise ValueError(f"{owner}.{exc}") from None
+        prf = self.rope_parameters.get("partial_rotary_factor", 1.0)
+        if prf != 1.0:
+            # transformers' Llama, Mistral and Qwen2 rotate the whole head (apply_rotary_pos_emb has no
+            # pass-through part): a partial factor is undefined for them (ops/rope.py implements it)
+            raise ValueError(f"{owner}.rope_parameters partial_rotary_factor = {prf!r} is not supported by the "
+                             f"{self.model_type} architecture, which rotates the whole head; use 1.0")
 
     def _check_layer_types(self, owner: str) -> None:
         if self.layer_types is None:
@@ -119,11 +125,20 @@ class LlamaConfig(_ConfigIO):
         return None
 
     # --- reading and writing ----------------------------------------------------------------------
+    # fields of the shared dataclass that this family's transformers config does not have
+    NOT_WRITTEN = ("sliding_window", "layer_types")
+
     @classmethod
     def from_dict(cls, d: dict):
         if isinstance(d, dict):
             d = _standard_rope(d)
         return super().from_dict(d)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        for name in self.NOT_WRITTEN:
+            d.pop(name, None)
+        return d
 
 
 def _standard_rope(d: dict) -> dict:
@@ -159,6 +174,8 @@ class MistralConfig(LlamaConfig):
     max_position_embeddings: int = 131072
     sliding_window: int | None = 4096
 
+    NOT_WRITTEN = ("layer_types",)
+
     @property
     def qkv_bias(self) -> bool:
         return False
@@ -185,6 +202,8 @@ class Qwen2Config(LlamaConfig):
     sliding_window: int | None = 4096
     use_sliding_window: bool = False
     max_window_layers: int = 28
+
+    NOT_WRITTEN = ()
 
     def __post_init__(self):
         if not isinstance(self.use_sliding_window, bool):

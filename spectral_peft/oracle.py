@@ -5,13 +5,15 @@ adapter), in float64 by default. The contract (docs/models.md, DESIGN.md):
                             [--dtype float64|float32]
 
 IN holds ``input_ids`` (B, T) int; optional ``attention_mask`` (B, T) 0/1, ``token_type_ids``
-(B, T) (BERT), ``labels`` (GPT-2 (B, T) with -100 ignored and HF's shift; BERT (B,) class ids, or
+(B, T) (BERT), ``labels`` (causal LMs, GPT-2 and the LLaMA family: (B, T) with -100 ignored and
+HF's shift; BERT (B,) class ids, or
 float targets when num_labels = 1), and ``dlogits``: an upstream gradient of the output, with its
 shape (an extension: the gradient of Σ output ⊙ dlogits, used where there are no labels, e.g. a
 bare BertModel). OUT holds ``logits`` (``last_hidden_state`` for a bare BertModel), ``loss`` (a
 0-d array) when labels were given, and ``grad.<key>`` for every trainable parameter when there is
 a loss or a dlogits: ``<key>`` is the parameter's key in the model file (no adapter; Conv1D
-gradients in the file's (d_in, d_out) layout; GPT-2's tied head under wte's key, and also under
+gradients in the file's (d_in, d_out) layout; a tied head (GPT-2, LLaMA-family models with
+tie_word_embeddings) under the embedding's key, and also under
 ``lm_head.weight`` when the file has it), or in the adapter file (with an adapter: only its
 parameters). With an AdaLoRA adapter the loss includes orth_reg_weight times the orthogonal
 regulariser, as PEFT's AdaLoraModel.forward does. Dropout is off.
@@ -35,7 +37,8 @@ INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "dlogit
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="Hugging Face model directory: config.json + model.safetensors (gpt2 or bert)")
+                        help="Hugging Face model directory: config.json + model.safetensors or its shards "
+                             "(gpt2, bert, llama, mistral, qwen2)")
     parser.add_argument("--adapter", metavar="DIR", default=None,
                         help="PEFT adapter directory: adapter_config.json + adapter_model.safetensors")
     parser.add_argument("--inputs", required=True, metavar="IN.safetensors",

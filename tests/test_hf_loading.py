@@ -2,6 +2,7 @@
 "transformer." prefix, with mask buffers), the Conv1D transposition, saving that transformers
 reads back, and every validation error raised before anything is installed."""
 import json
+import re
 import os
 
 import numpy as np
@@ -116,8 +117,28 @@ def test_bad_checkpoints_name_the_key(hf_gpt2_dir, tmp_path, edit, match):
 
 def test_unsupported_model_type_names_supported(hf_gpt2_dir, tmp_path):
     d, _ = hf_gpt2_dir
-    bad = rewrite(d, tmp_path / "llama", edit_config=lambda c: {**c, "model_type": "llama"})
-    with pytest.raises(FileFormatError, match=r"unsupported model_type 'llama'.*gpt2.*bert"):
+    bad = rewrite(d, tmp_path / "t5", edit_config=lambda c: {**c, "model_type": "t5"})
+    with pytest.raises(FileFormatError, match=r"unsupported model_type 't5'.*gpt2.*bert.*llama"):
+        load_pretrained(bad, BE)
+
+
+@pytest.mark.parametrize("model_type, key", [("llama", "model.embed_tokens.weight"),
+                                             ("bert", "embeddings.word_embeddings.weight")])
+def test_config_of_another_model_fails_before_building(hf_gpt2_dir, tmp_path, monkeypatch, model_type, key):
+    """GPT-2 weights under another model_type: the config's defaults (a 7B Llama) would be allocated
+    before the keys are compared; the token embedding is checked first, and nothing is built."""
+    d, _ = hf_gpt2_dir
+    bad = rewrite(d, tmp_path / model_type, edit_config=lambda c: {**c, "model_type": model_type})
+    import spectral_peft.model.hf as hf
+    monkeypatch.setattr(hf, "new_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(FileFormatError, match=re.escape(key) + ".*missing"):
+        load_pretrained(bad, BE)
+
+
+def test_embedding_shape_checked_before_building(hf_gpt2_dir, tmp_path):
+    d, _ = hf_gpt2_dir
+    bad = rewrite(d, tmp_path / "vocab", edit_config=lambda c: {**c, "vocab_size": c["vocab_size"] + 1})
+    with pytest.raises(FileFormatError, match=r"transformer\.wte\.weight.*expected \(\d+, \d+\)"):
         load_pretrained(bad, BE)
 
 

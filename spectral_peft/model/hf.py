@@ -149,6 +149,25 @@ def read_weights(directory) -> tuple[str, dict]:
     return index_path, arrays
 
 
+def _check_embedding(model_type: str, config, wpath: str, arrays: dict) -> None:
+    """Check the token embedding against the config before any model is built: a config that does
+    not describe the file (a wrong model_type, another model's config.json) fails here, by key and
+    shape, instead of after allocating the parameters its defaults imply."""
+    if model_type == "gpt2":
+        keys, shape = ["transformer.wte.weight", "wte.weight"], (config.vocab_size, config.n_embd)
+    elif model_type in LLAMA_MODEL_CLASSES:
+        keys, shape = ["model.embed_tokens.weight"], (config.vocab_size, config.hidden_size)
+    else:
+        keys = ["embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight"]
+        shape = (config.vocab_size, config.hidden_size)
+    key = next((k for k in keys if k in arrays), None)
+    if key is None:
+        raise FileFormatError(wpath, f"missing (expected shape {shape}; model_type {model_type!r})", key=keys[0])
+    if tuple(arrays[key].shape) != shape:
+        raise FileFormatError(wpath, f"shape {tuple(arrays[key].shape)}, expected {shape} (vocab_size, hidden "
+                                     f"width) from {CONFIG_NAME}", key=key)
+
+
 def new_model(model_type: str, config, arrays: dict, backend: Backend, seed: int = 0):
     """The engine model a checkpoint of ``model_type`` holds (BERT: with a classifier or a pooler
     when the file has their weights)."""
@@ -173,6 +192,7 @@ def load_pretrained(directory, backend: Backend | None = None, seed: int = 0):
     directory = os.fspath(directory)
     model_type, config = read_config(directory)
     wpath, arrays = read_weights(directory)
+    _check_embedding(model_type, config, wpath, arrays)
     model = new_model(model_type, config, arrays, backend, seed)
     # 1. resolve and validate every key and shape
     plan, used = [], set()

@@ -73,6 +73,9 @@ def check_rope_parameters(params: dict, head_dim: int) -> None:
     if D < 2 or D % 2:
         raise ValueError(f"rope: the rotated width int(head_dim · partial_rotary_factor) = {D} must be even and >= 2 "
                          f"(head_dim = {head_dim}, partial_rotary_factor = {params.get('partial_rotary_factor', 1.0)})")
+    if kind == "dynamic" and D == 2:
+        raise ValueError("rope_parameters.rope_type 'dynamic' rescales rope_theta by a power D/(D-2), undefined "
+                         f"for a rotated width D = 2 (head_dim = {head_dim}): use a head_dim >= 4 or another rope_type")
     factor = params.get("factor")
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0):
         raise ValueError(f"rope_parameters.factor must be a number > 0, got {factor!r}")

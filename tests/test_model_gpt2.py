@@ -99,6 +99,39 @@ def test_parity_dlogits_without_labels(hf_pair):
     compare_grads(hf_gradients(model), dict(tm.named_parameters()), 1e-10)
 
 
+def test_parity_with_per_row_position_ids(hf_pair):
+    """position_ids (B, T) (left-padded generation's cumsum(mask) - 1): logits, loss and every
+    gradient, wpe's scatter over the given positions included, against transformers in float64."""
+    d, model = hf_pair
+    tm = torch_model(d, torch.float64)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, V, (3, 8))
+    pos = rng.integers(0, 12, (3, 8))  # repeated and out-of-order positions: the scatter must add them
+    labels = rng.integers(0, V, (3, 8))
+    out = model.forward(ids, labels=labels, position_ids=pos)
+    model.zero_grad()
+    model.backward()
+    t_out = tm(input_ids=torch.tensor(ids), position_ids=torch.tensor(pos))
+    t_loss = torch_loss(t_out.logits, labels)
+    t_loss.backward()
+    assert_close(out.logits, t_out.logits.detach().numpy(), "logits", 1e-10)
+    assert_close(np.array(out.loss), np.array(t_loss.item()), "loss", 1e-10)
+    compare_grads(hf_gradients(model), dict(tm.named_parameters()), 1e-10)
+
+
+def test_position_ids_central_differences():
+    model = GPT2LMHeadModel(tiny_config(n_layer=1), get_backend("cpu", "float64"), seed=2)
+    rng = np.random.default_rng(9)
+    ids, labels = rng.integers(0, V, (2, 5)), rng.integers(0, V, (2, 5))
+    pos = np.array([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
+    model.forward(ids, labels=labels, position_ids=pos)
+    model.zero_grad()
+    model.backward()
+    wpe = model.transformer.wpe.params["weight"]
+    num = numerical_gradient(lambda: model.forward(ids, labels=labels, position_ids=pos).loss, wpe)
+    assert_close(to_host(model.transformer.wpe.grads["weight"]), num, "dwpe with position_ids", 1e-6, atol=1e-9)
+
+
 def compare_grads(grads: dict, t_params: dict, rtol: float):
     """Every gradient within rtol of torch's, relative to the tensor's scale (testing.assert_close).
     A gradient that is zero in exact arithmetic (e.g. attention key biases, to which softmax is

@@ -34,6 +34,7 @@ from ..ops.attention import attention_backward, attention_forward, merge_heads, 
 from ..ops.linear import linear_backward, linear_forward
 from ..ops.loss import cross_entropy_backward, cross_entropy_forward
 from .config import GPT2Config
+from .kv_cache import KVCache
 from .layers import Activation, Dropout, Embedding, LayerNorm
 from .output import ModelOutput, check_input_ids, check_int_range, check_mask, to_backend
 
@@ -70,7 +71,7 @@ class GPT2Attention(Module):
     """
 
     def __init__(self, c_attn: Linear, c_proj: Linear, n_head: int, attn_pdrop: float, resid_pdrop: float, rng,
-                 scale: float | None = None):
+                 scale: float | None = None, layer_idx: int = 0):
         super().__init__()
         self.c_attn = c_attn
         self.c_proj = c_proj
@@ -80,14 +81,17 @@ class GPT2Attention(Module):
         self.rng = rng
         self.shift_group = None  # LongLoRA's S2-Attn group size when set (training only)
         self.scale = scale
+        self.layer_idx = layer_idx  # this layer's slot in a KVCache
 
     def _q_factor(self, hd: int):
         if self.scale is None or self.scale == hd ** -0.5:
             return None
         return self.scale * math.sqrt(hd)
 
-    def forward(self, x, bt, key_padding_mask=None):
-        """x (N, C), bt = (B, T), key_padding_mask (B, T) bool or None -> (N, C)."""
+    def forward(self, x, bt, key_padding_mask=None, kv_cache: KVCache | None = None):
+        """x (N, C), bt = (B, T), key_padding_mask (B, P+T) bool or None -> (N, C). With a kv_cache
+        the T new keys and values are written at positions P..P+T-1 and the T queries attend over
+        all P+T (inference only: nothing is kept for a backward)."""
         B, T = bt
         C = x.shape[-1]
         H = self.n_head
@@ -99,15 +103,20 @@ class GPT2Attention(Module):
             q = q * f  # S = (q·f/√hd) kᵀ = scale · q kᵀ   (B, H, T, hd), a new array
         k = split_heads(qkv[..., C:2 * C], H)
         v = split_heads(qkv[..., 2 * C:], H)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, P+T, hd) views of the cache
         p = self.attn_pdrop if self.training else 0.0
         out, attn_cache = attention_forward(q, k, v, causal=True, key_padding_mask=key_padding_mask,
                                             shift_group=self.shift_group if self.training else None,
                                             dropout_p=p, rng=self.rng)
-        self.cache = (attn_cache, (B, T))
+        self.cache = None if kv_cache is not None else (attn_cache, (B, T))
         y = self.c_proj(merge_heads(out).reshape(B * T, C))  # (B, H, T, hd) -> (N, C) -> (N, C)
         return self.resid_dropout(y)
 
     def backward(self, dy):
+        if self.cache is None:
+            raise RuntimeError("GPT2Attention.backward: no forward to differentiate (a forward with a "
+                               "kv_cache is inference only)")
         dy = self.resid_dropout.backward(dy)
         # y = c_proj(merge_heads(out))  =>  dout = split_heads(c_proj.backward(dy))
         dmerged = self.c_proj.backward(dy)  # (N, C)
@@ -155,8 +164,8 @@ class GPT2Block(Module):
         self.ln_2 = ln_2
         self.mlp = mlp
 
-    def forward(self, x, bt, key_padding_mask=None):
-        h = self.attn(self.ln_1(x), bt, key_padding_mask)
+    def forward(self, x, bt, key_padding_mask=None, kv_cache=None):
+        h = self.attn(self.ln_1(x), bt, key_padding_mask, kv_cache)
         h += x  # h = x + attn(ln_1(x)); the attention output is a fresh array, added into in place
         out = self.mlp(self.ln_2(h))
         out += h
@@ -190,7 +199,7 @@ class GPT2Model(Module):
             GPT2Block(
                 init.layernorm(C, c.layer_norm_epsilon),
                 GPT2Attention(init.linear(C, 3 * C), init.linear(C, C, proj_std), c.n_head, c.attn_pdrop,
-                              c.resid_pdrop, self.rng, scale=c.attention_scale(i)),
+                              c.resid_pdrop, self.rng, scale=c.attention_scale(i), layer_idx=i),
                 init.layernorm(C, c.layer_norm_epsilon),
                 GPT2MLP(init.linear(C, F), init.linear(F, C, proj_std), c.activation_function, c.resid_pdrop, self.rng),
             )
@@ -199,37 +208,45 @@ class GPT2Model(Module):
         self.ln_f = init.layernorm(C, c.layer_norm_epsilon)
         self.config = config
 
-    def forward(self, input_ids, key_padding_mask=None):
-        """input_ids (B, T) int (validated by the caller), key_padding_mask (B, T) bool or None
-        -> h (N, C), N = B·T: activations stay 2-D so that every projection is one GEMM."""
+    def forward(self, input_ids, key_padding_mask=None, position_ids=None, kv_cache=None):
+        """input_ids (B, T) int, key_padding_mask (B, P+T) bool or None, position_ids (B, T) int or
+        None (validated by the caller) -> h (N, C), N = B·T: activations stay 2-D so that every
+        projection is one GEMM. Without position_ids the positions are P..P+T-1 for every row, as
+        in HF (P: the positions a kv_cache already holds)."""
         B, T = input_ids.shape
-        self.cache = (B, T)
+        self.cache = ((B, T), position_ids is not None)
         xp = get_xp(self.wte.params["weight"])
         x = self.wte(input_ids)  # (B, T) -> (B, T, C)
-        x += self.wpe(xp.arange(T))  # + (T, C), broadcast over B; position ids are 0..T-1 as in HF
+        if position_ids is None:
+            P = 0 if kv_cache is None else kv_cache.length
+            x += self.wpe(xp.arange(P, P + T))  # + (T, C), broadcast over B
+        else:
+            x += self.wpe(position_ids)  # + (B, T, C): per-row positions (left-padded generation)
         x = self.drop(x.reshape(B * T, -1))  # (N, C)
         for block in self.h:
-            x = block(x, (B, T), key_padding_mask)
+            x = block(x, (B, T), key_padding_mask, kv_cache)
         return self.ln_f(x)
 
     def backward(self, dh):
         """dh (N, C) -> None (gradients accumulate into the parameters)."""
-        ids_shape, self.cache = self.cache, None  # (B, T)
+        (ids_shape, per_row), self.cache = self.cache, None  # (B, T), whether position_ids were given
         dx = self.ln_f.backward(dh)
         for block in reversed(self.h.items):
             dx = block.backward(dx)
         dx = self.drop.backward(dx).reshape(*ids_shape, -1)  # (N, C) -> (B, T, C)
-        # x = wte[ids] + wpe[arange(T)]  =>  dwte = scatter(dx), dwpe = Σ_B dx
+        # x = wte[ids] + wpe[pos]  =>  dwte = scatter(dx) over ids, dwpe = scatter(dx) over pos
         self.wte.backward(dx)
-        self.wpe.backward(dx.sum(axis=0))  # (B, T, C) -> (T, C)
+        # pos = arange(T) shared by every row: the scatter is Σ_B dx, (B, T, C) -> (T, C)
+        self.wpe.backward(dx if per_row else dx.sum(axis=0))
         return None
 
 
 class GPT2LMHeadModel(Module):
     """GPT-2 with the language-model head tied to wte (no separate parameter).
 
-    forward(input_ids (B, T), attention_mask (B, T) or None, labels (B, T) or None) -> ModelOutput
-    with logits (B, T, V) and loss (float) when labels were given; backward(dlogits=None).
+    forward(input_ids (B, T), attention_mask (B, P+T) or None, labels (B, T) or None,
+    position_ids (B, T) or None, kv_cache or None) -> ModelOutput with logits (B, T, V) and loss
+    (float) when labels were given; backward(dlogits=None) after a forward without a cache.
     """
 
     TIED_EMBEDDING = "transformer.wte.weight"  # the parameter the tied head shares
@@ -242,37 +259,62 @@ class GPT2LMHeadModel(Module):
         self.config = config
         self.backend = backend
 
-    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None) -> ModelOutput:
+    @property
+    def max_positions(self) -> int:
+        """The longest P + T a forward takes (n_positions)."""
+        return self.config.n_positions
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        """A cache for ``batch`` sequences of up to ``max_len`` positions (prompt + new tokens)."""
+        c = self.config
+        if max_len > c.n_positions:
+            raise ValueError(f"a KV cache of {max_len} positions exceeds n_positions = {c.n_positions}")
+        return KVCache(c.n_layer, batch, max_len, c.n_head, c.n_embd // c.n_head, self.backend)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, position_ids=None,
+                kv_cache=None) -> ModelOutput:
         c = self.config
         input_ids = to_backend(input_ids, self.backend)
-        check_input_ids(input_ids, c.vocab_size, c.n_positions, "n_positions")
+        P = 0 if kv_cache is None else kv_cache.length
+        check_input_ids(input_ids, c.vocab_size, c.n_positions - P,
+                        "n_positions" + (f" - {P} cached positions" if P else ""))
         B, T = input_ids.shape
         if token_type_ids is not None:
             raise ValueError("token_type_ids: GPT-2 models take none (pass token_type_ids=None)")
-        mask = check_mask(None if attention_mask is None else to_backend(attention_mask, self.backend), (B, T))
+        if kv_cache is not None and labels is not None:
+            raise ValueError("labels: a forward with a kv_cache is inference only; pass labels=None")
+        mask = check_mask(None if attention_mask is None else to_backend(attention_mask, self.backend), (B, P + T),
+                          "attention_mask" + (" (covering the cached positions too)" if P else ""))
+        if position_ids is not None:
+            position_ids = to_backend(position_ids, self.backend)
+            check_int_range(position_ids, (B, T), 0, c.n_positions, "position_ids")
         if labels is not None:
             labels = to_backend(labels, self.backend)
             check_int_range(labels, (B, T), 0, c.vocab_size, "labels", ignore=-100)
         xp = get_xp(input_ids)
         self.cache = None
-        h = self.transformer(input_ids, mask)  # (N, C)
+        h = self.transformer(input_ids, mask, position_ids, kv_cache)  # (N, C)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         wte = self.transformer.wte
         # logits = h wteᵀ (the tied lm_head), (N, C) -> (N, V); h is kept only when wte gets a gradient
-        logits, lin_cache = linear_forward(h, wte.params["weight"], None, keep_x="weight" not in wte.frozen)
+        logits, lin_cache = linear_forward(h, wte.params["weight"], None,
+                                           keep_x="weight" not in wte.frozen and kv_cache is None)
         loss, ce_cache = None, None
         if labels is not None:
             # HF's shift: position t predicts labels[:, t+1]; the last position predicts nothing
             targets = xp.concatenate([labels[:, 1:], xp.full((B, 1), -100, dtype=labels.dtype)], axis=1)
             loss, ce_cache = cross_entropy_forward(logits, targets.reshape(-1).astype(xp.int64))
         # the head's cache: (x of logits = h wteᵀ, cross-entropy cache or None, (B, T))
-        self.cache = (lin_cache, ce_cache, (B, T))
+        self.cache = None if kv_cache is not None else (lin_cache, ce_cache, (B, T))
         return ModelOutput(logits=logits.reshape(B, T, -1), loss=loss)  # (N, V) -> (B, T, V), a view
 
     def backward(self, dlogits=None) -> None:
         """Accumulate every parameter gradient: of the loss (dloss = 1) when labels were given and
         ``dlogits`` is None, else of Σ logits ⊙ dlogits (dlogits (B, T, V))."""
         if self.cache is None:
-            raise RuntimeError("backward called without a forward (or twice after one forward)")
+            raise RuntimeError("backward called without a forward (or twice after one forward, or after a "
+                               "forward with a kv_cache, which is inference only)")
         lin_cache, ce_cache, (B, T) = self.cache
         V = self.config.vocab_size
         if dlogits is None:

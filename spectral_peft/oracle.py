@@ -22,13 +22,11 @@ Any error: one line on stderr, exit status 2, and no OUT file (it is written ato
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 
 from .adapters.peft_model import load_peft_model
 from .backend import get_backend, to_host
+from .commands.contract import check_out_dir, run_or_exit2
 from .io.safe import load_safetensors, save_safetensors
 from .model import BertModel, hf_gradients, load_pretrained
 
@@ -49,12 +47,12 @@ def add_arguments(parser) -> None:
                         help="compute dtype (default float64)")
 
 
-def read_inputs(path) -> dict:
-    """IN.safetensors -> dict of host arrays, every key known and input_ids present (int)."""
+def read_inputs(path, keys=INPUT_KEYS) -> dict:
+    """IN.safetensors -> dict of host arrays, every key one of ``keys`` and input_ids present (int)."""
     arrays = load_safetensors(path)
-    unknown = sorted(set(arrays) - set(INPUT_KEYS))
+    unknown = sorted(set(arrays) - set(keys))
     if unknown:
-        raise ValueError(f"{path}: key {unknown[0]!r} is not an input; expected some of {list(INPUT_KEYS)}")
+        raise ValueError(f"{path}: key {unknown[0]!r} is not an input; expected some of {list(keys)}")
     if "input_ids" not in arrays:
         raise ValueError(f"{path}: key 'input_ids' missing (an int64 (B, T) array is required)")
     for k in ("input_ids", "token_type_ids"):
@@ -106,17 +104,9 @@ def reference(model_dir, inputs: dict, adapter_dir=None, dtype: str = "float64")
 
 
 def main(args) -> int:
-    try:
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(out_dir):
-            raise ValueError(f"--out {args.out}: directory {out_dir} does not exist")
+    def work():
+        check_out_dir(args.out)
         inputs = read_inputs(args.inputs)
-        result = reference(args.model, inputs, args.adapter, args.dtype)
-        save_safetensors(result, args.out)
-    except Exception as exc:  # every failure is one line and status 2: this is the command's contract
-        msg = str(exc).replace("\n", " ") or type(exc).__name__
-        if not isinstance(exc, (ValueError, OSError, KeyError)):
-            msg = f"{type(exc).__name__}: {msg}"
-        print(f"spectral-peft reference: error: {msg}", file=sys.stderr)
-        return 2
-    return 0
+        save_safetensors(reference(args.model, inputs, args.adapter, args.dtype), args.out)
+
+    return run_or_exit2("reference", work)

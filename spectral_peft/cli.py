@@ -1,4 +1,4 @@
-"""The `spectral-peft` console script: run, figures, reference, validate.
+"""The `spectral-peft` console script: run, figures, reference, generate, validate.
 
 Each command lives in its own module, which provides ``add_arguments(parser)`` and
 ``main(args) -> int``; this file only dispatches. Bad arguments exit with status 2 and one line.
@@ -15,6 +15,7 @@ COMMANDS = {
     "run": ("spectral_peft.commands.run", "fine-tune every method on the embedded default and compare them"),
     "figures": ("spectral_peft.figures", "regenerate every figure from the last run's results"),
     "reference": ("spectral_peft.oracle", "write reference logits, loss and gradients (float64)"),
+    "generate": ("spectral_peft.commands.generate", "KV-cache generation from a causal LM and an optional adapter"),
     "validate": ("spectral_peft.validate", "side-by-side checks against the installed peers"),
 }
 

@@ -22,7 +22,9 @@ from .adapters.peft_model import PeftModel, get_peft_model, load_peft_model, mer
 from .adapters.registry import METHODS, config_class
 from .adapters.rosa import RosaConfig
 from .backend import get_backend, to_device, to_host
-from .model import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel,
+from .generation import GenerateOutput, generate
+from .model import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                    LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                     load_pretrained, save_pretrained)
 from .optim import SGD, AdamW, clip_grad_norm, make_adamw
 from .quant import dequantize_4bit, quantize_4bit, quantize_model
@@ -32,9 +34,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraConfig", "AdamW", "AdapterConfig", "BertConfig", "BertForSequenceClassification", "BertModel",
-    "Controller", "DeltaLoraConfig", "DoraConfig", "DyLoraConfig", "GPT2Config", "GPT2LMHeadModel", "LoraConfig",
-    "LoraFAConfig", "METHODS", "PeftModel", "RosaConfig", "SGD", "SeededBatches", "Trainer", "clip_grad_norm",
-    "config_class", "dequantize_4bit", "evaluate", "get_backend", "get_peft_model", "load_peft_model",
+    "Controller", "DeltaLoraConfig", "DoraConfig", "DyLoraConfig", "GPT2Config", "GPT2LMHeadModel", "GenerateOutput",
+    "LlamaConfig", "LlamaForCausalLM", "LoraConfig", "LoraFAConfig", "METHODS", "MistralConfig", "MistralForCausalLM",
+    "PeftModel", "Qwen2Config", "Qwen2ForCausalLM", "RosaConfig", "SGD", "SeededBatches", "Trainer", "clip_grad_norm",
+    "config_class", "dequantize_4bit", "evaluate", "generate", "get_backend", "get_peft_model", "load_peft_model",
     "load_pretrained", "make_adamw", "merge_and_unload", "quantize_4bit", "quantize_model", "save_adapter",
     "save_pretrained", "to_device", "to_host",
 ]

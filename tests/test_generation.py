@@ -161,6 +161,30 @@ def test_incremental_decoding_equals_full_forward(family, B, T, N, seed):
         assert_close(out.logits[:, i], full.logits[:, -1], f"{family} step {i} logits (cache vs full)", 1e-12)
 
 
+def test_a_4bit_base_with_lora_generates_unmerged_and_refuses_to_merge():
+    """QLoRA: the frozen NF4 base with a LoRA on top decodes with the cache exactly as a full forward
+    does; merging into the 4-bit base is refused (it would requantise W + ΔW)."""
+    from spectral_peft.adapters.lora import LoraConfig
+    from spectral_peft.adapters.peft_model import get_peft_model
+    from spectral_peft.quant import quantize_model
+
+    model = engine_model("llama", seed=5)
+    quantize_model(model, quant_type="nf4", blocksize=32)
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), seed=1)
+    rng = np.random.default_rng(0)
+    for _, layer in pm.adapter_layers():
+        layer.params["lora_B.weight"][...] = rng.standard_normal(layer.params["lora_B.weight"].shape)
+    ids, mask = left_padded(9)
+    out = generate(pm, ids, mask, max_new_tokens=5)
+    for i in range(5):
+        full_mask = np.concatenate([mask, np.ones((3, i), np.int64)], axis=1)
+        full = pm.forward(out.sequences[:, :6 + i], attention_mask=full_mask,
+                          position_ids=position_ids_from_mask(full_mask == 1))
+        assert_close(out.logits[:, i], full.logits[:, -1], f"QLoRA step {i} logits (cache vs full)", 1e-12)
+    with pytest.raises(TypeError, match="cannot merge into a Linear4bit base"):
+        merge_and_unload(pm)
+
+
 def test_position_ids_follow_the_mask():
     mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]], bool)
     np.testing.assert_array_equal(position_ids_from_mask(mask), [[1, 1, 0, 1], [0, 1, 2, 3], [1, 1, 1, 0]])

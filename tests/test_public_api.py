@@ -50,7 +50,9 @@ def test_the_readme_script_trains_and_writes_peft_files(tmp_path, monkeypatch):
 def test_the_api_names_pefts_configs_and_every_method():
     for name in ("LoraConfig", "AdaLoraConfig", "RosaConfig", "DoraConfig", "DyLoraConfig", "LoraFAConfig",
                  "DeltaLoraConfig", "get_peft_model", "merge_and_unload", "PeftModel", "Trainer",
-                 "quantize_4bit", "dequantize_4bit", "GPT2LMHeadModel", "BertModel", "BertForSequenceClassification"):
+                 "quantize_4bit", "dequantize_4bit", "GPT2LMHeadModel", "BertModel", "BertForSequenceClassification",
+                 "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "LlamaConfig", "MistralConfig",
+                 "Qwen2Config", "generate", "GenerateOutput"):
         assert hasattr(sp, name), name
     assert set(sp.__all__) <= set(dir(sp))
     assert METHODS[0] == "full" and len(METHODS) == len(set(METHODS)) == 11
@@ -61,3 +63,16 @@ def test_from_pretrained_refuses_another_architecture(tmp_path):
     sp.save_pretrained(sp.GPT2LMHeadModel(cfg, sp.get_backend("cpu", "float32")), tmp_path / "g")
     with pytest.raises(FileFormatError, match=r"holds a GPT2LMHeadModel, not a BertModel"):
         sp.BertModel.from_pretrained(tmp_path / "g")
+
+
+def test_generate_is_a_verb_of_every_causal_lm_and_of_the_peft_model(tmp_path):
+    cfg = sp.MistralConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    sp.save_pretrained(sp.MistralForCausalLM(cfg, sp.get_backend("cpu", "float64"), seed=2), tmp_path / "m")
+    model = sp.MistralForCausalLM.from_pretrained(tmp_path / "m", dtype="float64")
+    ids, mask = np.array([[0, 5, 6], [7, 8, 9]]), np.array([[0, 1, 1], [1, 1, 1]])
+    out = model.generate(ids, mask, max_new_tokens=5)
+    assert isinstance(out, sp.GenerateOutput) and out.sequences.shape == (2, 8)
+    np.testing.assert_array_equal(out.sequences, sp.generate(model, ids, mask, max_new_tokens=5).sequences)
+    peft = sp.get_peft_model(model, sp.LoraConfig(r=2, target_modules=["q_proj"]))  # B = 0: same tokens
+    np.testing.assert_array_equal(peft.generate(ids, mask, max_new_tokens=5).sequences, out.sequences)

@@ -92,6 +92,12 @@ class PeftModel(Module):
     def backward(self, *args, **kwargs):
         return self.model.backward(*args, **kwargs)
 
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """KV-cache generation with the adapters computed at every step (spectral_peft/generation.py)."""
+        from ..generation import generate  # noqa: PLC0415
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
     def adapter_layers(self) -> list[tuple[str, Module]]:
         """(path inside the PeftModel, layer) of every adapter layer, in model order."""
         return adapter_layers(self)

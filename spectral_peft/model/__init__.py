@@ -23,6 +23,17 @@ for _cls in (GPT2LMHeadModel, BertModel, BertForSequenceClassification, LlamaFor
              Qwen2ForCausalLM):
     _cls.from_pretrained = classmethod(from_pretrained)
     _cls.save_pretrained = save_pretrained
+
+
+def _generate(self, input_ids, attention_mask=None, **kwargs):
+    """transformers' verb: ``spectral_peft.generation.generate(self, input_ids, attention_mask, ...)``."""
+    from ..generation import generate  # noqa: PLC0415  (generation imports this package)
+
+    return generate(self, input_ids, attention_mask, **kwargs)
+
+
+for _cls in (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM):
+    _cls.generate = _generate
 del _cls
 
 __all__ = [

@@ -2,8 +2,9 @@
 the engine, cached in Hugging Face layout.
 
 The base is pretrained on the standard library's source code (spectral_peft.data) and written as
-config.json + model.safetensors under the cache folder, in a folder named by the hash of
-everything that determines its weights (``base-<arch>-<key>``), so later runs load it instead of pretraining again.
+config.json + model.safetensors under the cache folder, in a folder ``base-<arch>-<key>`` named by
+the hash of everything that determines its weights, so later runs load it instead of pretraining
+again.
 
 Shape legend: B batch, T sequence length (= n_positions), V = 256 byte vocabulary, C = n_embd,
 H = n_head, Hkv key/value heads (Llama), F SwiGLU width (Llama).

@@ -31,12 +31,12 @@ from ..adapters.registry import recipe as get_recipe
 from ..backend import blas_threads, get_backend
 from ..budget import BudgetUnreachable, match_budget
 from ..figures import make_figures
+from ..module import match_target_modules
 from ..optim import make_adamw
 from ..quant import frozen_weight_bytes, quantize_model
 from ..quant.report import quantization_record
 from ..results import RESULTS_FILE, format_table, new_results, save_results
 from ..train import SeededBatches, Trainer, evaluate
-from ..module import match_target_modules
 from .pretrain import load_base, new_base, pretrain_base
 from .run_options import RunConfig, add_arguments, config_from_args  # noqa: F401 - add_arguments: the CLI's
 
@@ -189,9 +189,11 @@ def _base_phase(cfg: RunConfig, ctx: dict, results: dict, log: Log) -> None:
 
 
 def _base_text(cfg: RunConfig, config) -> str:
+    """The base's shape in words, for the log."""
     if cfg.arch == "llama":
-        return (f"Llama, {cfg.n_layer} layers, d_model {cfg.n_embd}, {cfg.n_head} query heads sharing "
-                f"{config.num_key_value_heads} key/value head{'s' if config.num_key_value_heads > 1 else ''}, SwiGLU width {config.intermediate_size}")
+        hkv = config.num_key_value_heads
+        return (f"Llama, {cfg.n_layer} layers, d_model {cfg.n_embd}, {cfg.n_head} query heads sharing {hkv} "
+                f"key/value head{'s' if hkv > 1 else ''}, SwiGLU width {config.intermediate_size}")
     return f"GPT-2, {cfg.n_layer} layers, d_model {cfg.n_embd}, {cfg.n_head} heads"
 
 

@@ -37,9 +37,9 @@ class RunConfig:
     pretrain_steps: int = 1000  # base-model steps (~1.5 min, cached): Python's byte statistics
     batch_size: int = 16  # sequences per step
     n_positions: int = 64  # T: sequence length (bytes) and the base's context size
-    n_layer: int = 4  # a base shape small enough for 2 CPU cores (Llama: n_head/2 key/value heads)
+    n_layer: int = 4  # a base shape small enough for 2 CPU cores
     n_embd: int = 128
-    n_head: int = 4
+    n_head: int = 4  # query heads; a Llama base shares n_head/2 key/value heads (grouped-query attention)
     pretrain_lr: float = 2e-3  # AdamW, warm-up then cosine decay
     lr: float = 2e-3  # the PEFT methods' AdamW learning rate (adapters start at zero)
     full_lr: float = 3e-4  # full fine-tuning moves every weight: a smaller step

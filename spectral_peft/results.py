@@ -11,7 +11,7 @@ Schema (version 1), JSON:
     config            the run's options (flag name -> value), enough to repeat it
     data              {pretrain, finetune_train, finetune_eval}: data.Corpus.summary() of each,
                       plus "tokenizer"
-    base_model        {config: GPT-2 config fields, params, pretrain: {steps, seconds, final_loss,
+    base_model        {config: the base's config.json fields and arch, params, pretrain: {steps, seconds, final_loss,
                       cached, cache_path}, eval_loss: the base model's loss on the fine-tuning eval
                       split before any fine-tuning}
     budget            {target: trainable parameters every PEFT method is matched to, tolerance}

@@ -38,6 +38,11 @@ def test_no_or_unknown_command(capsys):
     (["run", "--schedule", "warmup-then-sparse"], "method rosa: "),
     (["run", "--dylora_mode", "sometimes"], "method dylora: "),
     (["run", "--steps", "10", "--tinit", "8", "--tfinal", "5"], "method adalora: "),
+    (["run", "--arch", "bert"], "--arch must be one of gpt2, llama, got 'bert'"),
+    (["run", "--arch", "llama", "--n_embd", "96", "--n_head", "3"], "--arch llama needs an even --n_head"),
+    (["run", "--arch", "llama", "--target_modules", "c_attn,c_fc"],
+     "--target_modules 'c_attn,c_fc' on --arch llama: target_modules ['c_attn', 'c_fc'] match no linear layer"),
+    (["run", "--target_modules", "q_proj"], "--target_modules 'q_proj' on --arch gpt2: "),
 ])
 def test_run_rejects_bad_values(argv, needle, capsys, tmp_path):
     assert _exit_code(argv + ["--out", str(tmp_path / "runs")]) == 2

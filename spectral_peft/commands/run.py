@@ -3,7 +3,8 @@
 1. Data (spectral_peft.data): the standard library's own source (docstrings removed) is the
    pretraining text; the docstrings of a disjoint set of modules are the shifted fine-tuning task
    (train and held-out eval splits). Bytes are tokens (vocabulary 256).
-2. Base model (commands/pretrain.py): a small GPT-2 pretrained by the engine and cached.
+2. Base model (commands/pretrain.py): a small GPT-2 (``--arch llama``: a small Llama) pretrained
+   by the engine and cached.
 3. Fine-tuning: every method from that same base, at a matched trainable-parameter budget (within
    ``--tolerance``, 5%; full fine-tuning is the unmatched reference), the same batches, steps and
    evaluation set. Each method is a :class:`~spectral_peft.adapters.base.Recipe` of its own file;
@@ -30,12 +31,13 @@ from ..adapters.registry import recipe as get_recipe
 from ..backend import blas_threads, get_backend
 from ..budget import BudgetUnreachable, match_budget
 from ..figures import make_figures
+from ..module import match_target_modules
 from ..optim import make_adamw
 from ..quant import frozen_weight_bytes, quantize_model
 from ..quant.report import quantization_record
 from ..results import RESULTS_FILE, format_table, new_results, save_results
 from ..train import SeededBatches, Trainer, evaluate
-from .pretrain import load_base, pretrain_base
+from .pretrain import load_base, new_base, pretrain_base
 from .run_options import RunConfig, add_arguments, config_from_args  # noqa: F401 - add_arguments: the CLI's
 
 
@@ -169,11 +171,10 @@ def _base_phase(cfg: RunConfig, ctx: dict, results: dict, log: Log) -> None:
     base_folder, record = pretrain_base(cfg, ctx["pretrain"], ctx["backend"], log)
     base = load_base(base_folder, ctx["backend"])
     base_eval = evaluate(base, ctx["eval_sets"])
-    results["base_model"] = {"config": {"vocab_size": 256, "n_positions": cfg.n_positions, "n_embd": cfg.n_embd,
-                                        "n_layer": cfg.n_layer, "n_head": cfg.n_head},
+    results["base_model"] = {"config": {"arch": cfg.arch, **base.config.to_dict()},
                              "params": int(base.num_parameters()), "pretrain": record, "eval_loss": base_eval}
     results["timing"]["pretrain_s"] = round(time.perf_counter() - t0, 2)
-    log(f"base model: GPT-2, {cfg.n_layer} layers, d_model {cfg.n_embd}, {cfg.n_head} heads, T {cfg.n_positions}, "
+    log(f"base model: {_base_text(cfg, base.config)}, T {cfg.n_positions}, "
         f"{results['base_model']['params']:,} parameters; eval loss before fine-tuning {base_eval:.4f}")
     ctx["base_folder"] = base_folder
     ctx["shapes"] = adapted_shapes(base, cfg.target_list())
@@ -185,6 +186,15 @@ def _base_phase(cfg: RunConfig, ctx: dict, results: dict, log: Log) -> None:
         f"{cfg.tolerance:.0%} (full fine-tuning is the unmatched reference)")
     results["quantization"] = quantization_record(load_base(base_folder, get_backend("cpu", "float32")),
                                                   cfg.blocksize)  # the NF4/FP4 figures' data
+
+
+def _base_text(cfg: RunConfig, config) -> str:
+    """The base's shape in words, for the log."""
+    if cfg.arch == "llama":
+        hkv = config.num_key_value_heads
+        return (f"Llama, {cfg.n_layer} layers, d_model {cfg.n_embd}, {cfg.n_head} query heads sharing {hkv} "
+                f"key/value head{'s' if hkv > 1 else ''}, SwiGLU width {config.intermediate_size}")
+    return f"GPT-2, {cfg.n_layer} layers, d_model {cfg.n_embd}, {cfg.n_head} heads"
 
 
 def _finish(cfg: RunConfig, results: dict, folder: str, t_start: float, log: Log) -> None:
@@ -274,10 +284,22 @@ def precheck_methods(cfg: RunConfig) -> None:
             raise ValueError(f"method {name}: {exc}") from None
 
 
+def precheck_targets(cfg: RunConfig) -> None:
+    """Match --target_modules against a one-layer base of --arch (built, never trained: every layer
+    has the same linears), so names of another architecture fail, listing the right ones, before
+    the base is pretrained."""
+    model = new_base(dataclasses.replace(cfg, n_layer=1), get_backend("cpu", "float32"))
+    try:
+        match_target_modules(model, cfg.target_list())
+    except ValueError as exc:
+        raise ValueError(f"--target_modules {cfg.target_modules!r} on --arch {cfg.arch}: {exc}") from None
+
+
 def main(args) -> int:
     try:
         cfg = config_from_args(args)
         precheck_methods(cfg)
+        precheck_targets(cfg)
     except ValueError as exc:
         print(f"spectral-peft run: error: {exc}", file=sys.stderr)
         return 2

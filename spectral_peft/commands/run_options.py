@@ -20,19 +20,26 @@ from ..backend import DEVICES, emulation_unavailable_reason, gpu_unavailable_rea
 # run's 5-minute budget on 2 cores; a method joins here only while that budget holds.
 DEFAULT_METHODS = METHODS
 
+# The base architectures --arch chooses (commands/pretrain.py builds each), and the linears each one's
+# default run adapts: every attention and MLP projection (GPT-2's c_proj is both the attention's
+# output and the MLP's down projection; Llama's SwiGLU MLP has gate, up and down).
+ARCHS = ("gpt2", "llama")
+ARCH_TARGETS = {"gpt2": "c_attn,c_proj,c_fc", "llama": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}
+
 
 @dataclass
 class RunConfig:
     """Every option of `spectral-peft run`; each default carries its reason."""
 
+    arch: str = "gpt2"  # the base model: GPT-2, or Llama (RMSNorm, RoPE, SwiGLU, grouped-query attention)
     methods: str = "default"  # comma-separated subset of METHODS, "default" (DEFAULT_METHODS) or "all"
     steps: int = 200  # fine-tuning optimizer steps per method (11 methods in ~5 minutes on 2 cores)
     pretrain_steps: int = 1000  # base-model steps (~1.5 min, cached): Python's byte statistics
     batch_size: int = 16  # sequences per step
-    n_positions: int = 64  # T: sequence length (bytes) and GPT-2's context size
-    n_layer: int = 4  # a GPT-2 shape small enough for 2 CPU cores
+    n_positions: int = 64  # T: sequence length (bytes) and the base's context size
+    n_layer: int = 4  # a base shape small enough for 2 CPU cores
     n_embd: int = 128
-    n_head: int = 4
+    n_head: int = 4  # query heads; a Llama base shares n_head/2 key/value heads (grouped-query attention)
     pretrain_lr: float = 2e-3  # AdamW, warm-up then cosine decay
     lr: float = 2e-3  # the PEFT methods' AdamW learning rate (adapters start at zero)
     full_lr: float = 3e-4  # full fine-tuning moves every weight: a smaller step
@@ -44,7 +51,7 @@ class RunConfig:
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
-    target_modules: str = "c_attn,c_proj,c_fc"  # comma list (PEFT's list form) matched by suffix
+    target_modules: str | None = None  # comma list (PEFT's list form) matched by suffix; None: ARCH_TARGETS[arch]
     # AdaLoRA (PEFT AdaLoraConfig fields); None: chosen from the budget
     init_r: int | None = None
     target_r: int | None = None
@@ -80,6 +87,10 @@ class RunConfig:
     figures: bool = True
     progress: bool = True
 
+    def __post_init__(self):
+        if self.target_modules is None and self.arch in ARCH_TARGETS:  # an unknown arch: validate() says so
+            self.target_modules = ARCH_TARGETS[self.arch]
+
     def method_list(self) -> list[str]:
         if self.methods.strip() == "all":
             return list(METHODS)
@@ -92,6 +103,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the option, its value and what would be right."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         bad = [m for m in self.method_list() if m not in METHODS]
         if bad or not self.method_list():
             raise ValueError(f"--methods {self.methods!r}: unknown {bad or 'empty list'}; choose from "
@@ -108,6 +121,9 @@ class RunConfig:
             raise ValueError(f"--pretrain_steps must be >= 1, got {self.pretrain_steps}")
         if self.n_embd % self.n_head:
             raise ValueError(f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}")
+        if self.arch == "llama" and self.n_head % 2:
+            raise ValueError(f"--arch llama needs an even --n_head (grouped-query attention with n_head/2 key/value "
+                             f"heads), got {self.n_head}")
         for name in ("lr", "full_lr", "pretrain_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)!r}")
@@ -130,8 +146,8 @@ class RunConfig:
                              "(CuPy's rules on the CPU)")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        if not self.target_list():
-            raise ValueError("--target_modules is empty; name linears such as c_attn,c_proj,c_fc")
+        if not (self.target_modules and self.target_list()):
+            raise ValueError(f"--target_modules is empty; name linears such as {ARCH_TARGETS[self.arch]}")
         if self.init_r is not None and self.target_r is not None and self.target_r > self.init_r:
             raise ValueError(f"--target_r {self.target_r} exceeds --init_r {self.init_r}; target_r must be <= init_r")
 
@@ -163,7 +179,9 @@ _HELP = {
     "pretrain_steps": "base-model pretraining steps (cached)",
     "budget": "trainable parameters every method is matched to (default: LoRA's count at --r)",
     "n_positions": "sequence length T (bytes)",
-    "target_modules": "comma list of linear names to adapt",
+    "arch": f"the base model: {' or '.join(ARCHS)}",
+    "target_modules": "comma list of linear names to adapt; auto: every attention and MLP projection of --arch ("
+                      + "; ".join(f"{a}: {t}" for a, t in ARCH_TARGETS.items()) + ")",
     "d": "RoSA sparse density (default: filling the budget)",
     "out": "folder that receives <timestamp>/ and latest",
     "config": "a JSON file of these options (flags given here override it)",

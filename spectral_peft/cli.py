@@ -1,4 +1,4 @@
-"""The `spectral-peft` console script: run, figures, reference, generate, validate.
+"""The `spectral-peft` console script: run, figures, reference, generate, conformance, validate.
 
 Each command lives in its own module, which provides ``add_arguments(parser)`` and
 ``main(args) -> int``; this file only dispatches. Bad arguments exit with status 2 and one line.
@@ -16,6 +16,8 @@ COMMANDS = {
     "figures": ("spectral_peft.figures", "regenerate every figure from the last run's results"),
     "reference": ("spectral_peft.oracle", "write reference logits, loss and gradients (float64)"),
     "generate": ("spectral_peft.commands.generate", "KV-cache generation from a causal LM and an optional adapter"),
+    "conformance": ("spectral_peft.commands.conformance",
+                    "check your implementation of the contract functions against the float64 engine"),
     "validate": ("spectral_peft.validate", "side-by-side checks against the installed peers"),
 }
 

@@ -22,21 +22,7 @@ import os
 import sys
 import tempfile
 
-
-def _threads_from_argv(default: int = 2) -> int:
-    """--threads N must be known before NumPy loads OpenBLAS."""
-    argv = sys.argv
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return default
-
-
-THREADS = _threads_from_argv()
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, str(THREADS))
+from _threads import THREADS  # noqa: E402,F401  (benchmarks/_threads.py: before NumPy loads BLAS)
 
 import numpy as np  # noqa: E402
 from _common import interleaved_ms  # noqa: E402  (benchmarks/_common.py, beside this script)

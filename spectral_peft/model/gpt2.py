@@ -31,11 +31,10 @@ import math
 from ..backend import Backend, get_xp, host_rng
 from ..module import Linear, Module, ModuleList
 from ..ops.attention import attention_backward, attention_forward, merge_heads, split_heads
-from ..ops.linear import linear_backward, linear_forward
-from ..ops.loss import cross_entropy_backward, cross_entropy_forward
 from .config import GPT2Config
 from .kv_cache import KVCache
-from .layers import Activation, Dropout, Embedding, LayerNorm
+from .lm_head import NO_FORWARD, shifted_loss, tied_head_backward, tied_head_forward, upstream_dlogits
+from .layers import Activation, Dropout, Embedding, LayerNorm, PreNormBlock
 from .output import ModelOutput, check_input_ids, check_int_range, check_mask, to_backend
 
 
@@ -154,8 +153,11 @@ class GPT2MLP(Module):
         return self.c_fc.backward(self.act.backward(self.c_proj.backward(dy)))
 
 
-class GPT2Block(Module):
-    """Pre-LayerNorm block: h = x + attn(ln_1(x)); out = h + mlp(ln_2(h)).  (N, C) -> (N, C)."""
+class GPT2Block(PreNormBlock):
+    """Pre-LayerNorm block: h = x + attn(ln_1(x)); out = h + mlp(ln_2(h)).  (N, C) -> (N, C).
+    forward(x, bt, key_padding_mask=None, kv_cache=None); the pass itself is PreNormBlock's."""
+
+    PARTS = ("ln_1", "attn", "ln_2", "mlp")
 
     def __init__(self, ln_1, attn, ln_2, mlp):
         super().__init__()
@@ -163,22 +165,6 @@ class GPT2Block(Module):
         self.attn = attn
         self.ln_2 = ln_2
         self.mlp = mlp
-
-    def forward(self, x, bt, key_padding_mask=None, kv_cache=None):
-        h = self.attn(self.ln_1(x), bt, key_padding_mask, kv_cache)
-        h += x  # h = x + attn(ln_1(x)); the attention output is a fresh array, added into in place
-        out = self.mlp(self.ln_2(h))
-        out += h
-        return out
-
-    def backward(self, dout):
-        # out = h + mlp(ln_2(h))  =>  dh = dout + ln_2ᵀ mlpᵀ dout   (fan-out of h)
-        dh = self.ln_2.backward(self.mlp.backward(dout))
-        dh += dout
-        # h = x + attn(ln_1(x))  =>  dx = dh + ln_1ᵀ attnᵀ dh
-        dx = self.ln_1.backward(self.attn.backward(dh))
-        dx += dh
-        return dx
 
 
 class GPT2Model(Module):
@@ -291,20 +277,13 @@ class GPT2LMHeadModel(Module):
         if labels is not None:
             labels = to_backend(labels, self.backend)
             check_int_range(labels, (B, T), 0, c.vocab_size, "labels", ignore=-100)
-        xp = get_xp(input_ids)
         self.cache = None
         h = self.transformer(input_ids, mask, position_ids, kv_cache)  # (N, C)
         if kv_cache is not None:
             kv_cache.advance(T)
-        wte = self.transformer.wte
-        # logits = h wteᵀ (the tied lm_head), (N, C) -> (N, V); h is kept only when wte gets a gradient
-        logits, lin_cache = linear_forward(h, wte.params["weight"], None,
-                                           keep_x="weight" not in wte.frozen and kv_cache is None)
-        loss, ce_cache = None, None
-        if labels is not None:
-            # HF's shift: position t predicts labels[:, t+1]; the last position predicts nothing
-            targets = xp.concatenate([labels[:, 1:], xp.full((B, 1), -100, dtype=labels.dtype)], axis=1)
-            loss, ce_cache = cross_entropy_forward(logits, targets.reshape(-1).astype(xp.int64))
+        # logits = h wteᵀ (the tied lm_head), (N, C) -> (N, V)
+        logits, lin_cache = tied_head_forward(h, self.transformer.wte, keep=kv_cache is None)
+        loss, ce_cache = shifted_loss(logits, labels, B) if labels is not None else (None, None)
         # the head's cache: (x of logits = h wteᵀ, cross-entropy cache or None, (B, T))
         self.cache = None if kv_cache is not None else (lin_cache, ce_cache, (B, T))
         return ModelOutput(logits=logits.reshape(B, T, -1), loss=loss)  # (N, V) -> (B, T, V), a view
@@ -313,24 +292,9 @@ class GPT2LMHeadModel(Module):
         """Accumulate every parameter gradient: of the loss (dloss = 1) when labels were given and
         ``dlogits`` is None, else of Σ logits ⊙ dlogits (dlogits (B, T, V))."""
         if self.cache is None:
-            raise RuntimeError("backward called without a forward (or twice after one forward, or after a "
-                               "forward with a kv_cache, which is inference only)")
+            raise RuntimeError(NO_FORWARD)
         lin_cache, ce_cache, (B, T) = self.cache
-        V = self.config.vocab_size
-        if dlogits is None:
-            if ce_cache is None:
-                raise ValueError("backward: no labels were given to forward, so pass dlogits (B, T, V)")
-            dlogits = cross_entropy_backward(1.0, ce_cache)  # (N, V)
-        else:
-            dlogits = to_backend(dlogits, self.backend)
-            if tuple(dlogits.shape) != (B, T, V):
-                raise ValueError(f"dlogits must have the logits' shape (B, T, V) = {(B, T, V)}, got {tuple(dlogits.shape)}")
-            dlogits = dlogits.reshape(B * T, V)
+        dlogits = upstream_dlogits(dlogits, ce_cache, (B, T, self.config.vocab_size), self.backend)  # (N, V)
         self.cache = None
-        wte = self.transformer.wte
-        need_dW = "weight" not in wte.frozen
-        # logits = h wteᵀ  =>  dh = dlogits wte,  dwte += dlogitsᵀ h  (summed with the embedding's)
-        dh, dW, _ = linear_backward(dlogits, lin_cache, wte.params["weight"], need_dW=need_dW)
-        if need_dW:
-            wte.accumulate("weight", dW)
-        self.transformer.backward(dh)
+        # logits = h wteᵀ  =>  dh = dlogits wte,  dwte += dlogitsᵀ h
+        self.transformer.backward(tied_head_backward(dlogits, lin_cache, self.transformer.wte))

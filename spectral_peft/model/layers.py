@@ -127,3 +127,36 @@ class Activation(Module):
         dx = self.fns.backward(dy, self.cache)
         self.cache = None
         return dx
+
+
+class PreNormBlock(Module):
+    """The pre-norm residual block of GPT-2 and the LLaMA family, (N, C) -> (N, C):
+
+        h = x + attn(norm1(x), *attn_args);   out = h + mlp(norm2(h))
+
+    A subclass names its four sub-modules as Hugging Face does (``PARTS``: norm1, attn, norm2,
+    mlp in that order) and builds them; the forward and backward are written once, here.
+    """
+
+    PARTS: tuple[str, str, str, str] = ("norm1", "attn", "norm2", "mlp")
+
+    def _parts(self):
+        return [getattr(self, name) for name in self.PARTS]
+
+    def forward(self, x, *attn_args):
+        norm1, attn, norm2, mlp = self._parts()
+        h = attn(norm1(x), *attn_args)
+        h += x  # h = x + attn(norm1(x)); the attention output is a fresh array, added into in place
+        out = mlp(norm2(h))
+        out += h
+        return out
+
+    def backward(self, dout):
+        norm1, attn, norm2, mlp = self._parts()
+        # out = h + mlp(norm2(h))  =>  dh = dout + norm2ᵀ mlpᵀ dout   (fan-out of h)
+        dh = norm2.backward(mlp.backward(dout))
+        dh += dout
+        # h = x + attn(norm1(x))  =>  dx = dh + norm1ᵀ attnᵀ dh
+        dx = norm1.backward(attn.backward(dh))
+        dx += dh
+        return dx

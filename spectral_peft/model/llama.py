@@ -30,12 +30,11 @@ from ..backend import Backend, get_xp
 from ..module import Linear, Module, ModuleList
 from ..ops.activation import swiglu_backward, swiglu_forward
 from ..ops.attention import attention_backward, attention_forward, merge_heads, split_heads
-from ..ops.linear import linear_backward, linear_forward
-from ..ops.loss import cross_entropy_backward, cross_entropy_forward
 from ..ops.rope import rope_backward, rope_cos_sin, rope_forward, rope_init
 from .gpt2 import Init
 from .kv_cache import KVCache
-from .layers import Embedding, RMSNorm
+from .layers import Embedding, PreNormBlock, RMSNorm
+from .lm_head import NO_FORWARD, shifted_loss, tied_head_backward, tied_head_forward, upstream_dlogits
 from .llama_config import LlamaConfig, MistralConfig, Qwen2Config
 from .output import ModelOutput, check_input_ids, check_int_range, check_mask, to_backend
 
@@ -116,8 +115,11 @@ class LlamaMLP(Module):
         return dx
 
 
-class LlamaDecoderLayer(Module):
-    """Pre-norm block: h = x + attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))."""
+class LlamaDecoderLayer(PreNormBlock):
+    """Pre-norm block: h = x + attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h)).
+    forward(x, bt, cos, sin, key_padding_mask=None, kv_cache=None); the pass is PreNormBlock's."""
+
+    PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
     def __init__(self, self_attn: LlamaAttention, mlp: LlamaMLP, input_layernorm: RMSNorm,
                  post_attention_layernorm: RMSNorm):
@@ -126,22 +128,6 @@ class LlamaDecoderLayer(Module):
         self.mlp = mlp
         self.input_layernorm = input_layernorm
         self.post_attention_layernorm = post_attention_layernorm
-
-    def forward(self, x, bt, cos, sin, key_padding_mask=None, kv_cache=None):
-        h = self.self_attn(self.input_layernorm(x), bt, cos, sin, key_padding_mask, kv_cache)
-        h += x
-        out = self.mlp(self.post_attention_layernorm(h))
-        out += h
-        return out
-
-    def backward(self, dout):
-        # out = h + mlp(norm2(h))  =>  dh = dout + norm2ᵀ mlpᵀ dout
-        dh = self.post_attention_layernorm.backward(self.mlp.backward(dout))
-        dh += dout
-        # h = x + attn(norm1(x))  =>  dx = dh + norm1ᵀ attnᵀ dh
-        dx = self.input_layernorm.backward(self.self_attn.backward(dh))
-        dx += dh
-        return dx
 
 
 class LlamaModel(Module):
@@ -259,18 +245,12 @@ class LlamaForCausalLM(Module):
         h = self.model(input_ids, position_ids, mask, kv_cache)  # (N, C)
         if kv_cache is not None:
             kv_cache.advance(T)
-        head = self.model.embed_tokens if c.tie_word_embeddings else self.lm_head
         if c.tie_word_embeddings:
-            # logits = h Eᵀ (the tied head), (N, C) -> (N, V); h is kept only when E gets a gradient
-            logits, lin_cache = linear_forward(h, head.params["weight"], None,
-                                               keep_x="weight" not in head.frozen and kv_cache is None)
+            # logits = h Eᵀ (the tied head), (N, C) -> (N, V)
+            logits, lin_cache = tied_head_forward(h, self.model.embed_tokens, keep=kv_cache is None)
         else:
-            logits, lin_cache = head(h), None  # lm_head: a Linear (an adapter may wrap it)
-        loss, ce_cache = None, None
-        if labels is not None:
-            # HF's shift: position t predicts labels[:, t+1]; the last position predicts nothing
-            targets = xp.concatenate([labels[:, 1:], xp.full((B, 1), -100, dtype=labels.dtype)], axis=1)
-            loss, ce_cache = cross_entropy_forward(logits, targets.reshape(-1).astype(xp.int64))
+            logits, lin_cache = self.lm_head(h), None  # lm_head: a Linear (an adapter may wrap it)
+        loss, ce_cache = shifted_loss(logits, labels, B) if labels is not None else (None, None)
         if kv_cache is None:
             self.cache = (lin_cache, ce_cache, (B, T))
         return ModelOutput(logits=logits.reshape(B, T, -1), loss=loss)
@@ -279,27 +259,13 @@ class LlamaForCausalLM(Module):
         """Accumulate every parameter gradient: of the loss (dloss = 1) when labels were given and
         ``dlogits`` is None, else of Σ logits ⊙ dlogits (dlogits (B, T, V))."""
         if self.cache is None:
-            raise RuntimeError("backward called without a forward (or twice after one forward, or after a "
-                               "forward with a kv_cache, which is inference only)")
+            raise RuntimeError(NO_FORWARD)
         lin_cache, ce_cache, (B, T) = self.cache
-        V = self.config.vocab_size
-        if dlogits is None:
-            if ce_cache is None:
-                raise ValueError("backward: no labels were given to forward, so pass dlogits (B, T, V)")
-            dlogits = cross_entropy_backward(1.0, ce_cache)  # (N, V)
-        else:
-            dlogits = to_backend(dlogits, self.backend)
-            if tuple(dlogits.shape) != (B, T, V):
-                raise ValueError(f"dlogits must have the logits' shape (B, T, V) = {(B, T, V)}, got {tuple(dlogits.shape)}")
-            dlogits = dlogits.reshape(B * T, V)
+        dlogits = upstream_dlogits(dlogits, ce_cache, (B, T, self.config.vocab_size), self.backend)  # (N, V)
         self.cache = None
         if self.config.tie_word_embeddings:
-            E = self.model.embed_tokens
-            need_dW = "weight" not in E.frozen
-            # logits = h Eᵀ  =>  dh = dlogits E,  dE += dlogitsᵀ h  (summed with the embedding's scatter)
-            dh, dW, _ = linear_backward(dlogits, lin_cache, E.params["weight"], need_dW=need_dW)
-            if need_dW:
-                E.accumulate("weight", dW)
+            # logits = h Eᵀ  =>  dh = dlogits E,  dE += dlogitsᵀ h
+            dh = tied_head_backward(dlogits, lin_cache, self.model.embed_tokens)
         else:
             dh = self.lm_head.backward(dlogits)
         self.model.backward(dh)

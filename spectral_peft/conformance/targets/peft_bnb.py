@@ -47,22 +47,14 @@ from peft.tuners.adalora.layer import RankAllocator, SVDLinear
 from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from .torch_autograd import _np, _t  # the NumPy <-> torch edges, shared by the two targets
+
 try:
     import bitsandbytes.functional as bnb_functional
 except ImportError:  # bitsandbytes not installed: quantize_4bit / dequantize_4bit are not defined
     bnb_functional = None
 
 ADAPTER = "default"
-
-
-def _t(a, grad: bool = False):
-    """NumPy array -> torch tensor (a copy)."""
-    t = torch.from_numpy(np.array(a, copy=True))
-    return t.requires_grad_(True) if grad else t
-
-
-def _np(t, dtype):
-    return t.detach().numpy().astype(dtype, copy=True)
 
 
 def _base_linear(weight, bias):

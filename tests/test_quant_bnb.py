@@ -266,3 +266,24 @@ def test_match_refused_by_name():
         double_quantize(quantize_4bit(x)[1], match="exact")
     with pytest.raises(ValueError, match="match must be one of"):
         quantize_blockwise(x, blocksize=64, match="Bitsandbytes")
+
+
+def test_match_flows_through_linear4bit_and_quantize_model():
+    """Linear4bit.from_linear and quantize_model pass match on: their nested state is bitsandbytes'."""
+    from spectral_peft.module import Linear, Module
+    from spectral_peft.quant import Linear4bit, quantize_model
+
+    W = np.random.default_rng(9).standard_normal((96, 128)).astype(np.float32)
+    _, sb = F.quantize_4bit(torch.from_numpy(W), blocksize=64, quant_type="nf4", compress_statistics=True)
+    layer = Linear4bit.from_linear(Linear(W.copy()), match="bitsandbytes")
+    assert np.array_equal(layer.quant_state.absmax, sb.absmax.numpy())
+    assert bits(layer.quant_state.offset) == bits(sb.offset.numpy())
+    model = Module()
+    model.proj = Linear(W.copy())
+    assert quantize_model(model, match="bitsandbytes") == ["proj"]
+    assert np.array_equal(model.proj.quant_state.absmax, sb.absmax.numpy())
+    other = Module()
+    other.proj = Linear(W.copy())
+    with pytest.raises(ValueError, match="match must be one of"):
+        quantize_model(other, match="bnb")
+    assert isinstance(other.proj, Linear) and not isinstance(other.proj, Linear4bit)  # left untouched

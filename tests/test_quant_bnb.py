@@ -158,7 +158,10 @@ def _bnb_nested_dequantize(pb, sb):
 def _pattern(kind, n, blocksize, rng):
     """(n,) float32 weights of one value pattern, whole 4-bit blocks of ``blocksize``."""
     nb = -(-n // blocksize)
-    per_block = lambda v: np.repeat(v, blocksize)[:n]  # noqa: E731  (nb,) -> (n,)
+
+    def per_block(v):  # (nb,) -> (n,)
+        return np.repeat(v, blocksize)[:n]
+
     x = rng.standard_normal(n)
     if kind == "constant_blocks":  # every element of a block equal: absmax = |value|
         x = per_block(rng.standard_normal(nb))

@@ -96,9 +96,10 @@ def test_quantize_4bit_bit_identical_to_bitsandbytes(quant_type, blocksize):
 
 @pytest.mark.parametrize("shape", [(256, 256), (1000, 64), (96, 160)])
 def test_double_quantisation_matches_bitsandbytes(shape):
-    """Given bitsandbytes' offset (torch's float32 mean, whose summation order is torch's own), the
-    nested absmax is bit-identical and the nested codes equal except where bitsandbytes' CPU binary
-    search (float32 z - code[0] bucketing) misses the nearest code; there ours is provably nearer."""
+    """The default (match="nearest"), given bitsandbytes' offset (torch's float32 mean): the nested
+    absmax is bit-identical and the nested codes equal except where bitsandbytes' 65536-point grid
+    picks another code; there ours is provably nearer. (match="bitsandbytes" is bit-identical:
+    test_double_quantisation_bitsandbytes_match_sweep.)"""
     x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     pb, sb = F.quantize_4bit(torch.from_numpy(x), blocksize=64, quant_type="nf4", compress_statistics=True)
     p, s = quantize_4bit(x, 64, "nf4", compress_statistics=True)
@@ -144,3 +145,148 @@ def test_int8_vectorwise_matches_bitsandbytes():
     assert np.array_equal(bits(stats), bits(statsb.numpy()))
     d = int8_vectorwise_dequant(q, stats)
     assert np.array_equal(bits(d[keep]), bits(F.int8_vectorwise_dequant(qb, statsb).numpy()[keep]))
+
+
+# --- match="bitsandbytes": double quantisation bit for bit ------------------------------------------
+def _bnb_nested_dequantize(pb, sb):
+    """bitsandbytes' dequantised weight of a double-quantised state: its absmax
+    F.dequantize_blockwise(state2) + offset, then its reference 4-bit dequantisation."""
+    absmax = (F.dequantize_blockwise(sb.absmax, sb.state2) + sb.offset).numpy()
+    return bnb_dequantize_4bit_reference(pb.numpy(), absmax, sb.blocksize, sb.quant_type, tuple(sb.shape))
+
+
+def _pattern(kind, n, blocksize, rng):
+    """(n,) float32 weights of one value pattern, whole 4-bit blocks of ``blocksize``."""
+    nb = -(-n // blocksize)
+
+    def per_block(v):  # (nb,) -> (n,)
+        return np.repeat(v, blocksize)[:n]
+
+    x = rng.standard_normal(n)
+    if kind == "constant_blocks":  # every element of a block equal: absmax = |value|
+        x = per_block(rng.standard_normal(nb))
+    elif kind == "zero_blocks":  # about a third of the blocks all zero (absmax 0 below the mean)
+        x = np.where(per_block(rng.random(nb) < 0.35), 0.0, x)
+    elif kind == "huge":
+        x = x * 1e30
+    elif kind == "tiny":
+        x = x * 1e-30
+    elif kind == "mixed_scales":  # block scales over 12 decades
+        x = x * per_block(10.0 ** rng.uniform(-6, 6, nb))
+    return x.astype(np.float32)
+
+
+PATTERNS = ("normal", "constant_blocks", "zero_blocks", "huge", "tiny", "mixed_scales")
+
+
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 4096])
+def test_double_quantisation_bitsandbytes_match_sweep(blocksize):
+    """match="bitsandbytes" equals bitsandbytes' own quantize_4bit(compress_statistics=True) bit for
+    bit: the nested 8-bit codes, the nested absmax, the offset and the dequantised weights, over
+    sizes with partial 4-bit blocks and partial 256-block nested groups, and six value patterns."""
+    rng = np.random.default_rng(blocksize)
+    nbs = [1, 2, 7, 255, 256, 257, 600] if blocksize < 4096 else [1, 3, 40, 300]
+    for nb in nbs:
+        for kind in PATTERNS:
+            n = nb * blocksize - int(rng.integers(0, blocksize // 2))  # usually a partial last block
+            x = _pattern(kind, n, blocksize, rng)
+            qt = "nf4" if nb % 2 else "fp4"
+            pb, sb = F.quantize_4bit(torch.from_numpy(x), blocksize=blocksize, quant_type=qt, compress_statistics=True)
+            p, s = quantize_4bit(x, blocksize, qt, compress_statistics=True, match="bitsandbytes")
+            where = f"{kind} n={n} b={blocksize} {qt}"
+            assert np.array_equal(p, pb.numpy()), where
+            assert s.absmax.dtype == np.uint8 and np.array_equal(s.absmax, sb.absmax.numpy()), f"{where}: nested codes"
+            assert np.array_equal(bits(s.state2.absmax), bits(sb.state2.absmax.numpy())), f"{where}: nested absmax"
+            assert bits(s.offset) == bits(sb.offset.numpy()), f"{where}: offset {s.offset!r} vs {sb.offset.item()!r}"
+            assert np.array_equal(bits(dequantize_4bit(p, s)), bits(_bnb_nested_dequantize(pb, sb))), \
+                f"{where}: dequantised weights"
+
+
+def test_double_quantisation_default_stays_nearest():
+    """The default keeps the exact-nearest code: on a case where the two rules differ (given the
+    same offset), every differing nested code of the default is at least as near to the true
+    centred absmax as bitsandbytes', some strictly, and its dequantised absmax is nearer overall."""
+    x = np.random.default_rng(2).standard_normal((256, 256)).astype(np.float32)
+    _, plain = quantize_4bit(x, 64, "nf4")
+    offset = B.torch_mean_float32(plain.absmax)
+    near = double_quantize(plain, offset=offset)
+    theirs = double_quantize(plain, offset=offset, match="bitsandbytes")
+    assert np.array_equal(bits(near.state2.absmax), bits(theirs.state2.absmax))
+    diff = np.nonzero(near.absmax != theirs.absmax)[0]
+    assert diff.size > 0, "the rules agree here; the case proves nothing"
+    # distances in float64 from the true normalised centred absmax to each rule's code value
+    code = create_dynamic_map().astype(np.float64)
+    target = (plain.absmax[diff].astype(np.float64) - np.float64(offset)) / np.float64(near.state2.absmax[diff // 256])
+    d_near = np.abs(target - code[near.absmax[diff]])
+    d_theirs = np.abs(target - code[theirs.absmax[diff]])
+    assert np.all(d_near < d_theirs), (d_near, d_theirs)
+    true = plain.absmax[diff].astype(np.float64)
+    err_near = np.abs(B.dequantize_absmax(near)[diff].astype(np.float64) - true)
+    err_theirs = np.abs(B.dequantize_absmax(theirs)[diff].astype(np.float64) - true)
+    assert np.all(err_near <= err_theirs) and err_near.sum() < err_theirs.sum()
+    # the default of quantize_4bit is this rule
+    _, s = quantize_4bit(x, 64, "nf4", compress_statistics=True)
+    assert np.array_equal(s.absmax, double_quantize(plain).absmax)
+
+
+def test_quantize_blockwise_8bit_bitsandbytes_match():
+    """8-bit blockwise with match="bitsandbytes": codes and absmax equal bitsandbytes', including the
+    exact zeros and the values near zero where the default picks finer codes."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.standard_normal(3000), np.zeros(256), rng.uniform(-1, 1, 1000) * 1e-3,
+                        rng.standard_normal(77) * 1e20]).astype(np.float32)
+    for blocksize in (64, 256, 4096):
+        qb, sb = F.quantize_blockwise(torch.from_numpy(x), blocksize=blocksize)
+        q, s = quantize_blockwise(x, blocksize=blocksize, match="bitsandbytes")
+        assert np.array_equal(q, qb.numpy()), f"b={blocksize}: {(q != qb.numpy()).sum()} codes differ"
+        assert np.array_equal(bits(s.absmax), bits(sb.absmax.numpy()))
+        assert np.array_equal(bits(dequantize_blockwise(q, s)), bits(F.dequantize_blockwise(qb, sb).numpy()))
+
+
+def test_torch_mean_float32_equals_torch():
+    """torch_mean_float32 is torch.mean of a float32 vector bit for bit: sizes below one vector,
+    around the cascade's run lengths, and above ATen's parallel grain with two threads."""
+    rng = np.random.default_rng(5)
+    sizes = [1, 2, 3, 7, 8, 9, 31, 33, 64, 255, 257, 1000, 4097, 32768, 32769, 70001]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n in sizes:
+            x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n)).astype(np.float32)
+            ref = torch.from_numpy(x).mean().numpy()
+            assert bits(B.torch_mean_float32(x, threads=2)) == bits(ref), f"n={n}"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_match_refused_by_name():
+    x = np.ones((4, 64), dtype=np.float32)
+    with pytest.raises(ValueError, match="match must be one of .*'bitsandbytes'.*got 'bnb'"):
+        quantize_4bit(x, compress_statistics=True, match="bnb")
+    with pytest.raises(ValueError, match="match must be one of"):
+        quantize_4bit(x, match=None)
+    with pytest.raises(ValueError, match="match must be one of"):
+        double_quantize(quantize_4bit(x)[1], match="exact")
+    with pytest.raises(ValueError, match="match must be one of"):
+        quantize_blockwise(x, blocksize=64, match="Bitsandbytes")
+
+
+def test_match_flows_through_linear4bit_and_quantize_model():
+    """Linear4bit.from_linear and quantize_model pass match on: their nested state is bitsandbytes'."""
+    from spectral_peft.module import Linear, Module
+    from spectral_peft.quant import Linear4bit, quantize_model
+
+    W = np.random.default_rng(9).standard_normal((96, 128)).astype(np.float32)
+    _, sb = F.quantize_4bit(torch.from_numpy(W), blocksize=64, quant_type="nf4", compress_statistics=True)
+    layer = Linear4bit.from_linear(Linear(W.copy()), match="bitsandbytes")
+    assert np.array_equal(layer.quant_state.absmax, sb.absmax.numpy())
+    assert bits(layer.quant_state.offset) == bits(sb.offset.numpy())
+    model = Module()
+    model.proj = Linear(W.copy())
+    assert quantize_model(model, match="bitsandbytes") == ["proj"]
+    assert np.array_equal(model.proj.quant_state.absmax, sb.absmax.numpy())
+    other = Module()
+    other.proj = Linear(W.copy())
+    with pytest.raises(ValueError, match="match must be one of"):
+        quantize_model(other, match="bnb")
+    assert isinstance(other.proj, Linear) and not isinstance(other.proj, Linear4bit)  # left untouched

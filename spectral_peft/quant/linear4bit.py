@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backend import get_xp
 from ..module import Linear, Module, match_target_modules
-from .blockwise import (BLOCKSIZES_4BIT, QuantState, _as_float32_flat, _check_blocksize,
+from .blockwise import (BLOCKSIZES_4BIT, QuantState, _as_float32_flat, _check_blocksize, _check_match,
                         _check_quant_type, dequantize_4bit, quantize_4bit)
 
 
@@ -46,11 +46,12 @@ class Linear4bit(Linear):
 
     @classmethod
     def from_linear(cls, linear: Linear, quant_type: str = "nf4", blocksize: int = 64,
-                    compress_statistics: bool = True) -> Linear4bit:
-        """Quantise a dense Linear's weight; the bias is kept as it is (and frozen if it was)."""
+                    compress_statistics: bool = True, match: str = "nearest") -> Linear4bit:
+        """Quantise a dense Linear's weight; the bias is kept as it is (and frozen if it was).
+        ``match`` is quantize_4bit's double-quantisation rule ("nearest" or "bitsandbytes")."""
         W = linear.effective_weight()
         packed, state = quantize_4bit(W, blocksize=blocksize, quant_type=quant_type,
-                                      compress_statistics=compress_statistics)
+                                      compress_statistics=compress_statistics, match=match)
         layer = cls(packed, state, linear.params.get("bias"), compute_dtype=W.dtype)
         layer.frozen = {k for k in linear.frozen if k in layer.params}
         return layer
@@ -112,16 +113,18 @@ class Linear4bit(Linear):
 
 
 def quantize_model(model: Module, quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True,
-                   target_modules=None) -> list[str]:
+                   target_modules=None, match: str = "nearest") -> list[str]:
     """Replace dense Linears of ``model`` by Linear4bit, in place; returns the replaced paths.
 
     ``target_modules`` follows PEFT's rule (module.match_target_modules); None means every
     dense Linear (a model's embeddings and tied head are not Linears, so they stay dense). Call it
     before wrapping with adapters, or after: an adapter's ``base_layer`` is a Linear like any other.
     Everything is checked and quantised before anything is installed, so an error (a bad
-    argument, a NaN weight) leaves the model untouched.
+    argument, a NaN weight) leaves the model untouched. ``match`` is quantize_4bit's
+    double-quantisation rule: "nearest" (default) or "bitsandbytes" (its CPU kernel bit for bit).
     """
     _check_quant_type(quant_type)
+    _check_match(match)
     _check_blocksize(blocksize, BLOCKSIZES_4BIT)
     if not isinstance(compress_statistics, bool):
         raise TypeError(f"compress_statistics must be a bool, got {compress_statistics!r}")
@@ -138,7 +141,7 @@ def quantize_model(model: Module, quant_type: str = "nf4", blocksize: int = 64, 
             _as_float32_flat(model.get_submodule(p).effective_weight(), name=f"{p}.weight")
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"quantize_model: {exc}") from None
-    new = {p: Linear4bit.from_linear(model.get_submodule(p), quant_type, blocksize, compress_statistics)
+    new = {p: Linear4bit.from_linear(model.get_submodule(p), quant_type, blocksize, compress_statistics, match)
            for p in paths}
     for p, layer in new.items():
         model.set_submodule(p, layer)

@@ -93,7 +93,8 @@ def test_half_steps_equal_a_brute_force_search():
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16), quant_type=st.sampled_from(["nf4", "fp4"]))
 def test_a_delta_below_half_a_step_is_erased_one_of_many_steps_survives(seed, quant_type):
-    tiny_delta = lora_on_4bit(seed=seed, delta_scale=1e-4, quant_type=quant_type)
+    # single quantisation, so that only Δ can move the block scales
+    tiny_delta = lora_on_4bit(seed=seed, delta_scale=1e-4, quant_type=quant_type, nested=False)
     e = merge_error(tiny_delta, merge_requantize(tiny_delta))
     assert e["below_half_step"] > 0.99 and e["codes_unchanged"] > 0.99
     assert abs(e["delta_kept"]) < 0.2 and e["rel_fro"] > 0.8, e
@@ -115,3 +116,18 @@ def test_every_layer_is_checked_before_any_is_replaced():
     with pytest.raises(ValueError, match="how must be one of"):
         merge_lora_4bit(pm, "requant")
     assert merge_lora_4bit(pm, "unmerged") is pm
+
+
+def test_requantising_an_unchanged_weight_is_exact_without_double_quantisation_only():
+    """Δ = 0: a single-quantised base requantises to itself bit for bit (each block's max element
+    sits on code ±1, so the absmax is recovered exactly); a double-quantised one does not, because
+    the block maxima are quantised again around a new mean: requantisation moves the base itself."""
+    for nested in (False, True):
+        layer = lora_on_4bit(seed=4, delta_scale=0.0, nested=nested)
+        merged = merge_requantize(layer)
+        moved = float(np.max(np.abs(merged.effective_weight() - layer.base_layer.effective_weight())))
+        if nested:
+            assert moved > 0, "double quantisation happened to be idempotent: the case proves nothing"
+        else:
+            assert moved == 0.0
+            np.testing.assert_array_equal(merged.packed, layer.base_layer.packed)

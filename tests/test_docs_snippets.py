@@ -22,12 +22,16 @@ The convention (what a page's author writes):
                                           namespace first. Known names: ``my-gpt2`` (a tiny GPT-2
                                           folder, config.json + model.safetensors, saved with
                                           spectral_peft.model.save_pretrained), ``tokens`` (a 1-D
-                                          int64 array of 2,000 token ids below its vocabulary, 64).
+                                          int64 array of 2,000 token ids in [0, 64), my-gpt2's
+                                          vocabulary).
 
   Directives combine with ``;`` (``<!-- snippet: given my-gpt2; continues -->``).
 
-Blocks are small by rule (tiny models, a few steps): the whole file runs in well under a minute on
-2 cores. Pages that are not listed by ``PAGES`` do not exist; a page with no runnable block is fine.
+A reason is words (two at least); a marker must sit on the line just before a fence; a fence's
+language must be one the collector knows (python, bash, text, json or none), so a ```py or ```sh
+block cannot slip past unrun. Blocks are small by rule (tiny models, a few steps): the whole file
+runs in well under a minute on 2 cores (about 15 s of blocks, most of it importing torch,
+transformers and PEFT once).
 """
 from __future__ import annotations
 
@@ -55,8 +59,9 @@ FILE_HEADER = re.compile(r"^# ([A-Za-z_][A-Za-z0-9_]*\.py)\s*$")
 GIVEN_NAMES = ("my-gpt2", "tokens")
 BASH_TIMEOUT_S = 120
 
-# Blocks on pages this branch may not edit, pending their marker: (page, how the block's first
-# line starts): reason. Each entry must still match a block, so it goes stale loudly.
+# Blocks whose page does not carry their marker yet (the page is being edited elsewhere), as
+# {(page, how the block's first line starts): reason}. Each entry must still match a block, so it
+# goes stale loudly once the marker is in the page: then delete the entry.
 PENDING_MARKERS = {
     ("docs/generation.md", "out = model.generate(input_ids, attention_mask, max_new_tokens=32)"):
         "a fragment of the page's API summary: model, input_ids and attention_mask are the page's prose "
@@ -112,9 +117,12 @@ def parse_marker(text: str, where: str) -> dict:
     return out
 
 
-def blocks_of(page: str) -> list[Block]:
-    """Every fenced block of ``page`` in one of RUN_LANGUAGES, with its marker applied."""
-    lines = open(os.path.join(REPO, page), encoding="utf-8").read().splitlines()
+def blocks_of(page: str, text: str | None = None) -> list[Block]:
+    """Every fenced block of ``page`` (its ``text``, read from the file when None) in one of
+    RUN_LANGUAGES, with its marker applied; ValueError on a malformed marker or fence."""
+    if text is None:
+        text = open(os.path.join(REPO, page), encoding="utf-8").read()
+    lines = text.splitlines()
     for n, line in enumerate(lines):
         if MARKER.match(line) and not (n + 1 < len(lines) and FENCE.match(lines[n + 1])):
             raise ValueError(f"{page}:{n + 1}: a snippet marker must be the line just before a fence")
@@ -144,7 +152,7 @@ def blocks_of(page: str) -> list[Block]:
             for k, v in parse_marker(marker.group(1), block.where).items():
                 setattr(block, k, v)
         first = body[0].strip() if body else ""
-        pending = [reason for (p, start), reason in PENDING_MARKERS.items() if p == page and first.startswith(start)]
+        pending = [why for (p, prefix), why in PENDING_MARKERS.items() if p == page and first.startswith(prefix)]
         if pending and not marker:
             block.skip = pending[0]
         out.append(block)
@@ -173,6 +181,30 @@ def test_the_collector_sees_the_pages_blocks():
     for name in ("make_case.py", "compare.py", "make_adapter.py", "compare_adapter.py", "my_lora.py",
                  "compare_mine.py"):
         assert f"# {name}" in headers
+
+
+def test_the_markers_mean_what_the_docstring_says():
+    text = "\n".join([
+        "<!-- snippet: not run (needs a GPU; and CuPy) -->", "```python", "import cupy", "```", "prose",
+        "```python", "x = 1", "```",
+        "<!-- snippet: continues -->", "```python", "print(x)", "```",
+        "<!-- snippet: given my-gpt2, tokens -->", "```bash", "ls my-gpt2", "```",
+        "```", "output, not run", "```",
+        "```text", "neither", "```"])
+    blocks = blocks_of("page.md", text)
+    assert [(b.line, b.language, b.skip, b.continues, b.given) for b in blocks] == [
+        (2, "python", "needs a GPU; and CuPy", False, ()),
+        (6, "python", None, False, ()),
+        (10, "python", None, True, ()),
+        (14, "bash", None, False, ("my-gpt2", "tokens"))]
+    assert blocks[1].code == "x = 1\n"
+    for bad in ("<!-- snippet: not run -->\n```python\nx\n```",         # no reason
+                "<!-- snippet: given my-llama -->\n```python\nx\n```",  # unknown fixture
+                "<!-- snippet: continues -->\n\n```python\nx\n```",     # not just before the fence
+                "```py\nx\n```",                                        # a language the collector does not know
+                "```python\nx\n"):                                      # never closed
+        with pytest.raises(ValueError):
+            blocks_of("page.md", bad)
 
 
 def test_every_skipped_block_says_why():
@@ -237,13 +269,13 @@ def test_page_blocks_run(page, tmp_path, monkeypatch):
         for block in ALL_BLOCKS[page]:
             if block.skip is not None:
                 continue
+            if block.language == "python" and (not block.continues or scope is None):
+                scope = {"__name__": "__main__"}
+            for name in block.given:
+                _given(name, folder, scope if scope is not None else {})
             if block.language == "bash":
                 _run_bash(block, folder, bin_dir)
                 continue
-            if not block.continues or scope is None:
-                scope = {"__name__": "__main__"}
-            for name in block.given:
-                _given(name, folder, scope)
             if m := FILE_HEADER.match(block.code.splitlines()[0]):
                 with open(os.path.join(folder, m.group(1)), "w", encoding="utf-8") as f:
                     f.write(block.code)

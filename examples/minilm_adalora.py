@@ -13,8 +13,9 @@ modules (http, urllib, smtplib, socket, ssl, email, ...) from those of its file-
     python examples/minilm_adalora.py --steps 120 --out runs/minilm_adalora
 
 It prints the held-out accuracy before and after, the final rank of every adapted matrix, and
-writes adalora_rank_heatmap.png (rows: matrix types, columns: layers) and adalora_budget.png.
-About 3-5 minutes on 2 CPU cores with the defaults.
+writes adalora_rank_heatmap.png (rows: matrix types, columns: layers), adalora_budget.png and
+minilm_adalora.json to --out (default runs/minilm_adalora/). About 1.5 minutes on 2 CPU cores with
+the defaults (95 s measured, 84 s of it the 120 steps; 0.392 -> 0.920 held-out accuracy).
 """
 from __future__ import annotations
 

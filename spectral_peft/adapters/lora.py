@@ -27,7 +27,7 @@ The layer family: :class:`LoraLinear` (here); DoRA (dora.py), DyLoRA (dylora.py)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 import numpy as np
@@ -201,6 +201,52 @@ class LoraConfig(AdapterConfig):
             "modules_to_save": self.modules_to_save, "layers_to_transform": None, "layers_pattern": None,
             "loftq_config": dict(self.loftq_config),
         }
+
+    # --- PiSSA / OLoRA back to plain LoRA (PEFT's path_initial_model_for_weight_conversion) -----------
+    def initial_config(self) -> LoraConfig:
+        """This config with init_lora_weights=True: what PEFT writes beside the initial adapter, so
+        that loading it does not decompose the base a second time."""
+        return replace(self, init_lora_weights=True, loftq_config={})
+
+    def weight_conversion(self, arrays: dict, initial: dict) -> tuple[LoraConfig, dict]:
+        """A trained adapter whose base was replaced by W_res = W − s·B₀A₀, as a plain rank-2r LoRA
+        for the ORIGINAL W (PEFT's LoraModel.subtract_mutated_init):
+
+            W_res + s·B A = W + s·(B A − B₀ A₀) = W + s'·B' A',   A' = [A; A₀] (2r, d_in),
+            B' = [B, −B₀] (d_out, 2r),  s' = s  (r' = 2r, lora_alpha' = 2·lora_alpha, or √2·lora_alpha
+            with rsLoRA; rank_pattern and alpha_pattern doubled).
+
+        arrays, initial: {file key: host array} of the trained and of the initial adapter (the same
+        keys and shapes). Returns the converted config (init_lora_weights=True) and arrays."""
+        n = self.name
+        if self.use_dora:
+            raise ValueError(f"{n}(use_dora=True): a DoRA adapter has no plain-LoRA form (its magnitude "
+                             "multiplies the whole weight); save it without path_initial_model_for_weight_conversion")
+        if self.init_lora_weights == "loftq":
+            raise ValueError(f"{n}.init_lora_weights='loftq': the base is the 4-bit Q, not W − s·B₀A₀, so "
+                             "B A − B₀ A₀ on the original W does not give the trained model")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern):  # PEFT refuses the same
+            raise ValueError(f"{n}: path_initial_model_for_weight_conversion is not supported with use_rslora=True "
+                             "and a rank_pattern or alpha_pattern")
+        differ = sorted(set(arrays) ^ set(initial))
+        if differ:
+            raise ValueError(f"the initial adapter and the trained one hold different keys, e.g. {differ[0]!r}")
+        out = {}
+        for key, a in arrays.items():
+            a0 = np.asarray(initial[key], dtype=a.dtype)
+            if a0.shape != a.shape:
+                raise ValueError(f"{key}: initial shape {a0.shape}, trained {a.shape}")
+            if key.endswith(A_KEY):
+                out[key] = np.concatenate([a, a0], axis=0)  # A' = [A; A₀]  (2r, d_in)
+            elif key.endswith(B_KEY):
+                out[key] = np.concatenate([a, -a0], axis=1)  # B' = [B, −B₀]  (d_out, 2r)
+            else:
+                raise ValueError(f"{key}: only lora_A / lora_B tensors convert to plain LoRA")
+        alpha = self.lora_alpha * (math.sqrt(2.0) if self.use_rslora else 2)
+        converted = replace(self, init_lora_weights=True, loftq_config={}, r=2 * self.r, lora_alpha=alpha,
+                            rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+                            alpha_pattern={k: 2 * v for k, v in self.alpha_pattern.items()})
+        return converted, out
 
     @classmethod
     def from_json_dict(cls, d: dict) -> LoraConfig:

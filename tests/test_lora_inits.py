@@ -140,6 +140,33 @@ def test_pissa_niter_matches_peft_within_the_randomized_svd_accuracy(shape):
     assert_close(Wres + s * B @ A, W, "W_res + s·B A", rtol=0, atol=1e-14)  # exact whatever the SVD's accuracy
 
 
+class _Given:
+    """A stand-in generator whose one standard_normal draw is a given array."""
+
+    def __init__(self, draw):
+        self.draw = draw
+
+    def standard_normal(self, shape):
+        assert shape == self.draw.shape, (shape, self.draw.shape)
+        return self.draw
+
+
+@pytest.mark.parametrize("shape, niter", [((30, 40), 0), ((30, 40), 4), ((40, 30), 2), ((25, 25), 16)])
+def test_randomized_svd_is_torch_svd_lowrank_given_the_same_draw(shape, niter):
+    """torch.svd_lowrank(W, q, niter) draws Ω = randn(n', q) for the tall orientation (n' = min side);
+    fed that same Ω, the engine's randomized_svd gives the same rank-q approximation."""
+    W = np.random.default_rng(15).standard_normal(shape)
+    q = 4
+    torch.manual_seed(3)
+    omega = torch.randn(min(shape), q, dtype=torch.float64).numpy()
+    torch.manual_seed(3)
+    Ut, St, Vt = torch.svd_lowrank(torch.tensor(W), q, niter=niter)
+    U, S, Vh = randomized_svd(W, q, niter, _Given(omega))
+    expected = ((Ut * St) @ Vt.T).numpy()
+    assert_close((U * S) @ Vh, expected, "U S Vh vs torch.svd_lowrank", rtol=0, atol=1e-12)
+    assert_close(S, St.numpy(), "S vs torch", rtol=1e-12)
+
+
 def test_pissa_niter_is_randomized_and_converges_with_niter():
     """No gap in a Gaussian W: niter=0 (a bare range finder) is visibly off the exact truncation,
     more iterations bring it closer; the draws come from the layer's host generator."""

@@ -313,7 +313,6 @@ class LoraLinear(AdapterLayer):
         self.scaling = scaling
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.lora_dropout = float(lora_dropout)
-        self.init_lora_weights = init_lora_weights
         xp, dtype = base.xp, base.dtype
         self.params[A_KEY] = xp.asarray(A.astype(dtype))
         self.params[B_KEY] = xp.asarray(B.astype(dtype))

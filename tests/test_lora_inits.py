@@ -12,6 +12,7 @@ duration of the init call only (PEFT's dtype check and its ``.to(torch.float32)`
 a float32 comparison with PEFT unpatched is done too.
 """
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,6 @@ from spectral_peft.adapters.peft_model import get_peft_model, load_peft_model
 from spectral_peft.module import Linear
 from spectral_peft.quant import Linear4bit, dequantize_4bit, quantize_4bit
 from spectral_peft.testing import assert_close
-
 from tests._nets import TwoLinear
 
 TOL = 1e-10  # float64 parity, relative to max|W| (entries of W are O(1))
@@ -61,9 +61,9 @@ def peft_init(W, r, lora_alpha, init, use_rslora=False, dtype=torch.float64, see
                           use_rslora=use_rslora)
     with float64_as_float32() if dtype == torch.float64 else contextlib.nullcontext():
         layer = peft.get_peft_model(net, cfg).base_model.model.l0
-    get = lambda t: t.detach().to(torch.float64).numpy()  # noqa: E731
-    return (get(layer.lora_A["default"].weight), get(layer.lora_B["default"].weight),
-            get(layer.base_layer.weight), layer.scaling["default"])
+    A, B, Wres = (t.detach().to(torch.float64).numpy()
+                  for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.base_layer.weight))
+    return A, B, Wres, layer.scaling["default"]
 
 
 def engine_init(W, r, lora_alpha, init, use_rslora=False, seed=0, **kw):
@@ -274,7 +274,7 @@ def test_loftq_error_decreases_with_loftq_iter():
                            rng=np.random.default_rng(0), loftq_config={"loftq_iter": it})
         err.append(np.linalg.norm(W - layer.effective_weight()))
     assert err[0] < plain
-    assert all(b < a for a, b in zip(err, err[1:])), err
+    assert all(b < a for a, b in itertools.pairwise(err)), err
 
 
 # --- names and refusals ------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_alpha_pattern_sets_the_scaling_per_module():
     (dict(lora_alpha=-1.5), r"lora_alpha"),
     (dict(lora_dropout=1.0), r"lora_dropout must be a float in \[0, 1\)"),
     (dict(bias="all"), r"bias='all' is not supported"),
-    (dict(init_lora_weights="pissa"), r"init_lora_weights must be True, False or 'gaussian'"),
+    (dict(init_lora_weights="pissa_x"), r"init_lora_weights must be True, False, 'gaussian', 'pissa'"),
     (dict(target_modules=None), r"target_modules is None"),
     (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be an integer > 0"),
 ])

@@ -12,7 +12,9 @@ Shape legend: N tokens (B·T, or any leading dims), d_in, d_out, r the rank.
 Init (PEFT's ``init_lora_weights``): True -> A ~ U(-1/√d_in, 1/√d_in) (kaiming_uniform, a=√5), B = 0,
 so the adapted model starts equal to the base; "gaussian" -> A ~ N(0, std = 1/r), B = 0; False ->
 both as nn.Linear's default (A ~ U(-1/√d_in, 1/√d_in), B ~ U(-1/√r, 1/√r)), a non-zero start that
-tests use. Every draw comes from the host generator handed to ``make_layer``.
+tests use. Every draw comes from the host generator handed to ``make_layer``. The inits that read
+the base weight ("pissa", "pissa_niter_N", "olora", "loftq") live in lora_init.py: they set A and B
+from a decomposition of W and replace the frozen base by the residual (or, LoftQ, by its 4-bit Q).
 
 fan_in_fan_out: GPT-2 stores its projections as Conv1D weights (d_in, d_out). The engine's Linear
 is always (d_out, d_in) (the model loader transposes), so the flag changes nothing here: the
@@ -25,7 +27,7 @@ The layer family: :class:`LoraLinear` (here); DoRA (dora.py), DyLoRA (dylora.py)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 import numpy as np
@@ -36,6 +38,7 @@ from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
 from .base import AdapterConfig, AdapterLayer, Recipe, adapter_layers, pattern_value
+from .lora_init import check_loftq_config, residual_init, residual_kind
 
 A_KEY = "lora_A.weight"  # PEFT's file-key suffixes (the adapter name dropped)
 B_KEY = "lora_B.weight"
@@ -43,7 +46,7 @@ B_KEY = "lora_B.weight"
 # PEFT LoraConfig fields written to / read from adapter_config.json (engine options are not).
 PEFT_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "use_rslora",
                "use_dora", "init_lora_weights", "bias", "rank_pattern", "alpha_pattern",
-               "modules_to_save", "task_type")
+               "modules_to_save", "task_type", "loftq_config")
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -89,12 +92,14 @@ class LoraConfig(AdapterConfig):
     fan_in_fan_out: bool = False  # True for GPT-2's Conv1D storage (file format only, see module docstring)
     use_rslora: bool = False  # s = lora_alpha / √r
     use_dora: bool = False  # DoRA (dora.py): magnitude vector and detached norm
-    init_lora_weights: bool | str = True  # True: kaiming-uniform A, B = 0; "gaussian"; False: both random
+    init_lora_weights: bool | str = True  # True: kaiming-uniform A, B = 0; "gaussian"; False: both random;
+    #   "pissa", "pissa_niter_N", "olora", "loftq": from the base weight, which becomes the residual (lora_init.py)
     bias: str = "none"  # only "none" is supported
     rank_pattern: dict = field(default_factory=dict)  # {module regex: r}
     alpha_pattern: dict = field(default_factory=dict)  # {module regex: lora_alpha}
     modules_to_save: list[str] | None = None  # not supported (must be None)
     task_type: str | None = None  # PEFT's task type, carried through the file
+    loftq_config: dict = field(default_factory=dict)  # {"loftq_bits": 4, "loftq_iter": n} with init "loftq"
 
     def __post_init__(self):
         if isinstance(self.target_modules, (set, tuple)):
@@ -103,6 +108,8 @@ class LoraConfig(AdapterConfig):
             self.rank_pattern = {}
         if self.alpha_pattern is None:
             self.alpha_pattern = {}
+        if self.loftq_config is None:
+            self.loftq_config = {}
         self.validate()
         self.rank_pattern = dict(self.rank_pattern)
         self.alpha_pattern = dict(self.alpha_pattern)
@@ -122,9 +129,11 @@ class LoraConfig(AdapterConfig):
         V.check_bool(n, "fan_in_fan_out", self.fan_in_fan_out)
         V.check_bool(n, "use_rslora", self.use_rslora)
         V.check_bool(n, "use_dora", self.use_dora)
-        if not (self.init_lora_weights is True or self.init_lora_weights is False
-                or self.init_lora_weights == "gaussian"):
-            raise ValueError(f"{n}.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        try:
+            residual_kind(self.init_lora_weights)
+        except ValueError as exc:
+            raise ValueError(f"{n}.{exc}") from None
+        check_loftq_config(n, self.init_lora_weights, self.loftq_config)
         if self.bias != "none":
             raise ValueError(f"{n}.bias={self.bias!r} is not supported; use 'none'")
         if self.modules_to_save:
@@ -147,7 +156,7 @@ class LoraConfig(AdapterConfig):
     def layer_kwargs(self, path: str, base: Linear, rng) -> dict:
         return dict(r=self.rank_for(path), lora_alpha=self.alpha_for(path), lora_dropout=self.lora_dropout,
                     use_rslora=self.use_rslora, init_lora_weights=self.init_lora_weights, rng=rng,
-                    fan_in_fan_out=self.fan_in_fan_out, path=path)
+                    fan_in_fan_out=self.fan_in_fan_out, path=path, loftq_config=self.loftq_config)
 
     # --- AdapterConfig protocol ---------------------------------------------------------------------
     def make_layer(self, path: str, base: Linear, rng) -> Module:
@@ -190,7 +199,54 @@ class LoraConfig(AdapterConfig):
             "init_lora_weights": self.init_lora_weights, "bias": self.bias,
             "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": self.modules_to_save, "layers_to_transform": None, "layers_pattern": None,
+            "loftq_config": dict(self.loftq_config),
         }
+
+    # --- PiSSA / OLoRA back to plain LoRA (PEFT's path_initial_model_for_weight_conversion) -----------
+    def initial_config(self) -> LoraConfig:
+        """This config with init_lora_weights=True: what PEFT writes beside the initial adapter, so
+        that loading it does not decompose the base a second time."""
+        return replace(self, init_lora_weights=True, loftq_config={})
+
+    def weight_conversion(self, arrays: dict, initial: dict) -> tuple[LoraConfig, dict]:
+        """A trained adapter whose base was replaced by W_res = W − s·B₀A₀, as a plain rank-2r LoRA
+        for the ORIGINAL W (PEFT's LoraModel.subtract_mutated_init):
+
+            W_res + s·B A = W + s·(B A − B₀ A₀) = W + s'·B' A',   A' = [A; A₀] (2r, d_in),
+            B' = [B, −B₀] (d_out, 2r),  s' = s  (r' = 2r, lora_alpha' = 2·lora_alpha, or √2·lora_alpha
+            with rsLoRA; rank_pattern and alpha_pattern doubled).
+
+        arrays, initial: {file key: host array} of the trained and of the initial adapter (the same
+        keys and shapes). Returns the converted config (init_lora_weights=True) and arrays."""
+        n = self.name
+        if self.use_dora:
+            raise ValueError(f"{n}(use_dora=True): a DoRA adapter has no plain-LoRA form (its magnitude "
+                             "multiplies the whole weight); save it without path_initial_model_for_weight_conversion")
+        if self.init_lora_weights == "loftq":
+            raise ValueError(f"{n}.init_lora_weights='loftq': the base is the 4-bit Q, not W − s·B₀A₀, so "
+                             "B A − B₀ A₀ on the original W does not give the trained model")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern):  # PEFT refuses the same
+            raise ValueError(f"{n}: path_initial_model_for_weight_conversion is not supported with use_rslora=True "
+                             "and a rank_pattern or alpha_pattern")
+        differ = sorted(set(arrays) ^ set(initial))
+        if differ:
+            raise ValueError(f"the initial adapter and the trained one hold different keys, e.g. {differ[0]!r}")
+        out = {}
+        for key, a in arrays.items():
+            a0 = np.asarray(initial[key], dtype=a.dtype)
+            if a0.shape != a.shape:
+                raise ValueError(f"{key}: initial shape {a0.shape}, trained {a.shape}")
+            if key.endswith(A_KEY):
+                out[key] = np.concatenate([a, a0], axis=0)  # A' = [A; A₀]  (2r, d_in)
+            elif key.endswith(B_KEY):
+                out[key] = np.concatenate([a, -a0], axis=1)  # B' = [B, −B₀]  (d_out, 2r)
+            else:
+                raise ValueError(f"{key}: only lora_A / lora_B tensors convert to plain LoRA")
+        alpha = self.lora_alpha * (math.sqrt(2.0) if self.use_rslora else 2)
+        converted = replace(self, init_lora_weights=True, loftq_config={}, r=2 * self.r, lora_alpha=alpha,
+                            rank_pattern={k: 2 * v for k, v in self.rank_pattern.items()},
+                            alpha_pattern={k: 2 * v for k, v in self.alpha_pattern.items()})
+        return converted, out
 
     @classmethod
     def from_json_dict(cls, d: dict) -> LoraConfig:
@@ -226,7 +282,7 @@ class LoraLinear(AdapterLayer):
 
     def __init__(self, base: Linear, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True, rng=None,
-                 fan_in_fan_out: bool = False, path: str = ""):
+                 fan_in_fan_out: bool = False, path: str = "", loftq_config: dict | None = None):
         where = f" (module {path!r})" if path else ""
         if not isinstance(base, Linear):
             raise TypeError(f"LoRA wraps a Linear{where}, got {type(base).__name__}")
@@ -240,14 +296,23 @@ class LoraLinear(AdapterLayer):
             raise ValueError(f"lora_dropout must be in [0, 1){where}, got {lora_dropout!r}")
         if rng is None:
             raise ValueError("LoRA needs rng, the host numpy Generator initial values are drawn from")
+        try:
+            reads_base = residual_kind(init_lora_weights) is not None
+        except ValueError as exc:
+            raise ValueError(f"{exc}{where}") from None
+        loftq_config = check_loftq_config("LoraLinear", init_lora_weights, loftq_config)
+        scaling = lora_scaling(r, lora_alpha, use_rslora)
+        if reads_base:  # A, B from W; the frozen base becomes the residual (a new layer; ``base`` is untouched)
+            A, B, base = residual_init(init_lora_weights, base, r, scaling, rng, loftq_config, where)
+        else:
+            A, B = init_lora_arrays(rng, r, d_in, d_out, init_lora_weights)
         super().__init__(base)
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = bool(use_rslora)
-        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.scaling = scaling
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.lora_dropout = float(lora_dropout)
-        A, B = init_lora_arrays(rng, r, d_in, d_out, init_lora_weights)
         xp, dtype = base.xp, base.dtype
         self.params[A_KEY] = xp.asarray(A.astype(dtype))
         self.params[B_KEY] = xp.asarray(B.astype(dtype))

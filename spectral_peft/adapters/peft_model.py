@@ -44,6 +44,7 @@ from ..backend import host_rng, to_host
 from ..io.safe import FileFormatError, load_json, load_safetensors, save_json, save_safetensors
 from ..module import Module, match_target_modules
 from .base import MODEL_PREFIX, AdapterConfig, Controller, adapter_layers, inject_adapters, model_relative
+from .lora import LoraConfig
 from .registry import config_class, resolve
 
 
@@ -106,9 +107,10 @@ class PeftModel(Module):
         """{path relative to the wrapped model: (d_out, d_in)} of every adapted linear."""
         return {model_relative(p): (m.d_out, m.d_in) for p, m in self.adapter_layers()}
 
-    def save_pretrained(self, directory) -> None:
-        """Write PEFT's adapter files into ``directory`` (:func:`save_adapter`)."""
-        save_adapter(self, directory)
+    def save_pretrained(self, directory, path_initial_model_for_weight_conversion=None) -> None:
+        """Write PEFT's adapter files into ``directory`` (:func:`save_adapter`; the option converts a
+        PiSSA / OLoRA adapter to plain LoRA, as PEFT's argument of that name)."""
+        save_adapter(self, directory, path_initial_model_for_weight_conversion)
 
     @classmethod
     def from_pretrained(cls, model: Module, directory, seed: int = 0) -> PeftModel:
@@ -185,13 +187,31 @@ def adapter_state_dict(peft_model: PeftModel) -> dict:
     return out
 
 
-def save_adapter(peft_model: PeftModel, directory) -> None:
+def save_adapter(peft_model: PeftModel, directory, path_initial_model_for_weight_conversion=None) -> None:
     """Write ``directory``/adapter_model.safetensors and adapter_config.json (each atomically),
-    readable by PEFT's ``PeftModel.from_pretrained`` and by :func:`load_peft_model`."""
+    readable by PEFT's ``PeftModel.from_pretrained`` and by :func:`load_peft_model`.
+
+    path_initial_model_for_weight_conversion: PEFT's option of that name, for LoRA only: the directory
+    where the adapter was saved right after a base-changing init (PiSSA, OLoRA) and before training.
+    The adapter is then written as the plain rank-2r LoRA that gives the trained model on the
+    ORIGINAL base (:meth:`LoraConfig.weight_conversion`), and, as PEFT does, that directory's
+    adapter_config.json is rewritten with init_lora_weights=True."""
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"save_adapter needs a PeftModel, got {type(peft_model).__name__}")
     arrays = adapter_state_dict(peft_model)
-    config = peft_model.peft_config.to_json_dict(peft_model)
+    cfg = peft_model.peft_config
+    if path_initial_model_for_weight_conversion is not None:
+        initial_dir = os.fspath(path_initial_model_for_weight_conversion)
+        if not isinstance(cfg, LoraConfig):
+            raise TypeError(f"path_initial_model_for_weight_conversion converts LoRA adapters, not {cfg.name}")
+        initial = load_safetensors(os.path.join(initial_dir, WEIGHTS_NAME))
+        try:
+            converted, arrays = cfg.weight_conversion(arrays, initial)
+        except ValueError as exc:
+            raise ValueError(f"path_initial_model_for_weight_conversion={initial_dir!r}: {exc}") from None
+        save_json(cfg.initial_config().to_json_dict(peft_model), os.path.join(initial_dir, CONFIG_NAME))
+        cfg = converted
+    config = cfg.to_json_dict(peft_model)
     os.makedirs(directory, exist_ok=True)
     save_safetensors(arrays, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     save_json(config, os.path.join(directory, CONFIG_NAME))

@@ -62,11 +62,7 @@ BASH_TIMEOUT_S = 120
 # Blocks whose page does not carry their marker yet (the page is being edited elsewhere), as
 # {(page, how the block's first line starts): reason}. Each entry must still match a block, so it
 # goes stale loudly once the marker is in the page: then delete the entry.
-PENDING_MARKERS = {
-    ("docs/generation.md", "out = model.generate(input_ids, attention_mask, max_new_tokens=32)"):
-        "a fragment of the page's API summary: model, input_ids and attention_mask are the page's prose "
-        "(marker to add: <!-- snippet: not run (...) -->)",
-}
+PENDING_MARKERS: dict = {}  # (page, first line) -> reason, for a page that cannot carry its marker yet
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..generation import generate
 from ..io.safe import save_safetensors
 from ..model import load_pretrained
 from ..oracle import read_inputs
-from .contract import check_out_dir, run_or_exit2
+from .contract import check_out_dir, help_text, run_or_exit2
 
 GENERATE_INPUT_KEYS = ("input_ids", "attention_mask")
 
@@ -27,24 +27,25 @@ GENERATE_INPUT_KEYS = ("input_ids", "attention_mask")
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="Hugging Face causal LM directory (gpt2, llama, mistral, qwen2)")
-    parser.add_argument("--adapter", metavar="DIR", default=None, help="PEFT adapter directory")
+    parser.add_argument("--adapter", metavar="DIR", default=None, help=help_text("PEFT adapter directory", "none: the base model alone"))
     parser.add_argument("--merge", action="store_true",
-                        help="merge the adapter into the base weights first (default: computed at every step)")
+                        help=help_text("merge the adapter into the base weights first", "off: the adapter computed at "
+                                       "every step", flag=True))
     parser.add_argument("--inputs", required=True, metavar="IN.safetensors",
                         help="input_ids (B, T) and optional attention_mask, left-padded")
     parser.add_argument("--max_new_tokens", required=True, type=int, metavar="N", help="tokens to generate")
     parser.add_argument("--out", required=True, metavar="OUT.safetensors", help="where sequences and logits go")
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
-                        help="compute dtype (default float64)")
-    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling: logits / T (default 1)")
-    parser.add_argument("--top_k", type=int, default=None, help="sampling: keep the K most likely tokens")
-    parser.add_argument("--top_p", type=float, default=None, help="sampling: nucleus mass P in (0, 1]")
-    parser.add_argument("--seed", type=int, default=0, help="sampling: the generator's seed (default 0)")
+                        help=help_text("compute dtype: float64 or float32", "float64"))
+    parser.add_argument("--do_sample", action="store_true", help=help_text("sample instead of greedy decoding", "off: greedy", flag=True))
+    parser.add_argument("--temperature", type=float, default=1.0, help=help_text("sampling: logits / T", 1))
+    parser.add_argument("--top_k", type=int, default=None, help=help_text("sampling: keep the K most likely tokens", "none: every token"))
+    parser.add_argument("--top_p", type=float, default=None, help=help_text("sampling: nucleus mass P in (0, 1]", "none: no nucleus cut"))
+    parser.add_argument("--seed", type=int, default=0, help=help_text("sampling: the generator's seed", 0))
     parser.add_argument("--eos_token_id", type=int, default=None,
-                        help="stop a row at this token (default: exactly N new tokens)")
+                        help=help_text("stop a row at this token", "none: exactly N new tokens"))
     parser.add_argument("--pad_token_id", type=int, default=None,
-                        help="the token after a row has finished (default: the eos id)")
+                        help=help_text("the token after a row has finished", "the eos id"))
 
 
 def main(args) -> int:

@@ -38,8 +38,9 @@ import numpy as np
 from .adapters.peft_model import load_peft_model
 from .backend import get_backend, to_host
 from .commands.contract import check_out_dir, help_text, run_or_exit2
-from .io.safe import load_safetensors, save_safetensors
+from .io.safe import check_finite, load_safetensors, save_safetensors
 from .model import BertModel, hf_gradients, load_pretrained
+from .model.hf import NONFINITE_HINT
 
 IGNORE_INDEX = -100  # labels HF's cross-entropy ignores
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "dlogits")
@@ -86,14 +87,10 @@ def check_labels_keep_a_token(labels) -> None:
                          "engine, neither a reference; keep at least one label, or pass dlogits instead")
 
 
-def check_finite_parameters(model) -> None:
-    """Every trainable parameter of a loaded adapter model is finite (NaN/inf named by key)."""
-    for name, m, k in model.named_parameters(trainable_only=True):
-        a = to_host(m.params[k])
-        if not np.isfinite(a).all():
-            raise ValueError(f"adapter: key {name!r} holds {int(a.size - np.count_nonzero(np.isfinite(a)))} "
-                             "non-finite value(s) (NaN or inf): every gradient would be NaN; pass --allow_nonfinite "
-                             "to compute with them anyway")
+def check_finite_parameters(model, adapter_dir) -> None:
+    """Every trainable parameter of a loaded adapter model is finite (NaN/Inf named by its key)."""
+    check_finite({name: to_host(m.params[k]) for name, m, k in model.named_parameters(trainable_only=True)},
+                 adapter_dir, NONFINITE_HINT)
 
 
 def reference(model_dir, inputs: dict, adapter_dir=None, dtype: str = "float64", allow_nonfinite: bool = False) -> dict:
@@ -105,7 +102,7 @@ def reference(model_dir, inputs: dict, adapter_dir=None, dtype: str = "float64",
     if adapter_dir is not None:
         model = load_peft_model(model, adapter_dir)
         if not allow_nonfinite:
-            check_finite_parameters(model)
+            check_finite_parameters(model, adapter_dir)
     model.eval()  # dropout off
     bare = isinstance(base, BertModel)
     labels = inputs.get("labels")

@@ -229,6 +229,41 @@ def test_reference_allow_nonfinite_computes_anyway(gpt2_dir, tmp_path, capsys):
     assert np.isnan(load_file(str(out))["loss"])  # the NaN weight reaches the loss: what was asked for
 
 
+def test_generate_refuses_a_nan_weight_by_key(gpt2_dir, tmp_path, capsys):
+    key = "transformer.wte.weight"
+    model = _edited(gpt2_dir, tmp_path / "nan", _nan_at(key, (3, 1)))
+    inp, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(_inputs(labels=False), str(inp))
+    argv = ["generate", "--model", str(model), "--inputs", str(inp), "--max_new_tokens", "2", "--out", str(out)]
+    assert _main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert key in line and "non-finite" in line and "--allow_nonfinite" in line
+    assert not out.exists()
+    assert _main(argv + ["--allow_nonfinite"]) == 0 and out.exists()
+
+
+def test_reference_refuses_a_nan_adapter_weight_by_key(gpt2_dir, tmp_path, capsys):
+    from spectral_peft.adapters.lora import LoraConfig
+    from spectral_peft.adapters.peft_model import get_peft_model, save_adapter
+    from spectral_peft.model import load_pretrained
+
+    pm = get_peft_model(load_pretrained(gpt2_dir, get_backend("cpu", "float64")),
+                        LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]))
+    save_adapter(pm, tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    key = "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight"
+    arrays = load_file(str(path))
+    assert key in arrays
+    save_file(_nan_at(key)(arrays), str(path))
+    code, out = _reference(tmp_path, gpt2_dir, _inputs(), ["--adapter", str(tmp_path / "adapter")])
+    assert code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert key in line and "non-finite" in line and "--allow_nonfinite" in line
+    assert not out.exists()
+    code, out = _reference(tmp_path, gpt2_dir, _inputs(), ["--adapter", str(tmp_path / "adapter"), "--allow_nonfinite"])
+    assert code == 0 and out.exists()
+
+
 @pytest.mark.parametrize("labels", [
     [[-100] * 6],                   # every label ignored
     [[3] + [-100] * 5],             # only position 0 kept, which HF's shift drops

@@ -9,7 +9,8 @@ qwen2) and an optional PEFT adapter, merged into the base or computed at every s
 IN holds ``input_ids`` (B, T) int and optional ``attention_mask`` (B, T) 0/1, left-padded. OUT
 holds ``sequences`` (B, T+n) int64 and ``logits`` (B, n, V), the logits each new token was chosen
 from; n = N unless --eos_token_id finished every row sooner. Greedy unless --do_sample
-(spectral_peft/generation.py). Any error: one line on stderr, exit status 2, no OUT file.
+(spectral_peft/generation.py). Any error: one line on stderr, exit status 2, no OUT file; a
+checkpoint with NaN or Inf weights is refused by key unless --allow_nonfinite.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, metavar="OUT.safetensors", help="where sequences and logits go")
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
                         help=help_text("compute dtype: float64 or float32", "float64"))
+    parser.add_argument("--allow_nonfinite", action="store_true",
+                        help=help_text("load a checkpoint with NaN or Inf weights (refused by key otherwise)", "off",
+                                       flag=True))
     parser.add_argument("--do_sample", action="store_true", help=help_text("sample instead of greedy decoding", "off: greedy", flag=True))
     parser.add_argument("--temperature", type=float, default=1.0, help=help_text("sampling: logits / T", 1))
     parser.add_argument("--top_k", type=int, default=None, help=help_text("sampling: keep the K most likely tokens", "none: every token"))
@@ -54,7 +58,7 @@ def main(args) -> int:
         if args.merge and args.adapter is None:
             raise ValueError("--merge needs --adapter DIR (there is nothing to merge)")
         inputs = read_inputs(args.inputs, GENERATE_INPUT_KEYS)
-        model = load_pretrained(args.model, get_backend(None, args.dtype))
+        model = load_pretrained(args.model, get_backend(None, args.dtype), allow_nonfinite=args.allow_nonfinite)
         if args.adapter is not None:
             model = load_peft_model(model, args.adapter)
             if args.merge:

@@ -36,7 +36,8 @@ import os
 import numpy as np
 
 from ..backend import Backend, ShapeBackend, get_backend, to_host
-from ..io.safe import FileFormatError, atomic_write_bytes, load_json, load_safetensors, save_safetensors
+from ..io.safe import (FileFormatError, atomic_write_bytes, check_finite, load_json, load_safetensors,
+                       save_safetensors)
 from .bert import BertForSequenceClassification, BertModel
 from .config import BertConfig, GPT2Config
 from .gpt2 import GPT2LMHeadModel
@@ -52,6 +53,9 @@ INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's key -> sha
 CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # Buffers some checkpoints carry that are not parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "rotary_emb.inv_freq")
+# What a refused non-finite weight's message adds.
+NONFINITE_HINT = (" (NaN or Inf): every output and gradient would be NaN; allow them explicitly "
+                  "(allow_nonfinite=True; the reference and generate commands' --allow_nonfinite)")
 HEAD_KEY = "lm_head.weight"  # a tied head's key, when a file carries it (in PyTorch it names the embedding)
 
 
@@ -195,12 +199,7 @@ def plan_loading(model, arrays: dict, wpath: str, model_type: str, allow_nonfini
         if arrays[key].dtype.kind != "f":
             raise FileFormatError(wpath, f"dtype {arrays[key].dtype}, expected a float dtype", key=key)
         if not allow_nonfinite:
-            bad = int(arrays[key].size - np.count_nonzero(np.isfinite(arrays[key])))
-            if bad:
-                raise FileFormatError(wpath, f"holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf): "
-                                             "every output and gradient would be NaN; allow them explicitly "
-                                             "(allow_nonfinite=True; spectral-peft reference --allow_nonfinite)",
-                                      key=key)
+            check_finite({key: arrays[key]}, wpath, NONFINITE_HINT)
         plan.append((name, key))
         used.add(key)
     head_key = None

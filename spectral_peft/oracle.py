@@ -40,7 +40,7 @@ from .backend import get_backend, to_host
 from .commands.contract import check_out_dir, help_text, run_or_exit2
 from .io.safe import check_finite, load_safetensors, save_safetensors
 from .model import BertModel, hf_gradients, load_pretrained
-from .model.hf import NONFINITE_HINT
+from .model.hf import NONFINITE_HINT, read_config
 
 IGNORE_INDEX = -100  # labels HF's cross-entropy ignores
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "dlogits")
@@ -95,7 +95,8 @@ def check_finite_parameters(model, adapter_dir) -> None:
 
 def reference(model_dir, inputs: dict, adapter_dir=None, dtype: str = "float64", allow_nonfinite: bool = False) -> dict:
     """Compute the oracle's outputs: name -> host array (see the module docstring)."""
-    check_labels_keep_a_token(inputs.get("labels"))
+    if read_config(model_dir)[0] != "bert":  # causal LMs: (B, T) labels with HF's shift
+        check_labels_keep_a_token(inputs.get("labels"))
     backend = get_backend(None, dtype)
     model = load_pretrained(model_dir, backend, allow_nonfinite=allow_nonfinite)
     base = model

@@ -125,7 +125,8 @@ def _tree(root) -> dict:
     for d, _, files in os.walk(root):
         for f in files:
             p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = open(p, "rb").read()
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
     return out
 
 
@@ -187,9 +188,11 @@ def gpt2_dir(tmp_path_factory):
 def _edited(src, dst, edit_arrays=None, edit_config=None):
     os.makedirs(dst)
     arrays = load_file(os.path.join(src, "model.safetensors"))
-    cfg = json.load(open(os.path.join(src, "config.json")))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
     save_file(edit_arrays(arrays) if edit_arrays else arrays, os.path.join(dst, "model.safetensors"))
-    json.dump(edit_config(cfg) if edit_config else cfg, open(os.path.join(dst, "config.json"), "w"))
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(edit_config(cfg) if edit_config else cfg, f)
     return dst
 
 
@@ -307,7 +310,7 @@ def test_reference_out_naming_a_directory(gpt2_dir, tmp_path, capsys):
     (lambda c: {**c, "n_layer": 3}, "transformer.h.2.ln_1.weight"),
 ])
 def test_reference_config_shapes_checked_before_allocating(gpt2_dir, tmp_path, capsys, monkeypatch, edit, key):
-    import spectral_peft.model.hf as hf
+    from spectral_peft.model import hf
     real_new_model = hf.new_model
 
     def only_skeletons(model_type, config, arrays, backend, seed=0):
@@ -330,9 +333,15 @@ def test_reference_config_shapes_checked_before_allocating(gpt2_dir, tmp_path, c
 
 
 def _engine_configs():
-    from spectral_peft.model import BertConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
-    small = dict(vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=16)
+    from spectral_peft.model import (
+        BertConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+    )
+    small = {"vocab_size": 11, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 16}
     return [
         ("gpt2", GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2), {}),
         ("bert", BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,

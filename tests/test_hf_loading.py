@@ -131,6 +131,7 @@ def test_config_of_another_model_fails_before_building(hf_gpt2_dir, tmp_path, mo
     bad = rewrite(d, tmp_path / model_type, edit_config=lambda c: {**c, "model_type": model_type})
     import spectral_peft.model.hf as hf
     from spectral_peft.backend import ShapeBackend
+
     real_new_model = hf.new_model
 
     def only_skeletons(model_type, config, arrays, backend, seed=0):

@@ -47,6 +47,8 @@ def _one_line(err: str) -> str:
     (["--max_grad_norm", "0"], "--max_grad_norm must be a finite number > 0, got 0.0"),
     (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
     (["--target_modules", "q_proj"], "--target_modules 'q_proj' on --arch gpt2: "),
+    # matched on a memoryless skeleton: a 480 GB c_attn is never allocated
+    (["--n_embd", "200000", "--target_modules", "q_proj"], "--target_modules 'q_proj' on --arch gpt2: "),
     (["--n_positions", "100000"], "--n_positions 100000: "),  # found by the data phase, before the folder
 ])
 def test_run_option_errors_leave_nothing(argv, needle, tmp_path, capsys):

@@ -28,7 +28,7 @@ import numpy as np
 from .. import data as data_mod
 from ..adapters.peft_model import PeftModel, adapted_shapes, get_peft_model
 from ..adapters.registry import recipe as get_recipe
-from ..backend import blas_threads, get_backend
+from ..backend import ShapeBackend, blas_threads, get_backend
 from ..budget import BudgetUnreachable, match_budget
 from ..figures import make_figures
 from ..module import match_target_modules
@@ -297,10 +297,10 @@ def precheck_methods(cfg: RunConfig) -> None:
 
 
 def precheck_targets(cfg: RunConfig) -> None:
-    """Match --target_modules against a one-layer base of --arch (built, never trained: every layer
-    has the same linears), so names of another architecture fail, listing the right ones, before
-    the base is pretrained."""
-    model = new_base(dataclasses.replace(cfg, n_layer=1), get_backend("cpu", "float32"))
+    """Match --target_modules against a one-layer skeleton of --arch (a ShapeBackend: no memory,
+    whatever the width; every layer has the same linears), so names of another architecture fail,
+    listing the right ones, before the base is pretrained."""
+    model = new_base(dataclasses.replace(cfg, n_layer=1), ShapeBackend("cpu", "float32"))
     try:
         match_target_modules(model, cfg.target_list())
     except ValueError as exc:

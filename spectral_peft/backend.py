@@ -134,6 +134,22 @@ class Backend:
         return self.xp.random.default_rng(seed)
 
 
+@dataclass(frozen=True)
+class ShapeBackend(Backend):
+    """A CPU backend whose parameters hold no memory: every array :meth:`zeros` (and the models'
+    Init) makes is a zero-stride view of one element, of the right shape and dtype. A model built
+    on it is a skeleton: its parameters' shapes are the ones its config implies, at no allocation
+    (a config asking for a 10^7-wide model costs nothing). Never run a forward on it; the loader
+    (spectral_peft.model.hf) compares a checkpoint's tensors with a skeleton before building the
+    real model. Small host buffers (asarray: RoPE's inverse frequencies) are ordinary arrays."""
+
+    def zeros(self, shape, dtype=None):
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+        one = np.zeros(1, dtype=self.float if dtype is None else dtype)
+        # writeable, as the model constructors set rows (a padding embedding row) in place
+        return np.lib.stride_tricks.as_strided(one, shape=shape, strides=(0,) * len(shape), writeable=True)
+
+
 def get_backend(device: str | None = None, dtype: str = "float32") -> Backend:
     """The backend for ``device`` (default: $SPECTRAL_PEFT_DEVICE, else "cpu") and ``dtype``."""
     if device is None:

@@ -13,7 +13,7 @@ from .backend import tune_host_allocator
 
 COMMANDS = {
     "run": ("spectral_peft.commands.run", "fine-tune every method on the embedded default and compare them"),
-    "figures": ("spectral_peft.figures", "regenerate every figure from the last run's results"),
+    "figures": ("spectral_peft.figures", "regenerate every figure from a run's results, into that run's folder (or --out)"),
     "reference": ("spectral_peft.oracle", "write reference logits, loss and gradients (float64)"),
     "generate": ("spectral_peft.commands.generate", "KV-cache generation from a causal LM and an optional adapter"),
     "conformance": ("spectral_peft.commands.conformance",

@@ -1,8 +1,16 @@
 """The `figures` command: every figure of the project, regenerated from a results file.
 
 ``spectral-peft figures`` reads ``runs/latest/results.json`` (or ``--results``, a file or a run
-folder; falling back to the committed ``figures/results.json``) and writes every figure into
-``--out`` (default ``figures/``, the folder the README shows). ``spectral-peft run`` calls
+folder; falling back to the committed ``figures/results.json``) and writes every figure where it
+says, and only there:
+
+- by default, into the folder of the results file it read (the run folder: ``runs/latest/``);
+- with ``--out DIR``, into DIR, with a copy of the results file beside the figures.
+
+It never overwrites the committed figures unless asked: when the results it read are the
+committed ``figures/results.json`` (the fallback, or ``--results figures/``) and no ``--out`` is
+given, it refuses (one line, exit status 2) and writes nothing; ``--out figures`` regenerates the
+committed figures on purpose. Every file written is printed. ``spectral-peft run`` calls
 :func:`make_figures` on its own run folder.
 
 Each figure is one entry of :data:`FIGURES`: a file name and a function ``(results, path)`` that
@@ -20,6 +28,7 @@ import sys
 import numpy as np
 from safetensors.numpy import load_file
 
+from .commands.contract import check_folder_option, help_text
 from .plots import adalora as adalora_plots
 from .plots import dylora as dylora_plots
 from .plots import quant as quant_plots
@@ -172,33 +181,49 @@ def make_figures(results: dict, folder: str) -> tuple[list[str], list[str]]:
 
 
 # --- the command --------------------------------------------------------------------------------
+COMMITTED = "figures"  # the committed figures (and their results.json), relative to the project root
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--results", metavar="PATH", default=None,
-                        help="results.json or a run folder (default: runs/latest, else figures/results.json)")
-    parser.add_argument("--out", metavar="DIR", default="figures", help="where the figures go (default: figures)")
+                        help=help_text("results.json or a run folder", "runs/latest, else figures/results.json"))
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help=help_text("where the figures (and a copy of the results file) go; --out figures "
+                                       "overwrites the committed figures",
+                                       "the folder of the results read; refused when that is figures/"))
 
 
 def _default_results() -> str:
-    for candidate in (os.path.join("runs", "latest"), os.path.join("figures", RESULTS_FILE)):
+    for candidate in (os.path.join("runs", "latest"), os.path.join(COMMITTED, RESULTS_FILE)):
         if os.path.exists(candidate):
             return candidate
     return os.path.join("runs", "latest")
 
 
+def _results_file(source: str) -> str:
+    return os.path.join(source, RESULTS_FILE) if os.path.isdir(source) else source
+
+
 def main(args) -> int:
     source = args.results or _default_results()
+    src_file = _results_file(source)
+    out = args.out if args.out is not None else os.path.dirname(src_file) or "."
     try:
         results = load_results(source)
+        if args.out is None and os.path.abspath(out) == os.path.abspath(COMMITTED):
+            raise ValueError(f"the results read are the committed {src_file}, and their folder holds the committed "
+                             f"figures; pass --out DIR (--out {COMMITTED} to overwrite the committed figures)")
+        check_folder_option("--out", out)
     except (FileNotFoundError, ValueError) as exc:
         print(f"spectral-peft figures: error: {exc}", file=sys.stderr)
         return 2
-    written, skipped = make_figures(results, args.out)
-    src_file = source if source.endswith(".json") else os.path.join(source, RESULTS_FILE)
-    dest = os.path.join(args.out, RESULTS_FILE)
+    written, skipped = make_figures(results, out)
+    dest = os.path.join(out, RESULTS_FILE)
     if os.path.abspath(src_file) != os.path.abspath(dest):
         shutil.copyfile(src_file, dest)  # the figures travel with the results they were drawn from
+        written.append(RESULTS_FILE)
     for name in written:
-        print(f"wrote {os.path.join(args.out, name)}")
+        print(f"wrote {os.path.join(out, name)}")
     for line in skipped:
         print(f"figure {line}")
     return 0

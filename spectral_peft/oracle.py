@@ -18,7 +18,18 @@ tie_word_embeddings) under the embedding's key, and also under
 parameters). With an AdaLoRA adapter the loss includes orth_reg_weight times the orthogonal
 regulariser, as PEFT's AdaLoraModel.forward does. Dropout is off.
 
-Any error: one line on stderr, exit status 2, and no OUT file (it is written atomically at the end).
+Refused before any work (one line on stderr naming the problem, exit status 2, no OUT file; it is
+written atomically at the end, so no other error leaves one either):
+
+- a checkpoint whose config.json implies other shapes than its tensors have (checked against a
+  memoryless skeleton of the model before anything is allocated; spectral_peft.model.hf);
+- non-finite weights (NaN, inf), named by key, in the checkpoint or the adapter: every output and
+  gradient would be NaN. ``--allow_nonfinite`` computes with them anyway;
+- labels that keep no token (causal LMs: every label after HF's one-position shift is -100). The
+  mean loss is then over zero tokens: transformers returns NaN (0/0, and NaN gradients), while the
+  engine's cross-entropy returns 0 with zero gradients (spectral_peft.ops.loss). Neither is a
+  reference, so the oracle refuses; keep at least one label, or pass ``dlogits`` instead;
+- ``--out`` naming a directory, or a file in a directory that does not exist.
 """
 from __future__ import annotations
 
@@ -26,10 +37,12 @@ import numpy as np
 
 from .adapters.peft_model import load_peft_model
 from .backend import get_backend, to_host
-from .commands.contract import check_out_dir, run_or_exit2
-from .io.safe import load_safetensors, save_safetensors
+from .commands.contract import check_out_dir, help_text, run_or_exit2
+from .io.safe import check_finite, load_safetensors, save_safetensors
 from .model import BertModel, hf_gradients, load_pretrained
+from .model.hf import NONFINITE_HINT, read_config
 
+IGNORE_INDEX = -100  # labels HF's cross-entropy ignores
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "dlogits")
 
 
@@ -38,13 +51,17 @@ def add_arguments(parser) -> None:
                         help="Hugging Face model directory: config.json + model.safetensors or its shards "
                              "(gpt2, bert, llama, mistral, qwen2)")
     parser.add_argument("--adapter", metavar="DIR", default=None,
-                        help="PEFT adapter directory: adapter_config.json + adapter_model.safetensors")
+                        help=help_text("PEFT adapter directory: adapter_config.json + adapter_model.safetensors",
+                                       "none: the base model alone"))
     parser.add_argument("--inputs", required=True, metavar="IN.safetensors",
                         help="input_ids, optional attention_mask, token_type_ids, labels, dlogits")
     parser.add_argument("--out", required=True, metavar="OUT.safetensors",
                         help="where logits, loss and grad.<key> are written")
     parser.add_argument("--dtype", default="float64", choices=("float64", "float32"),
-                        help="compute dtype (default float64)")
+                        help=help_text("compute dtype: float64 or float32", "float64"))
+    parser.add_argument("--allow_nonfinite", action="store_true",
+                        help=help_text("compute even when a weight is NaN or inf (refused by key otherwise)",
+                                       "off", flag=True))
 
 
 def read_inputs(path, keys=INPUT_KEYS) -> dict:
@@ -61,13 +78,32 @@ def read_inputs(path, keys=INPUT_KEYS) -> dict:
     return arrays
 
 
-def reference(model_dir, inputs: dict, adapter_dir=None, dtype: str = "float64") -> dict:
+def check_labels_keep_a_token(labels) -> None:
+    """Causal-LM labels (B, T): at least one label after HF's shift (labels[:, 1:]) is not -100."""
+    if labels is not None and labels.ndim == 2 and labels.dtype.kind in "iu" \
+            and not np.any(labels[:, 1:] != IGNORE_INDEX):
+        raise ValueError(f"inputs: key 'labels' keeps no token (every label after the one-position shift is "
+                         f"{IGNORE_INDEX}): the mean loss over zero tokens is NaN in transformers and 0 in the "
+                         "engine, neither a reference; keep at least one label, or pass dlogits instead")
+
+
+def check_finite_parameters(model, adapter_dir) -> None:
+    """Every trainable parameter of a loaded adapter model is finite (NaN/Inf named by its key)."""
+    check_finite({name: to_host(m.params[k]) for name, m, k in model.named_parameters(trainable_only=True)},
+                 adapter_dir, NONFINITE_HINT)
+
+
+def reference(model_dir, inputs: dict, adapter_dir=None, dtype: str = "float64", allow_nonfinite: bool = False) -> dict:
     """Compute the oracle's outputs: name -> host array (see the module docstring)."""
+    if read_config(model_dir)[0] != "bert":  # causal LMs: (B, T) labels with HF's shift
+        check_labels_keep_a_token(inputs.get("labels"))
     backend = get_backend(None, dtype)
-    model = load_pretrained(model_dir, backend)
+    model = load_pretrained(model_dir, backend, allow_nonfinite=allow_nonfinite)
     base = model
     if adapter_dir is not None:
         model = load_peft_model(model, adapter_dir)
+        if not allow_nonfinite:
+            check_finite_parameters(model, adapter_dir)
     model.eval()  # dropout off
     bare = isinstance(base, BertModel)
     labels = inputs.get("labels")
@@ -107,6 +143,6 @@ def main(args) -> int:
     def work():
         check_out_dir(args.out)
         inputs = read_inputs(args.inputs)
-        save_safetensors(reference(args.model, inputs, args.adapter, args.dtype), args.out)
+        save_safetensors(reference(args.model, inputs, args.adapter, args.dtype, args.allow_nonfinite), args.out)
 
     return run_or_exit2("reference", work)

@@ -14,7 +14,9 @@ shows the worst of them. Tolerances: float64 against an independent float64 peer
 engine's promise); MiniLM in float32 rtol 1e-5 (issue #7); 4-bit codes must be identical.
 
 A peer that is not installed is listed ("missing") rather than crashed on. Exit status: 0 when
-every check that ran passed, 1 when one failed, 2 for bad arguments.
+every check that ran passed, 1 when one failed, 2 for bad arguments and when nothing was checked
+(every chosen check's peer missing, e.g. ``--only rosa`` without peft-rosa: a run that checks
+nothing must not read as a pass); then the last line, on stderr, says so.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from .adapters.adalora import AdaLoraLinear, orth_regularizer
 from .adapters.lora import LoraConfig
 from .adapters.registry import resolve
 from .backend import get_backend
+from .commands.contract import help_text
 from .io.safe import load_safetensors, save_safetensors
 from .model.hf import load_pretrained
 from .module import Linear
@@ -532,8 +535,8 @@ def format_rows(rows: list[Row]) -> str:
 def add_arguments(parser) -> None:
     names = [n for n, _, _ in CHECKS]
     parser.add_argument("--only", metavar="NAMES", default=None,
-                        help=f"comma list of checks to run (default: all): {', '.join(names)}")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random cases (default: 0)")
+                        help=help_text(f"comma list of checks to run: {', '.join(names)}", "all"))
+    parser.add_argument("--seed", type=int, default=0, help=help_text("seed of the random cases", 0))
 
 
 def main(args) -> int:
@@ -553,5 +556,10 @@ def main(args) -> int:
         for name, peer, reason in missing:
             print(f"  {name} [{peer}]: {reason}")
     failed = [r for r in rows if r.verdict != "PASS"]
-    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed, {len(missing)} not checked")
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed, {len(missing)} not checked", flush=True)
+    if not rows:
+        peers = ", ".join(sorted({peer for _, peer, _ in missing})) or "none"
+        print(f"spectral-peft validate: error: nothing was checked: every chosen check's peer is missing "
+              f"({peers}); install it, or choose other checks with --only", file=sys.stderr)
+        return 2
     return 1 if failed else 0

@@ -16,19 +16,19 @@ import os
 import sys
 
 from ..conformance import DEFAULT_EXAMPLES, FUNCTIONS, ContractError, check, write_json
-from .contract import check_out_dir
+from .contract import check_out_dir, help_text
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("target", metavar="TARGET", help="a module name or a path to a .py file")
     parser.add_argument("--only", default=None, metavar="NAME,...",
-                        help=f"run only these functions (default: every one TARGET defines): {', '.join(FUNCTIONS)}")
+                        help=help_text(f"run only these functions: {', '.join(FUNCTIONS)}", "every one TARGET defines"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16"),
-                        help="the dtype of the arrays TARGET receives (default float32)")
+                        help=help_text("the dtype of the arrays TARGET receives", "float32"))
     parser.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES,
-                        help=f"cases drawn per function (default {DEFAULT_EXAMPLES})")
-    parser.add_argument("--seed", type=int, default=0, help="Hypothesis's seed (default 0)")
-    parser.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
+                        help=help_text("cases drawn per function", DEFAULT_EXAMPLES))
+    parser.add_argument("--seed", type=int, default=0, help=help_text("Hypothesis's seed", 0))
+    parser.add_argument("--json", default=None, metavar="OUT", help=help_text("also write the report as JSON to OUT", "none: the table only"))
 
 
 def main(args) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 from .. import data as data_mod
 from ..adapters.peft_model import PeftModel, adapted_shapes, get_peft_model
 from ..adapters.registry import recipe as get_recipe
-from ..backend import blas_threads, get_backend
+from ..backend import ShapeBackend, blas_threads, get_backend
 from ..budget import BudgetUnreachable, match_budget
 from ..figures import make_figures
 from ..module import match_target_modules
@@ -37,8 +37,13 @@ from ..quant import frozen_weight_bytes, quantize_model
 from ..quant.report import quantization_record
 from ..results import RESULTS_FILE, format_table, new_results, save_results
 from ..train import SeededBatches, Trainer, evaluate
-from .pretrain import load_base, new_base, pretrain_base
+from .contract import check_folder_option
+from .pretrain import default_cache_dir, load_base, new_base, pretrain_base
 from .run_options import RunConfig, add_arguments, config_from_args  # noqa: F401 - add_arguments: the CLI's
+
+
+class OptionError(ValueError):
+    """An option the run's own data refuses (found in the data phase, before the run folder exists)."""
 
 
 class Log:
@@ -150,7 +155,14 @@ def _data_phase(cfg: RunConfig, results: dict, log: Log) -> dict:
     t0 = time.perf_counter()
     pre = data_mod.pretrain_corpus()
     ft_train, ft_eval = data_mod.finetune_corpora()
-    windows = data_mod.eval_batches(ft_eval.tokens, cfg.batch_size, cfg.n_positions, cfg.eval_batches)
+    try:
+        windows = data_mod.eval_batches(ft_eval.tokens, cfg.batch_size, cfg.n_positions, cfg.eval_batches)
+    except ValueError as exc:
+        raise OptionError(f"--n_positions {cfg.n_positions}: the held-out set: {exc}") from None
+    for corpus, what in ((pre, "pretraining"), (ft_train, "fine-tuning")):
+        if corpus.tokens.size <= cfg.n_positions:
+            raise OptionError(f"--n_positions {cfg.n_positions}: the {what} text has only {corpus.tokens.size} "
+                              "bytes; choose a shorter sequence length")
     results["data"] = {"tokenizer": "UTF-8 bytes (vocabulary 256)", "pretrain": pre.summary(),
                        "finetune_train": ft_train.summary(), "finetune_eval": ft_eval.summary(),
                        "eval_windows": int(sum(b.shape[0] for b in windows))}
@@ -260,9 +272,9 @@ def run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         results = new_results(created, dataclasses.asdict(cfg))
         results["timing"]["methods_s"] = {}
-        folder = _timestamp_folder(cfg.out)
         ctx = {"backend": get_backend(cfg.device, cfg.dtype)}
         ctx.update(_data_phase(cfg, results, log))
+        folder = _timestamp_folder(cfg.out)  # after the data phase: an option the data refuses leaves nothing
         log(f"compute: {cfg.device} {cfg.dtype}, seed {cfg.seed}, BLAS threads "
             f"{cfg.threads if cfg.threads > 0 else 'as configured'}; output in {folder}")
         _base_phase(cfg, ctx, results, log)
@@ -285,23 +297,38 @@ def precheck_methods(cfg: RunConfig) -> None:
 
 
 def precheck_targets(cfg: RunConfig) -> None:
-    """Match --target_modules against a one-layer base of --arch (built, never trained: every layer
-    has the same linears), so names of another architecture fail, listing the right ones, before
-    the base is pretrained."""
-    model = new_base(dataclasses.replace(cfg, n_layer=1), get_backend("cpu", "float32"))
+    """Match --target_modules against a one-layer skeleton of --arch (a ShapeBackend: no memory,
+    whatever the width; every layer has the same linears), so names of another architecture fail,
+    listing the right ones, before the base is pretrained."""
+    model = new_base(dataclasses.replace(cfg, n_layer=1), ShapeBackend("cpu", "float32"))
     try:
         match_target_modules(model, cfg.target_list())
     except ValueError as exc:
         raise ValueError(f"--target_modules {cfg.target_modules!r} on --arch {cfg.arch}: {exc}") from None
 
 
+def precheck_paths(cfg: RunConfig) -> None:
+    """--out and --cache_dir: directories, or creatable under a writable one (nothing is created here)."""
+    check_folder_option("--out", cfg.out)
+    check_folder_option("--cache_dir", cfg.cache_dir or default_cache_dir())
+
+
 def main(args) -> int:
+    """Every option is checked before anything is created: the options themselves
+    (RunConfig.validate), every chosen method's config, --target_modules against --arch, the output
+    and cache folders, and, in the data phase that precedes the run folder, --n_positions against
+    the data. Any of these: one line on stderr, exit status 2, no run folder."""
     try:
         cfg = config_from_args(args)
         precheck_methods(cfg)
         precheck_targets(cfg)
+        precheck_paths(cfg)
     except ValueError as exc:
         print(f"spectral-peft run: error: {exc}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except OptionError as exc:
+        print(f"spectral-peft run: error: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from ..adapters.registry import METHODS
 from ..backend import DEVICES, emulation_unavailable_reason, gpu_unavailable_reason
+from ..quant import BLOCKSIZES_4BIT
+from .contract import check_folder_option, help_text
 
 # The default run: every method, as `--methods all` is. Each method costs about 20 s of the default
 # run's 5-minute budget on 2 cores; a method joins here only while that budget holds.
@@ -88,7 +90,7 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.target_modules is None and self.arch in ARCH_TARGETS:  # an unknown arch: validate() says so
+        if self.target_modules is None and isinstance(self.arch, str) and self.arch in ARCH_TARGETS:  # an unknown arch: validate() says so
             self.target_modules = ARCH_TARGETS[self.arch]
 
     def method_list(self) -> list[str]:
@@ -102,13 +104,21 @@ class RunConfig:
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
     def validate(self) -> None:
-        """Raise ValueError naming the option, its value and what would be right."""
+        """Raise ValueError naming the option, its value and what would be right. Checks only the
+        options themselves (no data, no model, no file system); `spectral-peft run` checks the
+        rest (commands/run.py, the prechecks) before it creates the run folder."""
+        self._check_types()
         if self.arch not in ARCHS:
             raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         bad = [m for m in self.method_list() if m not in METHODS]
         if bad or not self.method_list():
             raise ValueError(f"--methods {self.methods!r}: unknown {bad or 'empty list'}; choose from "
                              f"{', '.join(METHODS)}, 'default' or 'all'")
+        names = self.method_list()
+        twice = sorted({m for m in names if names.count(m) > 1})
+        if twice:
+            raise ValueError(f"--methods {self.methods!r}: {', '.join(map(repr, twice))} named more than once "
+                             "(names are case-insensitive); name each method once")
         positive = ("steps", "pretrain_steps", "batch_size", "n_positions", "n_layer", "n_embd", "n_head", "r",
                     "deltaT", "spa_num_grads", "blocksize", "eval_every", "eval_batches")
         for name in positive:
@@ -131,6 +141,19 @@ class RunConfig:
             raise ValueError(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"--tolerance must lie in (0, 1), got {self.tolerance}")
+        for name in ("init_r", "target_r", "rosa_r"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name} must be an integer >= 1 (or auto), got {v!r}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ValueError(f"--weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not 0 < self.max_grad_norm < float("inf"):
+            raise ValueError(f"--max_grad_norm must be a finite number > 0, got {self.max_grad_norm!r}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be an integer >= 0, got {self.seed}")
+        if self.blocksize not in BLOCKSIZES_4BIT:
+            raise ValueError(f"--blocksize must be one of {', '.join(map(str, BLOCKSIZES_4BIT))} (bitsandbytes' "
+                             f"4-bit block sizes), got {self.blocksize}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"--budget must be a positive number of parameters, got {self.budget}")
         if self.d is not None and not 0 <= self.d <= 1:
@@ -150,6 +173,25 @@ class RunConfig:
             raise ValueError(f"--target_modules is empty; name linears such as {ARCH_TARGETS[self.arch]}")
         if self.init_r is not None and self.target_r is not None and self.target_r > self.init_r:
             raise ValueError(f"--target_r {self.target_r} exceeds --init_r {self.init_r}; target_r must be <= init_r")
+
+
+    def _check_types(self) -> None:
+        """Each option's type (a --config file can hold anything): bool options true/false, int
+        options integers, float options numbers, str options strings; None where the default is."""
+        for f in dataclasses.fields(self):
+            v, default = getattr(self, f.name), f.default
+            if v is None and (default is None or f.name == "target_modules"):
+                continue
+            if isinstance(default, bool) or f.type == "bool":
+                ok, want = isinstance(v, bool), "true or false"
+            elif f.type.startswith("int"):
+                ok, want = isinstance(v, int) and not isinstance(v, bool), "an integer"
+            elif f.type.startswith("float"):
+                ok, want = isinstance(v, (int, float)) and not isinstance(v, bool), "a number"
+            else:
+                ok, want = isinstance(v, str), "a string"
+            if not ok:
+                raise ValueError(f"--{f.name} must be {want}, got {v!r}")
 
 
 def _bool(text: str) -> bool:
@@ -174,28 +216,81 @@ def _optional(kind):
 
 
 _HELP = {
-    "methods": f"comma list of {', '.join(METHODS)}; 'default' ({','.join(DEFAULT_METHODS)}) or 'all'",
-    "steps": "fine-tuning steps per method",
-    "pretrain_steps": "base-model pretraining steps (cached)",
-    "budget": "trainable parameters every method is matched to (default: LoRA's count at --r)",
-    "n_positions": "sequence length T (bytes)",
     "arch": f"the base model: {' or '.join(ARCHS)}",
-    "target_modules": "comma list of linear names to adapt; auto: every attention and MLP projection of --arch ("
-                      + "; ".join(f"{a}: {t}" for a, t in ARCH_TARGETS.items()) + ")",
-    "d": "RoSA sparse density (default: filling the budget)",
+    "methods": f"comma list of {', '.join(METHODS)}, each named once; 'default' ({','.join(DEFAULT_METHODS)}) or 'all'",
+    "steps": "fine-tuning optimizer steps per method",
+    "pretrain_steps": "base-model pretraining steps (the base is cached)",
+    "batch_size": "sequences per step",
+    "n_positions": "sequence length T (bytes) and the base's context size",
+    "n_layer": "transformer blocks of the base",
+    "n_embd": "the base's hidden width (divisible by --n_head)",
+    "n_head": "query heads (a Llama base shares n_head/2 key/value heads)",
+    "pretrain_lr": "the base's AdamW learning rate (warm-up, then cosine decay)",
+    "lr": "the PEFT methods' AdamW learning rate",
+    "full_lr": "full fine-tuning's AdamW learning rate",
+    "weight_decay": "AdamW weight decay (>= 0)",
+    "max_grad_norm": "clip the global gradient norm to this (> 0)",
+    "budget": "trainable parameters every method is matched to",
+    "tolerance": "allowed relative distance of a method's count from the budget, in (0, 1)",
+    "r": "LoRA rank (PEFT's r)",
+    "lora_alpha": "LoRA scale numerator: the update is scaled by lora_alpha / r",
+    "lora_dropout": "dropout on the LoRA input, in [0, 1)",
+    "target_modules": "comma list of linear names to adapt, matched by suffix",
+    "init_r": "AdaLoRA's initial rank",
+    "target_r": "AdaLoRA's final average rank (<= --init_r)",
+    "tinit": "AdaLoRA: steps before rank pruning starts",
+    "tfinal": "AdaLoRA: final steps at the target budget",
+    "deltaT": "AdaLoRA: steps between rank allocations",
+    "beta1": "AdaLoRA: EMA factor of the sensitivity, in [0, 1)",
+    "beta2": "AdaLoRA: EMA factor of the uncertainty, in [0, 1)",
+    "orth_reg_weight": "AdaLoRA: weight of the orthogonality regulariser (>= 0)",
+    "rosa_r": "RoSA's LoRA rank (peft-rosa's r)",
+    "d": "RoSA sparse density, in [0, 1]",
+    "spa_num_grads": "RoSA: gradients accumulated to choose the sparse support",
+    "schedule": "RoSA's schedule (peft-rosa: 'wl<steps>', 'lora_only', 'spa_only', ...)",
+    "quant_type": "QLoRA/QRoSA 4-bit code: nf4 or fp4",
+    "blocksize": "QLoRA/QRoSA quantisation block size (bitsandbytes' 32 ... 4096)",
+    "compress_statistics": "QLoRA/QRoSA: quantise the block statistics again (double quantisation)",
+    "delta_lambda": "Delta-LoRA's lambda: the weight update's multiplier",
+    "delta_start_step": "Delta-LoRA: steps before the base weight starts to move (K)",
+    "dylora_mode": "DyLoRA's rank sampling mode: frozen or full",
+    "eval_every": "evaluate every this many steps",
+    "eval_batches": "batches of the held-out evaluation set",
+    "device": "cpu, gpu (CuPy) or gpu-emulated (CuPy's rules on the CPU)",
+    "dtype": "float32 or float64",
+    "seed": "seed of the initialisation, the batches and the dropout masks (>= 0)",
+    "threads": "BLAS threads; 0: as configured",
     "out": "folder that receives <timestamp>/ and latest",
-    "config": "a JSON file of these options (flags given here override it)",
+    "cache_dir": "where pretrained bases are cached",
+    "figures": "draw the figures into the run folder",
+    "progress": "progress bars on stderr",
+}
+# What a None default (shown as "auto" on the command line) chooses.
+_AUTO = {
+    "budget": "LoRA's count at --r",
+    "target_modules": "every attention and MLP projection of --arch ("
+                      + "; ".join(f"{a}: {t}" for a, t in ARCH_TARGETS.items()) + ")",
+    "init_r": "from the budget",
+    "target_r": "2/3 of init_r",
+    "tinit": "10%% of --steps",
+    "tfinal": "20%% of --steps",
+    "rosa_r": "--r // 2",
+    "d": "what fills the budget left by --rosa_r",
+    "schedule": "'wl<10%% of --steps>'",
+    "cache_dir": "$SPECTRAL_PEFT_CACHE, else ~/.cache/spectral_peft",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=_HELP["config"])
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help=help_text("a JSON file of these options (flags given here override it)", "none"))
     for f in dataclasses.fields(RunConfig):
         default = f.default
         flag = "--" + f.name
         alias = ["--" + f.name.replace("_", "-")] if "_" in f.name else []
+        metavar = f.name.upper()
         if isinstance(default, bool):
-            kind = _bool
+            kind, metavar = _bool, "{true,false}"
         elif f.type in ("int | None",):
             kind = _optional(int)
         elif f.type in ("float | None",):
@@ -208,10 +303,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kind = float
         else:
             kind = str
-        parser.add_argument(flag, *alias, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                            help=f"{_HELP.get(f.name, '')} (default: {default})".strip())
+        shown = f"auto: {_AUTO[f.name]}" if default is None else default
+        parser.add_argument(flag, *alias, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=metavar,
+                            help=help_text(_HELP[f.name], shown, boolean=isinstance(default, bool)))
     parser.add_argument("--quick", action="store_true", default=argparse.SUPPRESS,
-                        help="a smoke test: tiny model, few steps (for CI)")
+                        help=help_text("a smoke test: tiny model, few steps (for CI)", "off", flag=True))
 
 
 QUICK = dict(steps=6, pretrain_steps=20, batch_size=4, n_positions=32, n_layer=2, n_embd=32, n_head=2,

@@ -235,10 +235,16 @@ def load_safetensors(path, expected: Mapping[str, tuple] | None = None, *, allow
     if expected is not None:
         check_arrays(arrays, expected, path, allow_extra=allow_extra)
     if not allow_nonfinite:
-        for key, a in arrays.items():
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise FileFormatError(path, f"holds {int((~np.isfinite(a)).sum())} non-finite values", key=key)
+        check_finite(arrays, path)
     return arrays
+
+
+def check_finite(arrays: Mapping[str, np.ndarray], path, hint: str = "") -> None:
+    """Every float array of ``arrays`` (key -> host array) is finite; else FileFormatError naming
+    ``path``, the first key holding NaN or Inf and how many, then ``hint`` (what to do)."""
+    for key, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise FileFormatError(path, f"holds {int((~np.isfinite(a)).sum())} non-finite values{hint}", key=key)
 
 
 def _dtype_ok(actual: np.dtype, want) -> bool:

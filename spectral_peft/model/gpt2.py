@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-from ..backend import Backend, get_xp, host_rng
+from ..backend import Backend, ShapeBackend, get_xp, host_rng
 from ..module import Linear, Module, ModuleList
 from ..ops.attention import attention_backward, attention_forward, merge_heads, split_heads
 from .config import GPT2Config
@@ -39,18 +39,25 @@ from .output import ModelOutput, check_input_ids, check_int_range, check_mask, t
 
 
 class Init:
-    """Draws initial parameters on the host (so CPU and GPU start equal), then moves them once."""
+    """Draws initial parameters on the host (so CPU and GPU start equal), then moves them once.
+    On a :class:`~spectral_peft.backend.ShapeBackend` every parameter is the backend's memoryless
+    zeros (a skeleton: shapes only, nothing drawn)."""
 
     def __init__(self, backend: Backend, seed: int, std: float):
         self.backend, self.rng, self.std = backend, host_rng(seed), std
+        self.shapes_only = isinstance(backend, ShapeBackend)
 
     def normal(self, shape, std: float | None = None):
+        if self.shapes_only:
+            return self.backend.zeros(shape)
         return self.backend.asarray(self.rng.normal(0.0, self.std if std is None else std, size=shape))
 
     def zeros(self, shape):
         return self.backend.zeros(shape)
 
     def ones(self, shape):
+        if self.shapes_only:
+            return self.backend.zeros(shape)
         return self.backend.xp.ones(shape, dtype=self.backend.float)
 
     def linear(self, d_in: int, d_out: int, std: float | None = None) -> Linear:

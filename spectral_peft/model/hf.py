@@ -20,8 +20,11 @@ GPT-2's Conv1D layers (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_p
 weight as (d_in, d_out); the engine's Linear holds (d_out, d_in): the loader transposes and
 :func:`save_pretrained` / :func:`hf_gradients` transpose back.
 
-Every key and shape is validated before any array is installed: an error names the key, the
-expected and the found shape, and the model is never half-loaded.
+Every key and shape is validated before the model is built: the shapes the config implies come
+from a skeleton of the model (built on a memoryless ShapeBackend), so a config that does not
+describe the file is refused by key and shape without allocating anything; non-finite weights
+(NaN, inf) are refused by key unless asked for (``allow_nonfinite``). The model is never
+half-loaded.
 
 Shape legend: weights (d_out, d_in) in the engine, (d_in, d_out) for Conv1D in the file.
 """
@@ -32,8 +35,9 @@ import os
 
 import numpy as np
 
-from ..backend import Backend, get_backend, to_host
-from ..io.safe import FileFormatError, atomic_write_bytes, load_json, load_safetensors, save_safetensors
+from ..backend import Backend, ShapeBackend, get_backend, to_host
+from ..io.safe import (FileFormatError, atomic_write_bytes, check_finite, load_json, load_safetensors,
+                       save_safetensors)
 from .bert import BertForSequenceClassification, BertModel
 from .config import BertConfig, GPT2Config
 from .gpt2 import GPT2LMHeadModel
@@ -49,6 +53,9 @@ INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's key -> sha
 CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # Buffers some checkpoints carry that are not parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids", "rotary_emb.inv_freq")
+# What a refused non-finite weight's message adds.
+NONFINITE_HINT = (" (NaN or Inf): every output and gradient would be NaN; allow them explicitly "
+                  "(allow_nonfinite=True; the reference and generate commands' --allow_nonfinite)")
 HEAD_KEY = "lm_head.weight"  # a tied head's key, when a file carries it (in PyTorch it names the embedding)
 
 
@@ -149,25 +156,6 @@ def read_weights(directory) -> tuple[str, dict]:
     return index_path, arrays
 
 
-def _check_embedding(model_type: str, config, wpath: str, arrays: dict) -> None:
-    """Check the token embedding against the config before any model is built: a config that does
-    not describe the file (a wrong model_type, another model's config.json) fails here, by key and
-    shape, instead of after allocating the parameters its defaults imply."""
-    if model_type == "gpt2":
-        keys, shape = ["transformer.wte.weight", "wte.weight"], (config.vocab_size, config.n_embd)
-    elif model_type in LLAMA_MODEL_CLASSES:
-        keys, shape = ["model.embed_tokens.weight"], (config.vocab_size, config.hidden_size)
-    else:
-        keys = ["embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight"]
-        shape = (config.vocab_size, config.hidden_size)
-    key = next((k for k in keys if k in arrays), None)
-    if key is None:
-        raise FileFormatError(wpath, f"missing (expected shape {shape}; model_type {model_type!r})", key=keys[0])
-    if tuple(arrays[key].shape) != shape:
-        raise FileFormatError(wpath, f"shape {tuple(arrays[key].shape)}, expected {shape} (vocab_size, hidden "
-                                     f"width) from {CONFIG_NAME}", key=key)
-
-
 def new_model(model_type: str, config, arrays: dict, backend: Backend, seed: int = 0):
     """The engine model a checkpoint of ``model_type`` holds (BERT: with a classifier or a pooler
     when the file has their weights)."""
@@ -180,21 +168,24 @@ def new_model(model_type: str, config, arrays: dict, backend: Backend, seed: int
     return BertModel(config, backend, seed, add_pooling_layer=any(k.endswith("pooler.dense.weight") for k in arrays))
 
 
-def load_pretrained(directory, backend: Backend | None = None, seed: int = 0):
-    """Read ``directory`` (config.json + model.safetensors, or its shards) -> a GPT2LMHeadModel,
-    BertForSequenceClassification, BertModel, LlamaForCausalLM, MistralForCausalLM or
-    Qwen2ForCausalLM on ``backend`` (default: CPU float32).
+def skeleton(model_type: str, config, arrays: dict, path: str):
+    """The model ``config`` describes, built on a :class:`~spectral_peft.backend.ShapeBackend`: every
+    parameter has the shape the config implies and holds no memory. ``path`` (config.json) names
+    the file when the config's shapes cannot even be formed."""
+    try:
+        return new_model(model_type, config, arrays, ShapeBackend("cpu", "float64"))
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a shape whose size overflows an index
+        raise FileFormatError(path, f"its shapes cannot be built: {exc}") from None
 
-    Raises FileFormatError (a ValueError) naming the file, the key and the expected/found shape;
-    nothing is installed unless everything validates.
-    """
-    backend = backend or get_backend()
-    directory = os.fspath(directory)
-    model_type, config = read_config(directory)
-    wpath, arrays = read_weights(directory)
-    _check_embedding(model_type, config, wpath, arrays)
-    model = new_model(model_type, config, arrays, backend, seed)
-    # 1. resolve and validate every key and shape
+
+def plan_loading(model, arrays: dict, wpath: str, model_type: str, allow_nonfinite: bool = False):
+    """Match every parameter of ``model`` (a skeleton or a real model) to the file's tensors before
+    anything is built or installed: -> (plan: [(engine name, file key)], tied head key or None).
+
+    Raises FileFormatError naming the key: a parameter missing from the file, a shape other than
+    the config implies (in the file's layout), a non-float dtype, non-finite values (NaN or inf;
+    unless ``allow_nonfinite``), a tied head that differs from the embedding, a tensor the model
+    has no parameter for."""
     plan, used = [], set()
     for name, m, k in model.named_parameters():
         key = next((c for c in _candidates(model, name) if c in arrays), None)
@@ -204,16 +195,18 @@ def load_pretrained(directory, backend: Backend | None = None, seed: int = 0):
                                          f"{type(model).__name__})", key=name)
         found = tuple(arrays[key].shape)
         if found != expected:
-            raise FileFormatError(wpath, f"shape {found}, expected {expected}", key=key)
+            raise FileFormatError(wpath, f"shape {found}, expected {expected} from {CONFIG_NAME}", key=key)
         if arrays[key].dtype.kind != "f":
             raise FileFormatError(wpath, f"dtype {arrays[key].dtype}, expected a float dtype", key=key)
-        plan.append((name, m, k, key))
+        if not allow_nonfinite:
+            check_finite({key: arrays[key]}, wpath, NONFINITE_HINT)
+        plan.append((name, key))
         used.add(key)
     head_key = None
     if _tied(model) and HEAD_KEY in arrays:
-        emb_key = next(key for n, _, _, key in plan if n == model.TIED_EMBEDDING)
+        emb_key = next(key for n, key in plan if n == model.TIED_EMBEDDING)
         head = arrays[HEAD_KEY]
-        if head.shape != arrays[emb_key].shape or not np.array_equal(head, arrays[emb_key]):
+        if head.shape != arrays[emb_key].shape or not np.array_equal(head, arrays[emb_key], equal_nan=True):
             raise FileFormatError(wpath, f"differs from {emb_key!r}, but the config ties lm_head to it "
                                          "(tie_word_embeddings = true): a tied lm_head must equal the embedding",
                                   key=HEAD_KEY)
@@ -223,12 +216,38 @@ def load_pretrained(directory, backend: Backend | None = None, seed: int = 0):
     if extra:
         raise FileFormatError(wpath, f"unexpected tensor: {type(model).__name__} has no parameter for it "
                                      f"({len(extra)} unexpected keys)", key=extra[0])
-    # 2. install (cast to the backend's dtype; Conv1D transposed to (d_out, d_in))
-    for name, m, k, key in plan:
+    return plan, head_key
+
+
+def load_pretrained(directory, backend: Backend | None = None, seed: int = 0, allow_nonfinite: bool = False):
+    """Read ``directory`` (config.json + model.safetensors, or its shards) -> a GPT2LMHeadModel,
+    BertForSequenceClassification, BertModel, LlamaForCausalLM, MistralForCausalLM or
+    Qwen2ForCausalLM on ``backend`` (default: CPU float32).
+
+    Every tensor is checked against the config before the model is built: the parameters' shapes
+    come from a :func:`skeleton` (the model on a ShapeBackend, no memory), so a config.json that
+    does not describe the file (another model's, a wrong width, 10^7 wide) fails by key and shape
+    without allocating what it implies. Non-finite weights are refused by key unless
+    ``allow_nonfinite``.
+
+    Raises FileFormatError (a ValueError) naming the file, the key and the expected/found shape;
+    no model is built unless everything validates.
+    """
+    backend = backend or get_backend()
+    directory = os.fspath(directory)
+    model_type, config = read_config(directory)
+    wpath, arrays = read_weights(directory)
+    plan, head_key = plan_loading(skeleton(model_type, config, arrays, os.path.join(directory, CONFIG_NAME)),
+                                  arrays, wpath, model_type, allow_nonfinite)
+    model = new_model(model_type, config, arrays, backend, seed)
+    params = {name: (m, k) for name, m, k in model.named_parameters()}
+    # install (cast to the backend's dtype; Conv1D transposed to (d_out, d_in))
+    for name, key in plan:
+        m, k = params[name]
         a = arrays[key].T if is_conv1d(model, name) else arrays[key]
         m.params[k] = backend.asarray(np.ascontiguousarray(a, dtype=backend.float))
         m.grads.pop(k, None)
-    model.hf_keys = {name: key for name, _, _, key in plan}
+    model.hf_keys = {name: key for name, key in plan}
     model.hf_head_key = head_key
     return model
 

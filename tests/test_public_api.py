@@ -55,7 +55,10 @@ def test_the_api_names_pefts_configs_and_every_method():
                  "Qwen2Config", "generate", "GenerateOutput"):
         assert hasattr(sp, name), name
     assert set(sp.__all__) <= set(dir(sp))
-    assert METHODS[0] == "full" and len(METHODS) == len(set(METHODS)) == 11
+    assert METHODS[0] == "full" and len(METHODS) == len(set(METHODS)) >= 11
+    from spectral_peft.commands.run_options import DEFAULT_METHODS
+
+    assert set(DEFAULT_METHODS) <= set(METHODS) and len(DEFAULT_METHODS) == 11
 
 
 def test_from_pretrained_refuses_another_architecture(tmp_path):

@@ -18,9 +18,10 @@ from ..backend import DEVICES, emulation_unavailable_reason, gpu_unavailable_rea
 from ..quant import BLOCKSIZES_4BIT
 from .contract import check_folder_option, help_text
 
-# The default run: every method, as `--methods all` is. Each method costs about 20 s of the default
-# run's 5-minute budget on 2 cores; a method joins here only while that budget holds.
-DEFAULT_METHODS = METHODS
+# The default run. Each method costs about 20 s of the default run's 5-minute budget on 2 cores; a
+# method joins here only while that budget holds. `--methods all` runs every method of the registry.
+DEFAULT_METHODS = ("full", "lora", "rslora", "dora", "dylora", "lorafa", "deltalora", "adalora", "rosa", "qlora",
+                   "qrosa")
 
 # The base architectures --arch chooses (commands/pretrain.py builds each), and the linears each one's
 # default run adapts: every attention and MLP projection (GPT-2's c_proj is both the attention's

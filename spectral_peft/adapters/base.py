@@ -230,3 +230,4 @@ class Recipe:
     mixed_ranks: bool = False
     preset: str = ""  # the run option that, when set (not None), fixes the knob instead of the budget
     lr_option: str = "lr"  # the run option holding its learning rate
+    own_budget: bool = False  # trains at its own size (the preset), far under the budget: Quantum-PEFT

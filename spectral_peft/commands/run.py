@@ -132,7 +132,7 @@ def run_method(name: str, cfg: RunConfig, ctx: dict, results: dict, log: Log) ->
             results["unavailable"].append({"method": name, "reason": str(exc)})
             log(f"method {name}: not run: {exc}")
             return
-        if abs(count - budget) > cfg.tolerance * budget:
+        if abs(count - budget) > cfg.tolerance * budget and not recipe.own_budget:
             reason = (f"its nearest size ({_size_text(recipe, size)}) has {count:,} trainable parameters, "
                       f"{(count - budget) / budget:+.1%} from the budget {budget:,}")
             results["unavailable"].append({"method": name, "reason": reason})

@@ -16,7 +16,7 @@ import pytest
 
 from spectral_peft import cli
 from spectral_peft.results import load_results
-from spectral_peft.commands.run_options import METHODS, QUICK
+from spectral_peft.commands.run_options import DEFAULT_METHODS, QUICK
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_run_writes_table_json_and_figures(quick_run, first_run):
     assert results["base_model"]["params"] == V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
 
     # every method present, no method missing
-    assert [m["method"] for m in results["methods"]] == list(METHODS)
+    assert [m["method"] for m in results["methods"]] == list(DEFAULT_METHODS)
     assert results["unavailable"] == []
     for m in results["methods"]:
         if m["method"] == "full":
@@ -90,7 +90,7 @@ def test_run_writes_table_json_and_figures(quick_run, first_run):
 
     # the printed table says what the JSON says
     table = _table(stdout)
-    assert sorted(table) == sorted(METHODS)
+    assert sorted(table) == sorted(DEFAULT_METHODS)
     for name, m in by.items():
         cells = table[name]
         assert int(cells[1].replace(",", "")) == m["trainable_params"]

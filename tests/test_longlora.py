@@ -20,7 +20,7 @@ import pytest
 from spectral_peft.adapters.longlora import (ATTENTION_TARGETS, MODULES_TO_SAVE, LongLoraConfig, extend_context,
                                              interpolate_positions, saved_parameter_count)
 from spectral_peft.adapters.lora import LoraConfig, modules_to_save_parameter_count
-from spectral_peft.adapters.peft_model import get_peft_model, load_peft_model, save_adapter
+from spectral_peft.adapters.peft_model import adapted_shapes, get_peft_model, load_peft_model, save_adapter
 from spectral_peft.backend import get_backend, to_host
 from spectral_peft.commands.pretrain import new_base
 from spectral_peft.commands.run_options import RunConfig
@@ -47,7 +47,8 @@ def options(arch, **kw):
 def longlora_model(arch, seed=0, **kw):
     """A tiny base of the run's architecture with LongLoRA at r = 2, every trainable entry non-zero."""
     o = options(arch, **kw)
-    pm = get_peft_model(new_base(o, F64), LongLoraConfig.for_run(o, 2), seed=seed)
+    saved = ["wpe", *MODULES_TO_SAVE] if arch == "gpt2" else MODULES_TO_SAVE  # as --longlora_context trains
+    pm = get_peft_model(new_base(o, F64), LongLoraConfig.for_run(o, 2, target_modules=ATTENTION_TARGETS, modules_to_save=saved), seed=seed)
     rng = np.random.default_rng(seed + 1)
     for _, m in pm.adapter_layers():
         for k in ("lora_A.weight", "lora_B.weight"):
@@ -180,20 +181,31 @@ def test_bad_modules_to_save_is_refused_before_any_work(names, msg):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_budget_formula_equals_the_built_model(arch):
+@pytest.mark.parametrize("extended", [False, True])
+def test_budget_formula_equals_the_built_model(arch, extended):
+    """LoRA's count + the modules_to_save count, in closed form (written out here from the shapes),
+    equals the built model's trainable count; the extended GPT-2 also trains its position table."""
     for kw in ({}, {"n_layer": 3, "n_embd": 24, "n_positions": 32}):
         o = options(arch, **kw)
         base = new_base(o, F64)
-        measured = modules_to_save_parameter_count(base, MODULES_TO_SAVE)
-        assert saved_parameter_count(arch, o.n_layer, o.n_embd, o.n_positions) == measured
-        conf = LongLoraConfig.for_run(o, 3)
+        C, L, T = o.n_embd, o.n_layer, o.n_positions
+        saved, extra = list(MODULES_TO_SAVE), 0
+        if extended:
+            extend_context(base, 2)
+            T = 2 * T
+            if arch == "gpt2":
+                saved, extra = ["wpe", *saved], T * C
+        measured = modules_to_save_parameter_count(base, saved)
+        assert saved_parameter_count(arch, L, C, T if extra else 0) == measured
+        # the run hands the shapes of every linear it adapts (MLP too); the config keeps the attention ones
+        shapes = adapted_shapes(base, o.target_list())
+        conf = LongLoraConfig.for_run(o, 3, target_modules=ATTENTION_TARGETS, modules_to_save=saved, extra_numel=extra)
         pm = get_peft_model(base, conf)
-        C, L = o.n_embd, o.n_layer
-        if arch == "gpt2":  # c_attn C -> 3C, attn.c_proj C -> C; wpe T0·C; 2L + 1 LayerNorms of 2C
-            expected = L * 3 * ((C + 3 * C) + 2 * C) + o.n_positions * C + (2 * L + 1) * 2 * C
+        if arch == "gpt2":  # c_attn C -> 3C, attn.c_proj C -> C; 2L + 1 LayerNorms of 2C; wpe T·C
+            expected = L * 3 * ((C + 3 * C) + 2 * C) + (2 * L + 1) * 2 * C + extra
         else:  # q, o: C -> C; k, v: C -> C/2 (Hkv = H/2); 2L + 1 RMSNorms of C
             expected = L * 3 * (2 * 2 * C + 2 * (C + C // 2)) + (2 * L + 1) * C
-        assert conf.parameter_count(pm.target_shapes()) == expected == pm.trainable_parameter_count()
+        assert conf.parameter_count(shapes) == expected == pm.trainable_parameter_count()
 
 
 def _gpt2_dir(tmp_path):

@@ -18,19 +18,20 @@ Training (module.training is True), in every attention layer:
 
 Evaluation and generation (eval mode, or a KV cache): full causal attention, unchanged weights.
 
-Trainable: LoRA (lora.py) on the attention projections (GPT-2: attn.c_attn, attn.c_proj; Llama:
-q_proj, k_proj, v_proj, o_proj) and, through PEFT's ``modules_to_save``, the embeddings and the
-normalisation layers, trained in full:
+Trainable: LoRA (lora.py) on the attention projections (the paper's choice, ATTENTION_TARGETS:
+GPT-2 attn.c_attn, attn.c_proj; Llama q_proj, k_proj, v_proj, o_proj; in the run's comparison table
+LongLoRA adapts --target_modules like every method) and, through PEFT's ``modules_to_save``, the
+embeddings and the normalisation layers, trained in full:
 
-    GPT-2: wpe (the position table), ln_1, ln_2, ln_f      Llama: "norm" (PEFT's suffix rule picks
-    input_layernorm, post_attention_layernorm and norm)
+    GPT-2: ln_1, ln_2, ln_f, and wpe (the position table) when the context is extended
+    Llama: "norm" (PEFT's suffix rule picks input_layernorm, post_attention_layernorm and norm)
 
 The token embedding of these bases is tied to the language-model head (GPT-2 always, the run's
 Llama too); PEFT's modules_to_save would train an untied copy of it while the head keeps the
 frozen original, so it is left out (lora.modules_to_save_paths refuses a tied embedding).
 
     trainable = Σ_attention linears r·(d_in + d_out) + Σ_modules_to_save numel
-    GPT-2:  + F·T0·C (wpe) + (2L + 1)·2C (LayerNorm weight and bias)
+    GPT-2:  + (2L + 1)·2C (LayerNorm weight and bias) [+ F·T0·C (wpe), extended]
     Llama:  + (2L + 1)·C (RMSNorm weight)
 
 Context extension (:func:`extend_context`, before the adapters are injected), factor F:
@@ -66,7 +67,7 @@ from .lora import LoraConfig
 # One regex and one list serve both (PEFT: target_modules as a string is re.fullmatch'ed; a
 # modules_to_save entry that matches nothing is allowed while another matches).
 ATTENTION_TARGETS = r".*\.(attn\.c_attn|attn\.c_proj|q_proj|k_proj|v_proj|o_proj)"
-MODULES_TO_SAVE = ["wpe", "ln_1", "ln_2", "ln_f", "norm"]
+MODULES_TO_SAVE = ["ln_1", "ln_2", "ln_f", "norm"]  # the norms; the context extension adds GPT-2's "wpe"
 GROUP_SIZE_RATIO = 0.25  # G = T/4 (the paper's and LongLoRA's group_size_ratio)
 
 
@@ -87,7 +88,7 @@ class LongLoraConfig(LoraConfig):
     peft_type: ClassVar[str] = "LORA"
 
     group_size_ratio: float = GROUP_SIZE_RATIO  # G = ratio·T in training; an int fixes G itself
-    saved_numel: int = 0  # entries of the modules_to_save (saved_parameter_count), for parameter_count
+    extra_numel: int = 0  # saved entries the linear shapes do not determine (GPT-2's wpe: T·C), for parameter_count
 
     def validate(self) -> None:
         super().validate()
@@ -97,7 +98,7 @@ class LongLoraConfig(LoraConfig):
                 or (isinstance(g, float) and not 0 < g <= 1):
             raise ValueError(f"{n}.group_size_ratio={g!r} must be a float in (0, 1] (G = ratio·T; LongLoRA: 0.25) "
                              "or an even int >= 2 (G itself)")
-        V.check_int(n, "saved_numel", self.saved_numel, min=0)
+        V.check_int(n, "extra_numel", self.extra_numel, min=0)
 
     def group_size(self, T: int) -> int:
         """G for a training sequence of T tokens; a ValueError before any work unless G is a
@@ -119,18 +120,19 @@ class LongLoraConfig(LoraConfig):
 
     def parameter_count(self, shapes: dict[str, tuple[int, int]]) -> int:
         """LoRA's Σ r·(d_in + d_out) over the shapes this config targets (the run hands every
-        linear it adapts; LongLoRA keeps the attention ones) + saved_numel."""
+        linear it adapts; LongLoRA keeps the attention ones) + the norms of MODULES_TO_SAVE, from
+        the layer count L and width C those shapes give (norm_parameter_count) + extra_numel."""
         own = {p: s for p, s in shapes.items() if _targets_match(p, self.target_modules)}
-        return super().parameter_count(own) + int(self.saved_numel)
+        return super().parameter_count(own) + norm_parameter_count(own) + int(self.extra_numel)
 
     @classmethod
     def for_run(cls, options, size, **fields_) -> LongLoraConfig:
-        """The run's LongLoRA at rank ``size``: the attention projections of --arch, its
-        modules_to_save, and their closed count at the run's context (n_positions)."""
-        fields_.setdefault("saved_numel", saved_parameter_count(options.arch, options.n_layer, options.n_embd,
-                                                                options.n_positions))
-        return super().for_run(options, size, target_modules=ATTENTION_TARGETS,
-                               modules_to_save=list(MODULES_TO_SAVE), **fields_)
+        """The run's LongLoRA at rank ``size``: LoRA on --target_modules (in the comparison table
+        every method adapts the same linears), the norms trained (MODULES_TO_SAVE). The context
+        extension passes the paper's target_modules=ATTENTION_TARGETS, and modules_to_save with
+        GPT-2's position table and its extra_numel."""
+        fields_.setdefault("modules_to_save", list(MODULES_TO_SAVE))
+        return super().for_run(options, size, **fields_)
 
     def to_json_dict(self, peft_model=None) -> dict:
         return super().to_json_dict(peft_model)  # plain PEFT LoRA; S2-Attn is a training procedure
@@ -147,9 +149,29 @@ class LongLoraController(Controller):
         return {"s2_attn": {"group_size_ratio": self.group_size_ratio, "layers": self.n_layers}}
 
 
-def saved_parameter_count(arch: str, n_layer: int, n_embd: int, n_positions: int) -> int:
-    """Closed count of the entries MODULES_TO_SAVE picks on ``arch`` (module docstring): GPT-2 wpe
-    n_positions·C + (2L + 1) LayerNorms of 2C; Llama (2L + 1) RMSNorms of C."""
+def norm_parameter_count(shapes: dict[str, tuple[int, int]]) -> int:
+    """Entries of the 2L + 1 norms MODULES_TO_SAVE picks, from the attention shapes alone: L the
+    number of layers holding an adapted attention linear, C the attention input width (d_in of
+    c_attn / q_proj, d_out of c_proj / o_proj). GPT-2 (LayerNorm weight and bias): (2L + 1)·2C;
+    the LLaMA family (RMSNorm weight): (2L + 1)·C. 0 without attention shapes."""
+    layers, C, per_norm = set(), None, 1
+    for p, (d_out, d_in) in shapes.items():
+        head, _, leaf = p.rpartition(".")
+        if leaf in ("c_attn", "q_proj", "k_proj", "v_proj"):
+            C = d_in
+        elif leaf in ("c_proj", "o_proj"):
+            C = d_out
+        else:
+            continue
+        per_norm = 2 if leaf.startswith("c_") else 1
+        layers.add(head.rpartition(".")[0])  # the layer: "...h.0" of "...h.0.attn.c_attn"
+    return 0 if C is None else (2 * len(layers) + 1) * per_norm * C
+
+
+def saved_parameter_count(arch: str, n_layer: int, n_embd: int, n_positions: int = 0) -> int:
+    """Closed count of what LongLoRA saves on ``arch`` (module docstring): (2L + 1) LayerNorms of 2C
+    on GPT-2, plus its position table n_positions·C when extended (n_positions > 0); (2L + 1)
+    RMSNorms of C on Llama."""
     if arch == "gpt2":
         return n_positions * n_embd + (2 * n_layer + 1) * 2 * n_embd
     if arch == "llama":
@@ -203,8 +225,8 @@ def extend_context(model, factor: int):
 
 
 RECIPES = (
-    Recipe("longlora", "LongLoRA", lambda options, size: LongLoraConfig.for_run(options, size)),
+    Recipe("longlora", "LongLoRA", lambda options, size: LongLoraConfig.for_run(options, size), mixed_ranks=True),
 )
 
 __all__ = ["LongLoraConfig", "LongLoraController", "extend_context", "interpolate_positions",
-           "saved_parameter_count", "ATTENTION_TARGETS", "MODULES_TO_SAVE"]
+           "norm_parameter_count", "saved_parameter_count", "ATTENTION_TARGETS", "MODULES_TO_SAVE"]

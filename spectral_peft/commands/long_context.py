@@ -6,7 +6,8 @@ After the run's methods, from the same cached base (pretrained at T0 = --n_posit
    table linearly interpolated to F·T0 rows; a RoPE base by linear position interpolation, factor F);
 2. "extended base": that model evaluated as it is, without fine-tuning (without LongLoRA);
 3. "LongLoRA": the extended model fine-tuned at T = F·T0 for --steps steps (S2-Attn with G = T/4,
-   LoRA at --r on the attention projections, positions and norms trained through modules_to_save);
+   LoRA at --r on the attention projections, the norms (and GPT-2's position table) trained through
+   modules_to_save);
 4. "LoRA, full attention": the same fine-tuning with S2-Attn switched off (the ablation).
 
 Each is evaluated on the held-out docstrings at 1x, 2x and 4x T0 (the lengths <= F·T0), always
@@ -15,11 +16,10 @@ long_context.png (plots/longlora.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from .. import data as data_mod
-from ..adapters.longlora import LongLoraConfig, extend_context
+from ..adapters.longlora import ATTENTION_TARGETS, MODULES_TO_SAVE, LongLoraConfig, extend_context
 from ..adapters.peft_model import get_peft_model
 from ..optim import make_adamw
 from ..train import SeededBatches, Trainer, evaluate
@@ -41,8 +41,11 @@ def long_context_phase(cfg, ctx: dict, results: dict, log) -> None:
     t0 = time.perf_counter()
     lengths = [m * T0 for m in MULTIPLES if m * T0 <= T]
     sets = {L: eval_sets(ctx["eval_tokens"], cfg, L) for L in lengths}
-    long_cfg = dataclasses.replace(cfg, n_positions=T)
-    conf = LongLoraConfig.for_run(long_cfg, cfg.r)
+    saved, extra = list(MODULES_TO_SAVE), 0
+    if cfg.arch == "gpt2":  # the interpolated position table is trained too (the paper's embeddings)
+        saved, extra = ["wpe", *saved], T * cfg.n_embd
+    conf = LongLoraConfig.for_run(cfg, cfg.r, target_modules=ATTENTION_TARGETS, modules_to_save=saved,
+                                  extra_numel=extra)
     record = {"factor": F, "T0": T0, "T_train": T, "group_size": conf.group_size(T), "lengths": lengths,
               "windows": {str(L): int(sum(b["input_ids"].shape[0] for b in s)) for L, s in sets.items()},
               "eval_loss": {}, "trainable_params": {}}

@@ -317,3 +317,32 @@ def test_extend_context_gpt2_and_llama():
     assert_close(llama.model.inv_freq, inv / 2, "inv_freq / F", rtol=1e-15)
     with pytest.raises(ValueError, match="factor must be an int >= 2"):
         extend_context(llama, 1)
+
+
+# --- the run option -------------------------------------------------------------------------------
+def test_longlora_context_option_is_checked_before_any_work():
+    with pytest.raises(ValueError, match=r"--longlora_context must be 0 \(off\) or an integer >= 2"):
+        RunConfig(longlora_context=1).validate()
+    with pytest.raises(ValueError, match="F·n_positions divisible by 8"):
+        RunConfig(longlora_context=2, n_positions=10).validate()
+    RunConfig(longlora_context=4).validate()
+
+
+def test_run_with_longlora_context_reports_1x_2x_4x_and_draws_the_figure(tmp_path):
+    from spectral_peft.commands.run import run
+
+    cfg = RunConfig(methods="lora", steps=2, pretrain_steps=2, batch_size=2, n_positions=16, n_layer=1, n_embd=16,
+                    n_head=2, eval_batches=1, eval_every=1, longlora_context=4, progress=False,
+                    out=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    results, folder = run(cfg, log=lambda text="": None)
+    rec = results["long_context"]
+    assert rec["lengths"] == [16, 32, 64] and rec["T_train"] == 64 and rec["group_size"] == 16
+    for name in ("extended base, no fine-tuning", "LongLoRA (S2-Attn)", "LoRA + modules_to_save, full attention"):
+        assert sorted(rec["eval_loss"][name]) == ["16", "32", "64"]
+        assert all(np.isfinite(v) for v in rec["eval_loss"][name].values())
+    # LoRA r on c_attn, attn.c_proj + wpe (64 rows) + 3 LayerNorms, all of width 16
+    assert rec["trainable_params"]["LongLoRA (S2-Attn)"] == 8 * (4 * 16 + 2 * 16) + 64 * 16 + 3 * 2 * 16
+    assert "long_context.png" in results["figures"]
+    import os
+
+    assert os.path.getsize(os.path.join(folder, "long_context.png")) > 0

@@ -16,11 +16,23 @@ import json
 
 import numpy as np
 import pytest
+from test_ops_s2attn import allowed_mask, torch_dense_reference
 
-from spectral_peft.adapters.longlora import (ATTENTION_TARGETS, MODULES_TO_SAVE, LongLoraConfig, extend_context,
-                                             interpolate_positions, saved_parameter_count)
+from spectral_peft.adapters.longlora import (
+    ATTENTION_TARGETS,
+    MODULES_TO_SAVE,
+    LongLoraConfig,
+    extend_context,
+    interpolate_positions,
+    saved_parameter_count,
+)
 from spectral_peft.adapters.lora import LoraConfig, modules_to_save_parameter_count
-from spectral_peft.adapters.peft_model import adapted_shapes, get_peft_model, load_peft_model, save_adapter
+from spectral_peft.adapters.peft_model import (
+    adapted_shapes,
+    get_peft_model,
+    load_peft_model,
+    save_adapter,
+)
 from spectral_peft.backend import get_backend, to_host
 from spectral_peft.commands.pretrain import new_base
 from spectral_peft.commands.run_options import RunConfig
@@ -28,8 +40,6 @@ from spectral_peft.io.safe import load_safetensors
 from spectral_peft.model import save_pretrained
 from spectral_peft.ops import attention_backward, attention_forward
 from spectral_peft.testing import GRADCHECK_RTOL, assert_close, numerical_gradient
-
-from test_ops_s2attn import allowed_mask, torch_dense_reference
 
 torch = pytest.importorskip("torch", reason="torch: the autograd peer")
 transformers = pytest.importorskip("transformers", reason="transformers: the Hugging Face model peer")
@@ -106,7 +116,7 @@ def test_longlora_model_gradients_by_central_differences(arch):
         view = flat[idx].copy()
         analytic = to_host(m.grads[k]).reshape(-1)[idx]
 
-        def f():
+        def f(flat=flat, idx=idx, view=view):
             flat[idx] = view
             return pm.forward(ids, labels=ids).loss
 
@@ -237,7 +247,7 @@ def test_peft_loads_the_engine_file_with_the_same_logits(tmp_path):
     keys = set(load_safetensors(tmp_path / "ad" / "adapter_model.safetensors"))
     assert {"base_model.model.transformer.wpe.weight", "base_model.model.transformer.h.0.ln_1.bias",
             "base_model.model.transformer.ln_f.weight"} <= keys
-    assert json.load(open(tmp_path / "ad" / "adapter_config.json"))["modules_to_save"] == ["wpe", "ln_1", "ln_f"]
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["modules_to_save"] == ["wpe", "ln_1", "ln_f"]
     tm = transformers.GPT2LMHeadModel.from_pretrained(str(base_dir), attn_implementation="eager", dtype=torch.float64)
     pt = peft.PeftModel.from_pretrained(tm, str(tmp_path / "ad")).eval()
     theirs = pt(input_ids=torch.tensor(ids)).logits.detach().numpy()

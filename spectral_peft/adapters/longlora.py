@@ -52,6 +52,7 @@ training procedure and is not in the file (PEFT has no field for it).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -73,8 +74,6 @@ GROUP_SIZE_RATIO = 0.25  # G = T/4 (the paper's and LongLoRA's group_size_ratio)
 
 def _targets_match(path: str, target_modules) -> bool:
     """PEFT's target_modules rule for one path (module.match_target_modules, without a model)."""
-    import re  # noqa: PLC0415
-
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, path) is not None
     return any(path == t or path.endswith("." + t) for t in target_modules)
@@ -228,5 +227,13 @@ RECIPES = (
     Recipe("longlora", "LongLoRA", lambda options, size: LongLoraConfig.for_run(options, size), mixed_ranks=True),
 )
 
-__all__ = ["LongLoraConfig", "LongLoraController", "extend_context", "interpolate_positions",
-           "norm_parameter_count", "saved_parameter_count", "ATTENTION_TARGETS", "MODULES_TO_SAVE"]
+__all__ = [
+    "ATTENTION_TARGETS",
+    "MODULES_TO_SAVE",
+    "LongLoraConfig",
+    "LongLoraController",
+    "extend_context",
+    "interpolate_positions",
+    "norm_parameter_count",
+    "saved_parameter_count",
+]

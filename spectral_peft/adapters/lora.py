@@ -139,10 +139,9 @@ class LoraConfig(AdapterConfig):
         if self.bias != "none":
             raise ValueError(f"{n}.bias={self.bias!r} is not supported; use 'none'")
         V.check_str_list(n, "modules_to_save", self.modules_to_save, allow_none=True)
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save):
-                raise ValueError(f"{n}.modules_to_save={self.modules_to_save!r} must be a list of module names "
-                                 "(e.g. ['wpe', 'ln_f']) or None")
+        if self.modules_to_save is not None and not all(self.modules_to_save):
+            raise ValueError(f"{n}.modules_to_save={self.modules_to_save!r} holds an empty name; name modules, "
+                             "e.g. ['wpe', 'ln_f'], or pass None")
         V.check_mapping(n, "rank_pattern", self.rank_pattern, str,
                         lambda o, k, v: V.check_int(o, k, v, min=0, min_inclusive=False))
         V.check_mapping(n, "alpha_pattern", self.alpha_pattern, str,

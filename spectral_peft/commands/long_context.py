@@ -19,7 +19,12 @@ from __future__ import annotations
 import time
 
 from .. import data as data_mod
-from ..adapters.longlora import ATTENTION_TARGETS, MODULES_TO_SAVE, LongLoraConfig, extend_context
+from ..adapters.longlora import (
+    ATTENTION_TARGETS,
+    MODULES_TO_SAVE,
+    LongLoraConfig,
+    extend_context,
+)
 from ..adapters.peft_model import get_peft_model
 from ..optim import make_adamw
 from ..train import SeededBatches, Trainer, evaluate

@@ -31,6 +31,7 @@ from safetensors.numpy import load_file
 from .commands.contract import check_folder_option, help_text
 from .plots import adalora as adalora_plots
 from .plots import dylora as dylora_plots
+from .plots import longlora as longlora_plots
 from .plots import quant as quant_plots
 from .plots import rosa as rosa_plots
 from .plots import training as training_plots
@@ -149,6 +150,13 @@ def fig_dylora(results, path):
     dylora_plots.plot_rank_eval(rec, path)
 
 
+def fig_long_context(results, path):
+    rec = results.get("long_context")
+    if not rec:
+        raise FigureUnavailable("the run had no --longlora_context")
+    longlora_plots.plot_long_context(rec, path)
+
+
 FIGURES = (
     ("loss_curves.png", fig_loss_curves),
     ("memory.png", fig_memory),
@@ -163,6 +171,7 @@ FIGURES = (
     ("rosa_density.png", fig_rosa_density),
     ("rosa_support.png", fig_rosa_support),
     ("dylora_rank_eval.png", fig_dylora),
+    ("long_context.png", fig_long_context),
 )
 
 

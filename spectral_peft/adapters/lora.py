@@ -97,13 +97,15 @@ class LoraConfig(AdapterConfig):
     bias: str = "none"  # only "none" is supported
     rank_pattern: dict = field(default_factory=dict)  # {module regex: r}
     alpha_pattern: dict = field(default_factory=dict)  # {module regex: lora_alpha}
-    modules_to_save: list[str] | None = None  # not supported (must be None)
+    modules_to_save: list[str] | None = None  # non-adapted modules trained in full and saved (PEFT's rule: modules_to_save_paths)
     task_type: str | None = None  # PEFT's task type, carried through the file
     loftq_config: dict = field(default_factory=dict)  # {"loftq_bits": 4, "loftq_iter": n} with init "loftq"
 
     def __post_init__(self):
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
         if self.rank_pattern is None:
             self.rank_pattern = {}
         if self.alpha_pattern is None:
@@ -136,9 +138,10 @@ class LoraConfig(AdapterConfig):
         check_loftq_config(n, self.init_lora_weights, self.loftq_config)
         if self.bias != "none":
             raise ValueError(f"{n}.bias={self.bias!r} is not supported; use 'none'")
-        if self.modules_to_save:
-            raise ValueError(f"{n}.modules_to_save={self.modules_to_save!r} is not supported; use None")
         V.check_str_list(n, "modules_to_save", self.modules_to_save, allow_none=True)
+        if self.modules_to_save is not None and not all(self.modules_to_save):
+            raise ValueError(f"{n}.modules_to_save={self.modules_to_save!r} holds an empty name; name modules, "
+                             "e.g. ['wpe', 'ln_f'], or pass None")
         V.check_mapping(n, "rank_pattern", self.rank_pattern, str,
                         lambda o, k, v: V.check_int(o, k, v, min=0, min_inclusive=False))
         V.check_mapping(n, "alpha_pattern", self.alpha_pattern, str,
@@ -397,6 +400,46 @@ class LoraLinear(AdapterLayer):
 # ------------------------------------------------------------------------------------------------
 # Model-level helpers
 # ------------------------------------------------------------------------------------------------
+def modules_to_save_paths(model: Module, names, target_paths=()) -> list[str]:
+    """The paths of the modules ``modules_to_save`` trains in full, by PEFT's rule (peft
+    ``utils/other.py _set_trainable``): every module whose dotted path ENDS WITH one of ``names``,
+    as a plain string suffix (so "norm" also picks Llama's input_layernorm). Only the outermost of
+    nested matches is listed. Every parameter below a listed module becomes trainable; PEFT saves
+    it under ``base_model.model.<path>.<param>`` (the ``modules_to_save.default`` infix dropped).
+
+    Refused, before any work, with a ValueError naming what is wrong: a list that names no module
+    holding parameters (PEFT's strict check; an entry matching nothing is allowed when another
+    matches, as in PEFT, so one list can serve several architectures); a match that is, holds or lies inside a LoRA target (``target_paths``);
+    a match holding the tied embedding (the engine's head shares it; PEFT would train an untied copy).
+    """
+    if not names:
+        return []
+    paths = [p for p, m in model.named_modules() if p and any(True for _ in m.named_parameters())]
+    found = [p for p in paths if any(p.endswith(name) for name in names)]
+    if not found:  # PEFT's strict check: an error when the list names no module at all
+        leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+        raise ValueError(f"modules_to_save {list(names)!r} names no module of the model; modules holding "
+                         f"parameters are named {leaves}")
+    outer = [p for p in found if not any(p.startswith(q + ".") for q in found)]
+    for p in outer:
+        for t in target_paths:
+            if p == t or p.startswith(t + ".") or t.startswith(p + "."):
+                raise ValueError(f"modules_to_save picks {p!r}, which overlaps the LoRA target {t!r}; "
+                                 "a module is either adapted or saved, not both")
+    tied = getattr(model, "TIED_EMBEDDING", None)
+    if tied is not None and getattr(model.config, "tie_word_embeddings", True):
+        for p in outer:
+            if tied.startswith(p + "."):
+                raise ValueError(f"modules_to_save picks {p!r}, which holds the tied embedding {tied!r} "
+                                 "(shared with the language-model head): leave it out")
+    return outer
+
+
+def modules_to_save_parameter_count(model: Module, names, target_paths=()) -> int:
+    """Entries the modules_to_save train: the sizes of every parameter below the chosen modules."""
+    return int(sum(model.get_submodule(p).num_parameters() for p in modules_to_save_paths(model, names, target_paths)))
+
+
 def lora_layers(model: Module) -> list[tuple[str, LoraLinear]]:
     """(path, layer) of every LoRA-family layer in ``model``, in model order."""
     return adapter_layers(model, LoraLinear)

@@ -40,11 +40,11 @@ import os
 
 import numpy as np
 
-from ..backend import host_rng, to_host
+from ..backend import get_xp, host_rng, to_host
 from ..io.safe import FileFormatError, load_json, load_safetensors, save_json, save_safetensors
 from ..module import Module, match_target_modules
 from .base import MODEL_PREFIX, AdapterConfig, Controller, adapter_layers, inject_adapters, model_relative
-from .lora import LoraConfig
+from .lora import LoraConfig, modules_to_save_paths
 from .registry import config_class, resolve
 
 
@@ -69,7 +69,14 @@ class PeftModel(Module):
         config = resolve(config)
         config.validate()
         rng = host_rng(seed)
+        # PEFT's modules_to_save: checked before anything changes, trainable once the base is frozen
+        saved = modules_to_save_paths(model, getattr(config, "modules_to_save", None),
+                                      match_target_modules(model, config.target_modules))
         inject_adapters(model, config.target_modules, lambda path, base: config.make_layer(path, base, rng))
+        for path in saved:
+            for _, m in model.get_submodule(path).named_modules():
+                m.unfreeze()
+        self.saved_modules: list[str] = saved  # paths relative to the wrapped model
         self.base_model = TunerModel(model)
         self.peft_config = config
         controller = config.make_controller(self)
@@ -184,6 +191,9 @@ def adapter_state_dict(peft_model: PeftModel) -> dict:
     for path, layer in peft_model.adapter_layers():  # path starts with "base_model.model."
         for suffix, a in layer.peft_state_dict().items():
             out[f"{path}.{suffix}"] = to_host(a)
+    for path in peft_model.saved_modules:  # PEFT's key: the modules_to_save.default infix dropped
+        for name, m, k in peft_model.model.get_submodule(path).named_parameters(prefix=MODEL_PREFIX + path):
+            out[name] = to_host(m.params[k])
     return out
 
 
@@ -272,11 +282,15 @@ def load_peft_model(model: Module, adapter_dir, seed: int = 0) -> PeftModel:
         paths = match_target_modules(model, config.target_modules)
         rng = host_rng(seed)
         trial = {p: config.make_layer(p, model.get_submodule(p), rng) for p in paths}
+        saved = modules_to_save_paths(model, getattr(config, "modules_to_save", None), paths)
     except (ValueError, TypeError, KeyError) as exc:
         raise FileFormatError(cfg_path, f"does not fit the model: {exc}") from None
 
-    # 2. every key and shape
+    # 2. every key and shape (the modules_to_save parameters under their PEFT keys too)
     expected = _expected_keys(trial)
+    saved_keys = {name: (m, k) for path in saved
+                  for name, m, k in model.get_submodule(path).named_parameters(prefix=MODEL_PREFIX + path)}
+    expected.update({name: (None, k, tuple(m.params[k].shape), False) for name, (m, k) in saved_keys.items()})
     unknown = sorted(set(arrays) - set(expected))
     if unknown:
         raise FileFormatError(st_path, f"no adapted layer of the model holds this tensor (target_modules "
@@ -291,7 +305,7 @@ def load_peft_model(model: Module, adapter_dir, seed: int = 0) -> PeftModel:
             raise FileFormatError(st_path, f"shape {tuple(arrays[key].shape)}, expected {shape}", key=key)
     per_layer = {p: {} for p in paths}
     for key, (path, suffix, _, _) in expected.items():
-        if key in arrays:
+        if key in arrays and key not in saved_keys:
             per_layer[path][suffix] = arrays[key]
 
     # 3. the layers' own checks (CSR structure, ranks), still off the model
@@ -309,6 +323,8 @@ def load_peft_model(model: Module, adapter_dir, seed: int = 0) -> PeftModel:
         installed = dict((p[len(MODEL_PREFIX):], layer) for p, layer in peft_model.adapter_layers())
         for path in paths:
             installed[path].load_peft_state_dict(per_layer[path])
+        for key, (m, k) in saved_keys.items():  # in place, cast to the parameter's dtype
+            m.params[k][...] = get_xp(m.params[k]).asarray(to_host(arrays[key]).astype(m.params[k].dtype))
     except BaseException:
         _restore(model, snapshot, originals)
         raise

@@ -18,6 +18,7 @@ from .deltalora import RECIPES as DELTALORA_RECIPES
 from .dora import RECIPES as DORA_RECIPES
 from .dora import DoraConfig
 from .dylora import RECIPES as DYLORA_RECIPES
+from .longlora import RECIPES as LONGLORA_RECIPES
 from .lora import RECIPES as LORA_RECIPES
 from .lora import LoraConfig
 from .lorafa import RECIPES as LORAFA_RECIPES
@@ -51,10 +52,11 @@ def resolve(config: AdapterConfig) -> AdapterConfig:
 
 FULL = Recipe("full", "full FT", lambda options, size: None, knob="", lr_option="full_lr")
 
-_ORDER = ("full", "lora", "rslora", "dora", "dylora", "lorafa", "deltalora", "adalora", "rosa", "qlora", "qrosa", "quantum_peft")
+_ORDER = ("full", "lora", "rslora", "dora", "dylora", "lorafa", "deltalora", "adalora", "rosa", "qlora", "qrosa",
+          "quantum_peft", "longlora")
 _ALL = {r.name: r for r in (FULL, *LORA_RECIPES, *DORA_RECIPES, *DYLORA_RECIPES, *LORAFA_RECIPES,
-                            *DELTALORA_RECIPES, *ADALORA_RECIPES, *ROSA_RECIPES,
-                            *QUANTUM_PEFT_RECIPES)}
+                            *DELTALORA_RECIPES, *ADALORA_RECIPES, *ROSA_RECIPES, *QUANTUM_PEFT_RECIPES,
+                            *LONGLORA_RECIPES)}
 RECIPES: dict[str, Recipe] = {name: _ALL[name] for name in _ORDER}
 METHODS: tuple[str, ...] = tuple(RECIPES)
 

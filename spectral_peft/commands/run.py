@@ -38,6 +38,7 @@ from ..quant.report import quantization_record
 from ..results import RESULTS_FILE, format_table, new_results, save_results
 from ..train import SeededBatches, Trainer, evaluate
 from .contract import check_folder_option
+from .long_context import long_context_phase
 from .pretrain import default_cache_dir, load_base, new_base, pretrain_base
 from .run_options import RunConfig, add_arguments, config_from_args  # noqa: F401 - add_arguments: the CLI's
 
@@ -174,7 +175,7 @@ def _data_phase(cfg: RunConfig, results: dict, log: Log) -> dict:
         f"{ft_train.summary()['bytes']:,} bytes train, {ft_eval.summary()['bytes']:,} bytes held out "
         f"(every {data_mod.EVAL_EVERY}th docstring); eval on {results['data']['eval_windows']} windows of "
         f"{cfg.n_positions} bytes")
-    return {"pretrain": pre, "train_tokens": ft_train.tokens,
+    return {"pretrain": pre, "train_tokens": ft_train.tokens, "eval_tokens": ft_eval.tokens,
             "eval_sets": [{"input_ids": w, "labels": w} for w in windows]}
 
 
@@ -280,6 +281,8 @@ def run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
         _base_phase(cfg, ctx, results, log)
         for name in cfg.method_list():
             run_method(name, cfg, ctx, results, log)
+        if cfg.longlora_context:
+            long_context_phase(cfg, ctx, results, log)
         _finish(cfg, results, folder, t_start, log)
     return results, folder
 

@@ -78,6 +78,8 @@ class RunConfig:
     delta_start_step: int = 0
     # DyLoRA (DyLoraConfig field)
     dylora_mode: str = "frozen"
+    # LongLoRA's context extension (commands/long_context.py): 0 off; F >= 2 extends the base F times
+    longlora_context: int = 0
     # evaluation, placement, output
     eval_every: int = 25
     eval_batches: int = 8
@@ -172,6 +174,10 @@ class RunConfig:
             raise ValueError(f"--dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if not (self.target_modules and self.target_list()):
             raise ValueError(f"--target_modules is empty; name linears such as {ARCH_TARGETS[self.arch]}")
+        F = self.longlora_context
+        if F != 0 and (F < 2 or (F * self.n_positions) % 8):
+            raise ValueError(f"--longlora_context must be 0 (off) or an integer >= 2 with F·n_positions divisible by 8 "
+                             f"(S2-Attn's G = T/4 must be even), got {F} with --n_positions {self.n_positions}")
         if self.init_r is not None and self.target_r is not None and self.target_r > self.init_r:
             raise ValueError(f"--target_r {self.target_r} exceeds --init_r {self.init_r}; target_r must be <= init_r")
 
@@ -255,6 +261,7 @@ _HELP = {
     "delta_lambda": "Delta-LoRA's lambda: the weight update's multiplier",
     "delta_start_step": "Delta-LoRA: steps before the base weight starts to move (K)",
     "dylora_mode": "DyLoRA's rank sampling mode: frozen or full",
+    "longlora_context": "0: off; F >= 2: extend the base's context F times and report eval loss at 1x/2x/4x with and without LongLoRA",
     "eval_every": "evaluate every this many steps",
     "eval_batches": "batches of the held-out evaluation set",
     "device": "cpu, gpu (CuPy) or gpu-emulated (CuPy's rules on the CPU)",

@@ -30,7 +30,7 @@ import math
 
 from ..backend import Backend, ShapeBackend, get_xp, host_rng
 from ..module import Linear, Module, ModuleList
-from ..ops.attention import attention_backward, attention_forward, merge_heads, split_heads
+from ..ops.attention import attention_backward, attention_forward, merge_heads, s2_group_size, split_heads
 from .config import GPT2Config
 from .kv_cache import KVCache
 from .lm_head import NO_FORWARD, shifted_loss, tied_head_backward, tied_head_forward, upstream_dlogits
@@ -85,7 +85,7 @@ class GPT2Attention(Module):
         self.n_head = n_head
         self.attn_pdrop = attn_pdrop  # dropout on the attention probabilities (HF's attn_dropout)
         self.rng = rng
-        self.shift_group = None  # LongLoRA's S2-Attn group size when set (training only)
+        self.shift_group = None  # LongLoRA's S2-Attn: G (int) or G/T (float) when set (training only)
         self.scale = scale
         self.layer_idx = layer_idx  # this layer's slot in a KVCache
 
@@ -113,7 +113,7 @@ class GPT2Attention(Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, P+T, hd) views of the cache
         p = self.attn_pdrop if self.training else 0.0
         out, attn_cache = attention_forward(q, k, v, causal=True, key_padding_mask=key_padding_mask,
-                                            shift_group=self.shift_group if self.training else None,
+                                            shift_group=s2_group_size(self.shift_group, T) if self.training else None,
                                             dropout_p=p, rng=self.rng)
         self.cache = None if kv_cache is not None else (attn_cache, (B, T))
         y = self.c_proj(merge_heads(out).reshape(B * T, C))  # (B, H, T, hd) -> (N, C) -> (N, C)

@@ -29,7 +29,7 @@ from __future__ import annotations
 from ..backend import Backend, get_xp
 from ..module import Linear, Module, ModuleList
 from ..ops.activation import swiglu_backward, swiglu_forward
-from ..ops.attention import attention_backward, attention_forward, merge_heads, split_heads
+from ..ops.attention import attention_backward, attention_forward, merge_heads, s2_group_size, split_heads
 from ..ops.rope import rope_backward, rope_cos_sin, rope_forward, rope_init
 from .gpt2 import Init
 from .kv_cache import KVCache
@@ -55,7 +55,7 @@ class LlamaAttention(Module):
         self.sliding_window = sliding_window
         self.layer_idx = layer_idx
         self.rng = rng
-        self.shift_group = None  # LongLoRA's S2-Attn group size when set (training only)
+        self.shift_group = None  # LongLoRA's S2-Attn: G (int) or G/T (float) when set (training only)
 
     def forward(self, x, bt, cos, sin, key_padding_mask=None, kv_cache: KVCache | None = None):
         """x (N, C), bt = (B, T), cos/sin (B, T, D), key_padding_mask (B, P+T) bool or None -> (N, C)."""
@@ -70,7 +70,7 @@ class LlamaAttention(Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, P+T, hd) views of the cache
         p = self.attention_dropout if self.training else 0.0
         out, attn_cache = attention_forward(q, k, v, causal=True, key_padding_mask=key_padding_mask,
-                                            shift_group=self.shift_group if self.training else None,
+                                            shift_group=s2_group_size(self.shift_group, T) if self.training else None,
                                             dropout_p=p, rng=self.rng, sliding_window=self.sliding_window)
         # with a cache the forward is inference only: nothing is kept for a backward
         self.cache = None if kv_cache is not None else (attn_cache, (cos, sin), (B, T))

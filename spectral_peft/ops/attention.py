@@ -116,8 +116,8 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None, shift_group:
     decoding); causal: query i sees keys j <= Tk - Tq + i; sliding_window W (causal only): and
     j > Tk - Tq + i - W; key_padding_mask (B, Tk), 1 = real token, 0 = padding (never attended
     to), or None. -> out (B, H, Tq, hd), cache.
-    shift_group = G: LongLoRA's S2-Attn instead of full attention (training only; H = Hkv and
-    Tq = Tk; see :func:`s2_attention_forward`).
+    shift_group = G: LongLoRA's S2-Attn instead of full attention (training only; Tq = Tk; see
+    :func:`s2_attention_forward`).
     dropout_p > 0: inverted dropout on the attention probabilities P (HF's attn_dropout), the mask
     drawn from ``rng``; pass 0 (the default) at evaluation.
     """
@@ -126,8 +126,8 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None, shift_group:
     B, H, Tq, hd = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if shift_group is not None:
-        if Hkv != H or Tq != Tk:
-            raise ValueError("attention_forward: shift_group (S2-Attn) needs q, k, v of one shape (B, H, T, hd)")
+        if Tq != Tk:
+            raise ValueError("attention_forward: shift_group (S2-Attn) needs Tq = Tk (no KV cache: training only)")
         return s2_attention_forward(q, k, v, causal, shift_group, key_padding_mask, dropout_p, rng)
     if causal and Tq > Tk:
         raise ValueError(f"attention_forward: causal attention needs Tq <= Tk (queries are the last Tq keys), got Tq = {Tq}, Tk = {Tk}")
@@ -270,13 +270,29 @@ def _s2_ungroup(a):
     return xp.concatenate([a[:, :h0], xp.roll(a[:, h0:], G // 2, axis=2)], axis=1)
 
 
+def s2_group_size(shift_group, T: int):
+    """The S2-Attn group size G of a forward of T tokens: ``shift_group`` itself when an int,
+    G = ratio·T when a float ratio in (0, 1] (LongLoRA's group_size_ratio, 1/4 in the paper), None
+    when None (full attention). A ratio whose G is not a whole number is refused here, before any
+    work; :func:`s2_attention_forward` refuses a G that is odd or does not divide T."""
+    if shift_group is None or isinstance(shift_group, int):
+        return shift_group
+    G = float(shift_group) * T
+    if not 0 < float(shift_group) <= 1 or G != int(G):
+        raise ValueError(f"shift_group ratio {shift_group!r} of T = {T} gives G = {G:g}, not a whole number of "
+                         "tokens; choose T divisible by the ratio's denominator (LongLoRA: T divisible by 4)")
+    return int(G)
+
+
 def s2_attention_forward(q, k, v, causal: bool, shift_group: int, key_padding_mask=None,
                          dropout_p: float = 0.0, rng=None):
     """LongLoRA S2-Attn: attention within groups of G = shift_group tokens, half the heads shifted.
 
-    q, k, v (B, H, T, hd) with T divisible by G, G even (LongLoRA uses G = T/4);
-    key_padding_mask (B, T) or None; dropout_p, rng: dropout on P as in attention_forward.
-    -> out (B, H, T, hd), cache.
+    q (B, H, T, hd), k, v (B, H, T, hd) or grouped (B, Hkv, T, hd), with T divisible by G, G even
+    (LongLoRA uses G = T/4); key_padding_mask (B, T) or None; dropout_p, rng: dropout on P as in
+    attention_forward. -> out (B, H, T, hd), cache.
+    Grouped queries: k, v are repeated to H heads first (head h reads kv head h // (H/Hkv), HF's
+    repeat_kv, as LongLoRA does), and the backward sums dk, dv back over each group.
     """
     _check_qkv(q, k, v, key_padding_mask)
     _check_dropout(dropout_p, rng)
@@ -285,6 +301,9 @@ def s2_attention_forward(q, k, v, causal: bool, shift_group: int, key_padding_ma
     if not isinstance(G, int) or G < 2 or G % 2 or T % G:
         raise ValueError(f"shift_group must be an even divisor of T = {T} (LongLoRA: T/4), got {G!r}")
     xp = get_xp(q)
+    rep = H // k.shape[1]
+    if rep > 1:  # (B, Hkv, T, hd) -> (B, H, T, hd): k_rep[:, h] = k[:, h // rep]
+        k, v = xp.repeat(k, rep, axis=1), xp.repeat(v, rep, axis=1)
     qg, kg, vg = (_s2_group(a, G) for a in (q, k, v))  # (B, H, T/G, G, hd)
     masked = None  # broadcastable to (B, H, T/G, G, G)
     if causal:
@@ -294,17 +313,21 @@ def s2_attention_forward(q, k, v, causal: bool, shift_group: int, key_padding_ma
         pad = _s2_group(pad, G).swapaxes(-1, -2)  # (B, H, T/G, 1, G): each group's padded keys
         masked = pad if masked is None else (masked | pad)
     out_g, core = _sdpa_forward(qg, kg, vg, masked, key_padding_mask is not None, dropout_p, rng)
-    return _s2_ungroup(out_g), ("s2", (core, G))
+    return _s2_ungroup(out_g), ("s2", (core, G, rep))
 
 
 def s2_attention_backward(dout, cache):
     """(dq, dk, dv), each (B, H, T, hd), of S2-Attn: the grouped attention's backward, with the
     rolls undone (the adjoint of a roll by -G/2 is the roll by +G/2)."""
-    _, (core, G) = cache
+    _, (core, G, rep) = cache
     B, H, nG, _, hd = core[0].shape
     if dout.shape != (B, H, nG * G, hd):
         raise ValueError(f"attention_backward: dout must have shape (B, H, T, hd) = {(B, H, nG * G, hd)}, got {tuple(dout.shape)}")
     # out = ungroup(out_g)  =>  dout_g = group(dout)
     grads_g = _sdpa_backward(_s2_group(dout, G), core)
     # q_g = group(q)  =>  dq = ungroup(dq_g)   (and the same for k, v)
-    return tuple(_s2_ungroup(d) for d in grads_g)
+    dq, dk, dv = (_s2_ungroup(d) for d in grads_g)
+    if rep > 1:  # k_rep[:, h] = k[:, h // rep]  =>  dk[:, j] = Σ_{h // rep = j} dk_rep[:, h]
+        dk = dk.reshape(B, H // rep, rep, nG * G, hd).sum(axis=2)
+        dv = dv.reshape(B, H // rep, rep, nG * G, hd).sum(axis=2)
+    return dq, dk, dv

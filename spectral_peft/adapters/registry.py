@@ -20,11 +20,14 @@ from .dora import DoraConfig
 from .dylora import RECIPES as DYLORA_RECIPES
 from .lora import RECIPES as LORA_RECIPES
 from .lora import LoraConfig
+from .prefix import RECIPES as PREFIX_RECIPES
+from .prefix import PrefixTuningConfig, PromptTuningConfig
 from .lorafa import RECIPES as LORAFA_RECIPES
 from .rosa import RECIPES as ROSA_RECIPES
 from .rosa import RosaConfig
 
-CONFIGS: dict[str, type] = {"LORA": LoraConfig, "ADALORA": AdaLoraConfig, "ROSA": RosaConfig}
+CONFIGS: dict[str, type] = {"LORA": LoraConfig, "ADALORA": AdaLoraConfig, "ROSA": RosaConfig,
+                             "PREFIX_TUNING": PrefixTuningConfig, "PROMPT_TUNING": PromptTuningConfig}
 
 
 def config_class(peft_type: str, use_dora: bool = False) -> type:
@@ -48,9 +51,9 @@ def resolve(config: AdapterConfig) -> AdapterConfig:
 
 FULL = Recipe("full", "full FT", lambda options, size: None, knob="", lr_option="full_lr")
 
-_ORDER = ("full", "lora", "rslora", "dora", "dylora", "lorafa", "deltalora", "adalora", "rosa", "qlora", "qrosa")
+_ORDER = ("full", "lora", "rslora", "dora", "dylora", "lorafa", "deltalora", "adalora", "rosa", "qlora", "qrosa", "prefix", "prompt")
 _ALL = {r.name: r for r in (FULL, *LORA_RECIPES, *DORA_RECIPES, *DYLORA_RECIPES, *LORAFA_RECIPES,
-                            *DELTALORA_RECIPES, *ADALORA_RECIPES, *ROSA_RECIPES)}
+                            *DELTALORA_RECIPES, *ADALORA_RECIPES, *ROSA_RECIPES, *PREFIX_RECIPES)}
 RECIPES: dict[str, Recipe] = {name: _ALL[name] for name in _ORDER}
 METHODS: tuple[str, ...] = tuple(RECIPES)
 

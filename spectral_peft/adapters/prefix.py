@@ -142,6 +142,17 @@ class PromptLearningConfig(AdapterConfig):
             raise ValueError(f"{type(self).__name__}: parameter_count needs token_dim, num_layers and "
                              "num_attention_heads (for_model fills them from the model; the recipes from the run)")
 
+    def run_unavailable(self, options) -> str | None:
+        """Why the main job (``spectral-peft run``) cannot train this config, or None. Its sequences
+        of n_positions tokens fill the base's position table (n_positions, or a Llama's
+        max_position_embeddings), and the virtual tokens take the positions before them (PEFT's
+        positions), so a prefix or prompt never fits there: the run records the method as not run."""
+        P, T = self.num_virtual_tokens, options.n_positions
+        if P + T > options.n_positions:
+            return (f"{P} virtual tokens before the training sequences of {T} tokens need {P + T} positions; the "
+                    f"base's position table has n_positions = {options.n_positions}")
+        return None
+
     def make_layer(self, path, base, rng):
         raise TypeError(f"{type(self).__name__} wraps no linear: PeftModel builds its prompt encoder (make_encoder)")
 
@@ -424,14 +435,6 @@ def _prompt_for_run(options, size) -> PromptTuningConfig:
     return PromptTuningConfig(num_virtual_tokens=size, num_layers=d["L"], token_dim=d["C"], num_attention_heads=d["H"])
 
 
-def run_unavailable(options, size) -> str | None:
-    """Why the main job cannot train ``size`` virtual tokens, or None: its sequences of n_positions
-    tokens already fill the base's position table (n_positions), and the virtual tokens take
-    positions before them (PEFT's positions), so no prefix or prompt fits."""
-    if size + options.n_positions > options.n_positions:
-        return (f"{size} virtual tokens and the training sequences of n_positions = {options.n_positions} tokens "
-                f"need {size + options.n_positions} positions; the base's position table has {options.n_positions}")
-    return None
 
 
 RECIPES = (

@@ -186,7 +186,7 @@ class LlamaModel(Module):
         for i, layer in enumerate(self.layers):
             layer.self_attn.prefix = None if prefix is None else prefix[i]
         for layer in self.layers:
-            x = layer(x, (B, T), cos, sin, key_padding_mask, kv_cache)
+            x = layer(x, (B, T + Pp), cos, sin, key_padding_mask, kv_cache)
         return self.norm(x)
 
     def backward(self, dh):

@@ -264,3 +264,24 @@ def test_a_file_of_another_model_is_refused_naming_the_field(tmp_path):
     assert not other.transformer.wte.frozen
     again = load_peft_model(gpt2(n_layer=2), tmp_path)
     assert_close(again.prompt_encoder.prompt_embeddings(), pm.prompt_encoder.prompt_embeddings(), "reloaded", 0.0)
+
+
+# --- the main job's recipes -----------------------------------------------------------------------
+def test_the_recipes_match_a_budget_by_num_virtual_tokens_and_say_why_the_run_cannot_train_them():
+    from spectral_peft.adapters.registry import METHODS, recipe
+    from spectral_peft.budget import match_budget
+    from spectral_peft.commands.run import precheck_methods
+    from spectral_peft.commands.run_options import DEFAULT_METHODS, RunConfig
+
+    assert {"prefix", "prompt"} <= set(METHODS) and not {"prefix", "prompt"} & set(DEFAULT_METHODS)
+    for arch, Hkv in (("gpt2", 4), ("llama", 2)):
+        opts = RunConfig(arch=arch, n_layer=4, n_embd=128, n_head=4, n_positions=64, methods="prefix,prompt")
+        precheck_methods(opts)  # builds each config once: no error
+        per_token = 4 * 2 * Hkv * 32  # L·2·Hkv·hd
+        size, count = match_budget(recipe("prefix"), opts, {}, 64 * per_token, 0.05)
+        assert (size, count) == (64, 64 * per_token)
+        size, count = match_budget(recipe("prompt"), opts, {}, 128 * 300, 0.05)
+        assert (size, count) == (300, 300 * 128)  # P·C
+        reason = recipe("prefix").make_config(opts, size).run_unavailable(opts)
+        assert reason == (f"{size} virtual tokens before the training sequences of 64 tokens need {size + 64} "
+                          "positions; the base's position table has n_positions = 64")

@@ -311,3 +311,17 @@ def test_training_lowers_the_loss_and_the_saved_adapter_reloads(tmp_path, kind, 
     pm.save_pretrained(tmp_path)
     fresh = gpt2(n_positions=12, seed=2, initializer_range=0.3) if kind == "gpt2" else build(tiny("llama"), seed=2)
     assert_close(load_peft_model(fresh, tmp_path).eval().forward(ids).logits, logits, "reloaded logits", 1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_given_position_ids_are_offset_by_the_prefix_as_peft_does(kind):
+    """PEFT adds num_virtual_tokens to given position_ids: arange(T) then means P..P+T-1, the default
+    positions after a prefix; without the offset the logits would differ."""
+    pm = get_peft_model(small(kind), PrefixTuningConfig(num_virtual_tokens=2), seed=3).eval()
+    data = small_batch(kind)
+    ids = data["input_ids"]
+    default = np.array(pm.forward(ids).logits)
+    given = pm.forward(ids, position_ids=np.broadcast_to(np.arange(ids.shape[1]), ids.shape)).logits
+    assert_close(given, default, "logits with position_ids arange(T)", 1e-13)
+    shifted = pm.forward(ids, position_ids=np.broadcast_to(np.arange(1, ids.shape[1] + 1), ids.shape)).logits
+    assert np.abs(np.asarray(shifted) - default).max() > 1e-6

@@ -131,6 +131,8 @@ def test_bad_input_is_one_clear_error(tmp_path, n):
         PromptTuningConfig(num_virtual_tokens=n)
     with pytest.raises(ValueError, match="prompt_tuning_init = 'TEXT' needs init_token_ids"):
         PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT")
+    with pytest.raises(ValueError, match=r"init_token_ids holds 99, outside the model's vocabulary \[0, 29\)"):
+        get_peft_model(gpt2(), PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", init_token_ids=[99]))
     with pytest.raises(ValueError, match="prompt_tuning_init = 'WORDS'"):
         PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="WORDS")
     with pytest.raises(ValueError, match=r"num_virtual_tokens = 12 leaves no position.*n_positions = 12"):

@@ -245,10 +245,10 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ValueError(f"PromptTuningConfig: prompt_tuning_init = {self.prompt_tuning_init!r}; choose one of "
                              f"{list(PROMPT_INITS)}")
         self.prompt_tuning_init = init
-        if init == "TEXT" and not self.inference_mode:
-            if not self.init_token_ids or any(type(i) is not int or i < 0 for i in self.init_token_ids):
-                raise ValueError("PromptTuningConfig: prompt_tuning_init = 'TEXT' needs init_token_ids, the non-empty "
-                                 "list of token ids of prompt_tuning_init_text (the engine has no tokenizer)")
+        ids = self.init_token_ids
+        if init == "TEXT" and not self.inference_mode and (not ids or any(type(i) is not int or i < 0 for i in ids)):
+            raise ValueError("PromptTuningConfig: prompt_tuning_init = 'TEXT' needs init_token_ids, the non-empty "
+                             "list of token ids of prompt_tuning_init_text (the engine has no tokenizer)")
 
     def parameter_count(self, shapes=None) -> int:
         """P·td (td = C); ``shapes`` unused."""
@@ -387,6 +387,9 @@ class PromptEmbedding(PromptLearningEncoder):
             ids = rng.integers(0, W.shape[0], size=self.P)
         elif c.prompt_tuning_init == "TEXT" and not c.inference_mode:
             ids = list(c.init_token_ids)
+            if max(ids) >= W.shape[0]:
+                raise ValueError(f"PromptTuningConfig: init_token_ids holds {max(ids)}, outside the model's vocabulary "
+                                 f"[0, {W.shape[0]})")
             ids = (ids * math.ceil(self.P / len(ids)))[:self.P]  # PEFT: cut, or repeated then cut
         if ids is None:
             E = self.xp.asarray(rng.normal(0.0, 1.0, size=(self.P, c.token_dim)), dtype=W.dtype)

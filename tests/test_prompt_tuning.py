@@ -145,3 +145,26 @@ def test_bad_input_is_one_clear_error(tmp_path, n):
     with pytest.raises(FileFormatError, match=r"prompt_embeddings.*shape \(8, 15\), expected \(8, 16\)"):
         load_peft_model(gpt2(n_positions=12), tmp_path)
     assert GPT2_V == pm.forward(np.ones((1, 4), dtype=np.int64)).logits.shape[-1]
+
+
+def test_the_reference_command_writes_logits_over_the_virtual_positions(tmp_path):
+    from spectral_peft.cli import main as cli_main
+    from spectral_peft.io.safe import load_safetensors
+
+    mdir = write_model(tmp_path, "gpt2")
+    pm = get_peft_model(load_pretrained(mdir, get_backend("cpu", "float64")), PromptTuningConfig(num_virtual_tokens=P))
+    pm.save_pretrained(tmp_path / "adapter")
+    data = batch("gpt2")
+    save_safetensors(data, tmp_path / "in.safetensors")
+    rc = cli_main(["reference", "--model", str(mdir), "--adapter", str(tmp_path / "adapter"), "--inputs",
+                   str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "out.safetensors")])
+    assert rc == 0
+    res = load_safetensors(tmp_path / "out.safetensors")
+    assert sorted(res) == ["grad.prompt_embeddings", "logits", "loss"]
+    assert res["logits"].shape == (3, P + 6, GPT2_V) and res["grad.prompt_embeddings"].shape == (P, 16)
+    pm.eval()
+    out = pm.forward(**data)
+    pm.zero_grad()
+    pm.backward()
+    assert_close(res["logits"], out.logits, "logits", 0.0)
+    assert_close(res["grad.prompt_embeddings"], pm.prompt_encoder.embedding.grads["weight"], "grad", 0.0)

@@ -16,7 +16,8 @@ import pytest
 
 from spectral_peft import cli
 from spectral_peft.results import load_results
-from spectral_peft.commands.run_options import METHODS, QUICK
+from spectral_peft.commands.run_options import DEFAULT_METHODS as METHODS  # the default run's methods
+from spectral_peft.commands.run_options import QUICK
 
 pytestmark = pytest.mark.slow
 

@@ -93,7 +93,8 @@ def match_budget(recipe, options, shapes: dict[str, tuple[int, int]], budget: in
         return preset, count(preset)
     if recipe.knob == "d":
         return _match_density(count, shapes, budget)
-    lo, hi = 1, max(8 * options.r, 16)
+    # virtual tokens add >= 1 parameter each: the count reaches the budget by size = budget
+    lo, hi = 1, budget if recipe.knob == "num_virtual_tokens" else max(8 * options.r, 16)
     while lo < hi:  # the smallest r with count(r) >= budget
         mid = (lo + hi) // 2
         if count(mid) >= budget:

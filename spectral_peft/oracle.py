@@ -15,7 +15,8 @@ a loss or a dlogits: ``<key>`` is the parameter's key in the model file (no adap
 gradients in the file's (d_in, d_out) layout; a tied head (GPT-2, LLaMA-family models with
 tie_word_embeddings) under the embedding's key, and also under
 ``lm_head.weight`` when the file has it), or in the adapter file (with an adapter: only its
-parameters). With an AdaLoRA adapter the loss includes orth_reg_weight times the orthogonal
+parameters; prefix and prompt tuning: ``grad.prompt_embeddings``, and for prompt tuning the logits
+cover the virtual positions too, (B, P + T, V), as PEFT's forward returns them). With an AdaLoRA adapter the loss includes orth_reg_weight times the orthogonal
 regulariser, as PEFT's AdaLoraModel.forward does. Dropout is off.
 
 Refused before any work (one line on stderr naming the problem, exit status 2, no OUT file; it is
@@ -36,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from .adapters.peft_model import load_peft_model
+from .adapters.prefix import PEFT_KEY
 from .backend import get_backend, to_host
 from .commands.contract import check_out_dir, help_text, run_or_exit2
 from .io.safe import check_finite, load_safetensors, save_safetensors
@@ -131,9 +133,12 @@ def reference(model_dir, inputs: dict, adapter_dir=None, dtype: str = "float64",
         grads = hf_gradients(model)
     else:
         grads = {}
+        prompt_learning = getattr(model, "prompt_encoder", None) is not None
         for name, m, k in model.named_parameters(trainable_only=True):
             g = m.grads.get(k)
-            grads[name] = to_host(g) if g is not None else np.zeros(m.params[k].shape, dtype=np.dtype(dtype))
+            # prefix / prompt tuning: the one trainable tensor, under its file key prompt_embeddings
+            grads[PEFT_KEY if prompt_learning else name] = (to_host(g) if g is not None
+                                                             else np.zeros(m.params[k].shape, dtype=np.dtype(dtype)))
     for key, g in grads.items():
         result[f"grad.{key}"] = np.ascontiguousarray(g)
     return result

@@ -37,6 +37,7 @@ layers, frozen sets and gradients). Errors name the file, the key, and the expec
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 
@@ -45,6 +46,7 @@ from ..io.safe import FileFormatError, load_json, load_safetensors, save_json, s
 from ..module import Module, match_target_modules
 from .base import MODEL_PREFIX, AdapterConfig, Controller, adapter_layers, inject_adapters, model_relative
 from .lora import LoraConfig, modules_to_save_paths
+from .prefix import PEFT_KEY
 from .registry import config_class, resolve
 
 
@@ -69,6 +71,15 @@ class PeftModel(Module):
         config = resolve(config)
         config.validate()
         rng = host_rng(seed)
+        self.prompt_encoder = None
+        if getattr(config, "is_prompt_learning", False):  # prefix / prompt tuning (adapters/prefix.py)
+            config = config.for_model(model)
+            encoder = config.make_encoder(model, rng)
+            model.freeze_all()
+            self.base_model, self.peft_config, self.controllers = TunerModel(model), config, []
+            self.prompt_encoder = encoder
+            self.saved_modules = []
+            return
         # PEFT's modules_to_save: checked before anything changes, trainable once the base is frozen
         saved = modules_to_save_paths(model, getattr(config, "modules_to_save", None),
                                       match_target_modules(model, config.target_modules))
@@ -95,13 +106,19 @@ class PeftModel(Module):
         return self.model.backend
 
     def forward(self, *args, **kwargs):
+        if self.prompt_encoder is not None:
+            return self.prompt_encoder.model_forward(self.model, *args, **kwargs)
         return self.model.forward(*args, **kwargs)
 
     def backward(self, *args, **kwargs):
+        if self.prompt_encoder is not None:
+            return self.prompt_encoder.model_backward(self.model, *args, **kwargs)
         return self.model.backward(*args, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """KV-cache generation with the adapters computed at every step (spectral_peft/generation.py)."""
+        if self.prompt_encoder is not None:
+            raise NotImplementedError(f"generate: generation with {self.peft_config.peft_type} is not implemented")
         from ..generation import generate  # noqa: PLC0415
 
         return generate(self, input_ids, attention_mask, **kwargs)
@@ -186,7 +203,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def adapter_state_dict(peft_model: PeftModel) -> dict:
-    """{PEFT file key: host array} of every adapter layer, in model order."""
+    """{PEFT file key: host array} of every adapter layer, in model order (prefix / prompt tuning:
+    ``prompt_embeddings`` alone, as PEFT's get_peft_model_state_dict)."""
+    if peft_model.prompt_encoder is not None:
+        return {PEFT_KEY: np.ascontiguousarray(to_host(peft_model.prompt_encoder.prompt_embeddings()))}
     out = {}
     for path, layer in peft_model.adapter_layers():  # path starts with "base_model.model."
         for suffix, a in layer.peft_state_dict().items():
@@ -276,6 +296,8 @@ def load_peft_model(model: Module, adapter_dir, seed: int = 0) -> PeftModel:
     if adapter_layers(model):
         raise ValueError(f"the model already holds adapter layers {[p for p, _ in adapter_layers(model)][:3]}; "
                          "load an adapter into a plain base model")
+    if getattr(config, "is_prompt_learning", False):
+        return _load_prompt_learning(model, config, arrays, cfg_path, st_path, seed)
 
     # 1. build the adapters off to the side, in the order PeftModel builds them (same seed, same draws)
     try:
@@ -327,5 +349,33 @@ def load_peft_model(model: Module, adapter_dir, seed: int = 0) -> PeftModel:
             m.params[k][...] = get_xp(m.params[k]).asarray(to_host(arrays[key]).astype(m.params[k].dtype))
     except BaseException:
         _restore(model, snapshot, originals)
+        raise
+    return peft_model
+
+
+def _load_prompt_learning(model: Module, config, arrays: dict, cfg_path, st_path, seed: int) -> PeftModel:
+    """Prefix / prompt tuning from PEFT's files, as PEFT loads them (inference_mode: the file's
+    prompt_embeddings is the trained tensor, the projected prefix for prefix_projection); every
+    check before the model is touched."""
+    config = replace(config, inference_mode=True)
+    try:
+        filled = config.for_model(model)
+    except (ValueError, TypeError) as exc:
+        raise FileFormatError(cfg_path, f"does not fit the model: {exc}") from None
+    unknown = sorted(set(arrays) - {PEFT_KEY})
+    if unknown:
+        raise FileFormatError(st_path, f"{filled.peft_type} files hold only {PEFT_KEY!r}", key=unknown[0])
+    if PEFT_KEY not in arrays:
+        raise FileFormatError(st_path, "missing: the prompt encoder's tensor", key=PEFT_KEY)
+    P = filled.num_virtual_tokens
+    shape = (P, filled.parameter_count() // P)
+    if tuple(arrays[PEFT_KEY].shape) != shape:
+        raise FileFormatError(st_path, f"shape {tuple(arrays[PEFT_KEY].shape)}, expected {shape}", key=PEFT_KEY)
+    snapshot = _snapshot(model)
+    try:
+        peft_model = PeftModel(model, filled, seed=seed)
+        peft_model.prompt_encoder.load_prompt_embeddings(arrays[PEFT_KEY])
+    except BaseException:
+        _restore(model, snapshot, {})
         raise
     return peft_model

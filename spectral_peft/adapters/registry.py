@@ -21,6 +21,8 @@ from .dylora import RECIPES as DYLORA_RECIPES
 from .longlora import RECIPES as LONGLORA_RECIPES
 from .lora import RECIPES as LORA_RECIPES
 from .lora import LoraConfig
+from .prefix import RECIPES as PREFIX_RECIPES
+from .prefix import PrefixTuningConfig, PromptTuningConfig
 from .lorafa import RECIPES as LORAFA_RECIPES
 from .quantum_peft import RECIPES as QUANTUM_PEFT_RECIPES
 from .quantum_peft import QuantumPeftConfig
@@ -28,7 +30,8 @@ from .rosa import RECIPES as ROSA_RECIPES
 from .rosa import RosaConfig
 
 CONFIGS: dict[str, type] = {"LORA": LoraConfig, "ADALORA": AdaLoraConfig, "ROSA": RosaConfig,
-                           "QUANTUM_PEFT": QuantumPeftConfig}
+                           "QUANTUM_PEFT": QuantumPeftConfig,
+                           "PREFIX_TUNING": PrefixTuningConfig, "PROMPT_TUNING": PromptTuningConfig}
 
 
 def config_class(peft_type: str, use_dora: bool = False) -> type:
@@ -53,10 +56,10 @@ def resolve(config: AdapterConfig) -> AdapterConfig:
 FULL = Recipe("full", "full FT", lambda options, size: None, knob="", lr_option="full_lr")
 
 _ORDER = ("full", "lora", "rslora", "dora", "dylora", "lorafa", "deltalora", "adalora", "rosa", "qlora", "qrosa",
-          "quantum_peft", "longlora")
+          "quantum_peft", "longlora", "prefix", "prompt")
 _ALL = {r.name: r for r in (FULL, *LORA_RECIPES, *DORA_RECIPES, *DYLORA_RECIPES, *LORAFA_RECIPES,
                             *DELTALORA_RECIPES, *ADALORA_RECIPES, *ROSA_RECIPES, *QUANTUM_PEFT_RECIPES,
-                            *LONGLORA_RECIPES)}
+                            *LONGLORA_RECIPES, *PREFIX_RECIPES)}
 RECIPES: dict[str, Recipe] = {name: _ALL[name] for name in _ORDER}
 METHODS: tuple[str, ...] = tuple(RECIPES)
 

@@ -139,6 +139,11 @@ def run_method(name: str, cfg: RunConfig, ctx: dict, results: dict, log: Log) ->
             results["unavailable"].append({"method": name, "reason": reason})
             log(f"method {name}: not run: {reason}")
             return
+        unfit = getattr(recipe.make_config(cfg, size), "run_unavailable", None)  # prefix / prompt tuning
+        if unfit is not None and unfit(cfg) is not None:
+            results["unavailable"].append({"method": name, "reason": unfit(cfg)})
+            log(f"method {name}: not run: {unfit(cfg)}")
+            return
     model, conf = build_method(recipe, cfg, ctx["base_folder"], ctx["backend"], size)
     rec = train_method(recipe, model, cfg, ctx["train_tokens"], ctx["eval_sets"])
     seconds = time.perf_counter() - t0
@@ -290,7 +295,8 @@ def run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
 def precheck_methods(cfg: RunConfig) -> None:
     """Build every chosen method's adapter config once (no model needed), so a bad method option
     (a RoSA --schedule, a --dylora_mode, AdaLoRA's --tinit/--tfinal) fails before any work."""
-    sample = {"r": cfg.r, "init_r": cfg.init_r or cfg.r, "d": cfg.d if cfg.d is not None else 0.01, "": None}
+    sample = {"r": cfg.r, "init_r": cfg.init_r or cfg.r, "d": cfg.d if cfg.d is not None else 0.01, "": None,
+              "num_virtual_tokens": 1}
     for name in cfg.method_list():
         recipe = get_recipe(name)
         try:

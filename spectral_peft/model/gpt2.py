@@ -32,7 +32,8 @@ from ..backend import Backend, ShapeBackend, get_xp, host_rng
 from ..module import Linear, Module, ModuleList
 from ..ops.attention import attention_backward, attention_forward, merge_heads, s2_group_size, split_heads
 from .config import GPT2Config
-from .kv_cache import KVCache
+from .kv_cache import (KVCache, mask_covers, positions_taken, prepend_prefix, prepend_prompt, split_prefix_grad,
+                       virtual_lengths)
 from .lm_head import NO_FORWARD, shifted_loss, tied_head_backward, tied_head_forward, upstream_dlogits
 from .layers import Activation, Dropout, Embedding, LayerNorm, PreNormBlock
 from .output import ModelOutput, check_input_ids, check_int_range, check_mask, to_backend
@@ -88,6 +89,8 @@ class GPT2Attention(Module):
         self.shift_group = None  # LongLoRA's S2-Attn: G (int) or G/T (float) when set (training only)
         self.scale = scale
         self.layer_idx = layer_idx  # this layer's slot in a KVCache
+        self.prefix = None  # prefix tuning's (k_p, v_p), each (H, Pk, hd), set by the model per forward
+        self.prefix_grad = None  # (dk_p, dv_p) (H, Pk, hd) after a backward with a prefix
 
     def _q_factor(self, hd: int):
         if self.scale is None or self.scale == hd ** -0.5:
@@ -111,6 +114,8 @@ class GPT2Attention(Module):
         v = split_heads(qkv[..., 2 * C:], H)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, P+T, hd) views of the cache
+        if self.prefix is not None:
+            k, v = prepend_prefix(self.prefix, k, v)  # (B, H, Pk+T, hd): the prefix as past keys/values
         p = self.attn_pdrop if self.training else 0.0
         out, attn_cache = attention_forward(q, k, v, causal=True, key_padding_mask=key_padding_mask,
                                             shift_group=s2_group_size(self.shift_group, T) if self.training else None,
@@ -131,6 +136,8 @@ class GPT2Attention(Module):
         hd = C // H
         dq, dk, dv = attention_backward(split_heads(dmerged.reshape(B, T, C), H), attn_cache)  # (B, H, T, hd)
         self.cache = None
+        if self.prefix is not None:  # k = [k_p | k]  =>  dk_p = Σ_B dk[:, :, :Pk], dk = dk[:, :, Pk:]
+            self.prefix_grad, dk, dv = split_prefix_grad(self.prefix, dk, dv)
         f = self._q_factor(hd)
         if f is not None:
             dq *= f  # q' = q · f  =>  dq = dq' · f
@@ -201,17 +208,29 @@ class GPT2Model(Module):
         self.ln_f = init.layernorm(C, c.layer_norm_epsilon)
         self.config = config
 
-    def forward(self, input_ids, key_padding_mask=None, position_ids=None, kv_cache=None):
+    def forward(self, input_ids, key_padding_mask=None, position_ids=None, kv_cache=None, prefix=None,
+                prompt=None):
         """input_ids (B, T) int, key_padding_mask (B, P+T) bool or None, position_ids (B, T) int or
         None (validated by the caller) -> h (N, C), N = B·T: activations stay 2-D so that every
         projection is one GEMM. Without position_ids the positions are P..P+T-1 for every row, as
-        in HF (P: the positions a kv_cache already holds)."""
+        in HF (P: the positions a kv_cache already holds, or the Pk of a prefix).
+
+        prefix: prefix tuning's per-layer (k_p, v_p), each (H, Pk, hd), the past keys and values of
+        every layer (adapters/prefix.py); prompt: prompt tuning's (Pp, C) embeddings, put before the
+        tokens' own, x = [prompt | wte[ids]], so T counts Pp + the tokens (position_ids, the mask and
+        the output cover them)."""
         B, T = input_ids.shape
-        self.cache = ((B, T), position_ids is not None)
+        Pp = 0 if prompt is None else prompt.shape[0]
+        self.cache = ((B, T), position_ids is not None, Pp)
         xp = get_xp(self.wte.params["weight"])
         x = self.wte(input_ids)  # (B, T) -> (B, T, C)
+        if prompt is not None:
+            x = prepend_prompt(prompt, x)  # (B, Pp + T, C)
+            T += Pp
+        for i, block in enumerate(self.h):
+            block.attn.prefix = None if prefix is None else prefix[i]
         if position_ids is None:
-            P = 0 if kv_cache is None else kv_cache.length
+            P = (0 if kv_cache is None else kv_cache.length) + (0 if prefix is None else prefix[0][0].shape[1])
             x += self.wpe(xp.arange(P, P + T))  # + (T, C), broadcast over B
         else:
             x += self.wpe(position_ids)  # + (B, T, C): per-row positions (left-padded generation)
@@ -222,13 +241,15 @@ class GPT2Model(Module):
 
     def backward(self, dh):
         """dh (N, C) -> None (gradients accumulate into the parameters)."""
-        (ids_shape, per_row), self.cache = self.cache, None  # (B, T), whether position_ids were given
+        (ids_shape, per_row, Pp), self.cache = self.cache, None  # (B, T), whether position_ids were given
         dx = self.ln_f.backward(dh)
         for block in reversed(self.h.items):
             dx = block.backward(dx)
-        dx = self.drop.backward(dx).reshape(*ids_shape, -1)  # (N, C) -> (B, T, C)
-        # x = wte[ids] + wpe[pos]  =>  dwte = scatter(dx) over ids, dwpe = scatter(dx) over pos
-        self.wte.backward(dx)
+        dx = self.drop.backward(dx).reshape(ids_shape[0], -1, dx.shape[-1])  # (N, C) -> (B, Pp + T, C)
+        # x = [prompt | wte[ids]] + wpe[pos]  =>  dprompt = Σ_B dx[:, :Pp], dwte = scatter(dx[:, Pp:]) over
+        # ids, dwpe = scatter(dx) over pos
+        self.prompt_grad = dx[:, :Pp].sum(axis=0) if Pp else None
+        self.wte.backward(dx[:, Pp:])
         # pos = arange(T) shared by every row: the scatter is Σ_B dx, (B, T, C) -> (T, C)
         self.wpe.backward(dx if per_row else dx.sum(axis=0))
         return None
@@ -265,19 +286,24 @@ class GPT2LMHeadModel(Module):
         return KVCache(c.n_layer, batch, max_len, c.n_head, c.n_embd // c.n_head, self.backend)
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, position_ids=None,
-                kv_cache=None) -> ModelOutput:
+                kv_cache=None, prefix=None, prompt=None) -> ModelOutput:
+        """prefix / prompt: prefix and prompt tuning's virtual tokens (GPT2Model.forward; given by
+        adapters/prefix.py): with a prompt of Pp rows, T below is Pp + the tokens (labels,
+        position_ids and the logits cover the virtual positions); the attention_mask covers the Pk
+        prefix positions too."""
         c = self.config
         input_ids = to_backend(input_ids, self.backend)
-        P = 0 if kv_cache is None else kv_cache.length
-        check_input_ids(input_ids, c.vocab_size, c.n_positions - P,
-                        "n_positions" + (f" - {P} cached positions" if P else ""))
+        P, Pk, Pp = virtual_lengths(kv_cache, prefix, prompt)
+        check_input_ids(input_ids, c.vocab_size, c.n_positions - P - Pk - Pp,
+                        "n_positions" + positions_taken(P, Pk, Pp))
         B, T = input_ids.shape
+        T += Pp
         if token_type_ids is not None:
             raise ValueError("token_type_ids: GPT-2 models take none (pass token_type_ids=None)")
         if kv_cache is not None and labels is not None:
             raise ValueError("labels: a forward with a kv_cache is inference only; pass labels=None")
-        mask = check_mask(None if attention_mask is None else to_backend(attention_mask, self.backend), (B, P + T),
-                          "attention_mask" + (" (covering the cached positions too)" if P else ""))
+        mask = check_mask(None if attention_mask is None else to_backend(attention_mask, self.backend),
+                          (B, P + Pk + T), "attention_mask" + mask_covers(P, Pk, Pp))
         if position_ids is not None:
             position_ids = to_backend(position_ids, self.backend)
             check_int_range(position_ids, (B, T), 0, c.n_positions, "position_ids")
@@ -285,7 +311,7 @@ class GPT2LMHeadModel(Module):
             labels = to_backend(labels, self.backend)
             check_int_range(labels, (B, T), 0, c.vocab_size, "labels", ignore=-100)
         self.cache = None
-        h = self.transformer(input_ids, mask, position_ids, kv_cache)  # (N, C)
+        h = self.transformer(input_ids, mask, position_ids, kv_cache, prefix, prompt)  # (N, C)
         if kv_cache is not None:
             kv_cache.advance(T)
         # logits = h wteᵀ (the tied lm_head), (N, C) -> (N, V)

@@ -14,7 +14,7 @@ rows P..P+T-1 (ops/attention.py).
 """
 from __future__ import annotations
 
-from ..backend import Backend
+from ..backend import Backend, get_xp
 from ..validation import check_int
 
 
@@ -55,3 +55,63 @@ class KVCache:
         if self.length + T > self.max_len:
             raise ValueError(f"KVCache.advance: {self.length} + {T} positions exceed max_len = {self.max_len}")
         self.length += T
+
+
+# --- prefix and prompt tuning's virtual tokens (adapters/prefix.py) -----------------------------
+# A prefix is the past keys and values of Pk positions in every layer, as PEFT passes it
+# (past_key_values): the tokens' keys follow it, k = [k_p | k], so the T queries are the last T of
+# Pk + T keys under the causal mask, exactly as with a KV cache; unlike a cache it is trained, so
+# the backward splits dk, dv. It is shared by the batch's rows: (Hkv, Pk, hd), broadcast over B,
+# and its gradient is the sum over B. A prompt is Pp input embeddings (Pp, C) put before the
+# tokens' own, shared by the rows likewise.
+
+def prepend_prefix(prefix, k, v):
+    """k, v (B, Hkv, T, hd), prefix (k_p, v_p) each (Hkv, Pk, hd) -> [k_p | k], [v_p | v] (B, Hkv, Pk+T, hd)."""
+    k_p, v_p = prefix
+    if k_p.shape != v_p.shape or k_p.ndim != 3 or k_p.shape[0] != k.shape[1] or k_p.shape[2] != k.shape[3]:
+        raise ValueError(f"prefix: k_p, v_p must be (Hkv, Pk, hd) with (Hkv, hd) = {(k.shape[1], k.shape[3])}, "
+                         f"got {tuple(k_p.shape)}, {tuple(v_p.shape)}")
+    xp = get_xp(k)
+    B = k.shape[0]
+    k = xp.concatenate([xp.broadcast_to(k_p[None], (B, *k_p.shape)).astype(k.dtype, copy=False), k], axis=2)
+    v = xp.concatenate([xp.broadcast_to(v_p[None], (B, *v_p.shape)).astype(v.dtype, copy=False), v], axis=2)
+    return k, v
+
+
+def split_prefix_grad(prefix, dk, dv):
+    """k = [k_p | k] (k_p broadcast over B)  =>  ((dk_p, dv_p) (Hkv, Pk, hd) summed over B, dk, dv (B, Hkv, T, hd))."""
+    Pk = prefix[0].shape[1]
+    return (dk[:, :, :Pk].sum(axis=0), dv[:, :, :Pk].sum(axis=0)), dk[:, :, Pk:], dv[:, :, Pk:]
+
+
+def prepend_prompt(prompt, x):
+    """x (B, T, C), prompt (Pp, C) -> [prompt | x] (B, Pp + T, C); its backward is dprompt = Σ_B dx[:, :Pp]."""
+    xp = get_xp(x)
+    if prompt.ndim != 2 or prompt.shape[1] != x.shape[2]:
+        raise ValueError(f"prompt: must be (Pp, C) with C = {x.shape[2]}, got {tuple(prompt.shape)}")
+    return xp.concatenate([xp.broadcast_to(prompt[None].astype(x.dtype, copy=False), (x.shape[0], *prompt.shape)), x],
+                          axis=1)
+
+
+def virtual_lengths(kv_cache, prefix, prompt) -> tuple[int, int, int]:
+    """(P cached positions, Pk prefix positions, Pp prompt positions) of one forward."""
+    if kv_cache is not None and (prefix is not None or prompt is not None):
+        raise ValueError("prefix / prompt: a forward with a kv_cache takes no virtual tokens (generation with "
+                         "prefix or prompt tuning is not implemented)")
+    P = 0 if kv_cache is None else kv_cache.length
+    Pk = 0 if prefix is None else int(prefix[0][0].shape[1])
+    Pp = 0 if prompt is None else int(prompt.shape[0])
+    return P, Pk, Pp
+
+
+def positions_taken(P: int, Pk: int, Pp: int) -> str:
+    """How an input check names the positions not left to the tokens ("", " - 3 virtual tokens", ...)."""
+    if P:
+        return f" - {P} cached positions"
+    return f" - {Pk + Pp} virtual tokens" if Pk + Pp else ""
+
+
+def mask_covers(P: int, Pk: int, Pp: int) -> str:
+    if P:
+        return " (covering the cached positions too)"
+    return " (covering the virtual tokens too)" if Pk + Pp else ""

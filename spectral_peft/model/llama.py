@@ -32,7 +32,8 @@ from ..ops.activation import swiglu_backward, swiglu_forward
 from ..ops.attention import attention_backward, attention_forward, merge_heads, s2_group_size, split_heads
 from ..ops.rope import rope_backward, rope_cos_sin, rope_forward, rope_init
 from .gpt2 import Init
-from .kv_cache import KVCache
+from .kv_cache import (KVCache, mask_covers, positions_taken, prepend_prefix, prepend_prompt, split_prefix_grad,
+                       virtual_lengths)
 from .layers import Embedding, PreNormBlock, RMSNorm
 from .lm_head import NO_FORWARD, shifted_loss, tied_head_backward, tied_head_forward, upstream_dlogits
 from .llama_config import LlamaConfig, MistralConfig, Qwen2Config
@@ -56,6 +57,8 @@ class LlamaAttention(Module):
         self.layer_idx = layer_idx
         self.rng = rng
         self.shift_group = None  # LongLoRA's S2-Attn: G (int) or G/T (float) when set (training only)
+        self.prefix = None  # prefix tuning's (k_p, v_p), each (Hkv, Pk, hd), set by the model per forward
+        self.prefix_grad = None  # (dk_p, dv_p) (Hkv, Pk, hd) after a backward with a prefix
 
     def forward(self, x, bt, cos, sin, key_padding_mask=None, kv_cache: KVCache | None = None):
         """x (N, C), bt = (B, T), cos/sin (B, T, D), key_padding_mask (B, P+T) bool or None -> (N, C)."""
@@ -68,6 +71,9 @@ class LlamaAttention(Module):
         k, _ = rope_forward(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, Hkv, P+T, hd) views of the cache
+        if self.prefix is not None:
+            # past keys, as PEFT passes them: the prefix is not rotated, the tokens' keys were
+            k, v = prepend_prefix(self.prefix, k, v)  # (B, Hkv, Pk+T, hd)
         p = self.attention_dropout if self.training else 0.0
         out, attn_cache = attention_forward(q, k, v, causal=True, key_padding_mask=key_padding_mask,
                                             shift_group=s2_group_size(self.shift_group, T) if self.training else None,
@@ -85,6 +91,8 @@ class LlamaAttention(Module):
         # y = o_proj(merge_heads(out))  =>  dout = split_heads(o_projᵀ dy)
         dout = split_heads(self.o_proj.backward(dy).reshape(B, T, -1), self.n_heads)
         dq, dk, dv = attention_backward(dout, attn_cache)  # (B, H, T, hd), (B, Hkv, T, hd) twice
+        if self.prefix is not None:  # k = [k_p | rope(k0)]  =>  dk_p = Σ_B dk[:, :, :Pk], the rest is rope(k0)'s
+            self.prefix_grad, dk, dv = split_prefix_grad(self.prefix, dk, dv)
         # q = rope(q0), k = rope(k0)  =>  dq0 = ropeᵀ dq, dk0 = ropeᵀ dk (the transposed rotation)
         dq = rope_backward(dq, rope_cache)
         dk = rope_backward(dk, rope_cache)
@@ -163,23 +171,34 @@ class LlamaModel(Module):
         self.inv_freq = backend.asarray(inv_freq)  # (D/2,) in the model's dtype
         self.config = config
 
-    def forward(self, input_ids, position_ids, key_padding_mask=None, kv_cache=None):
-        """input_ids (B, T), position_ids (B, T) int, key_padding_mask (B, P+T) bool or None -> h (N, C)."""
+    def forward(self, input_ids, position_ids, key_padding_mask=None, kv_cache=None, prefix=None, prompt=None):
+        """input_ids (B, T), position_ids (B, T) int, key_padding_mask (B, P+T) bool or None -> h (N, C).
+        prefix: per-layer (k_p, v_p) (Hkv, Pk, hd); prompt (Pp, C) put before the tokens' embeddings,
+        then T (position_ids, h) counts Pp + the tokens (GPT2Model.forward, adapters/prefix.py)."""
         B, T = input_ids.shape
-        self.cache = (B, T)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.attention_scaling)  # (B, T, D) each
-        x = self.embed_tokens(input_ids).reshape(B * T, -1)  # (B, T, C) -> (N, C)
+        Pp = 0 if prompt is None else prompt.shape[0]
+        self.cache = (B, T, Pp)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.attention_scaling)  # (B, Pp + T, D) each
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        if prompt is not None:
+            x = prepend_prompt(prompt, x)  # (B, Pp + T, C)
+        x = x.reshape(B * (T + Pp), -1)  # (N, C)
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.prefix = None if prefix is None else prefix[i]
         for layer in self.layers:
-            x = layer(x, (B, T), cos, sin, key_padding_mask, kv_cache)
+            x = layer(x, (B, T + Pp), cos, sin, key_padding_mask, kv_cache)
         return self.norm(x)
 
     def backward(self, dh):
         """dh (N, C) -> None (gradients accumulate into the parameters)."""
-        ids_shape, self.cache = self.cache, None
+        (B, T, Pp), self.cache = self.cache, None
         dx = self.norm.backward(dh)
         for layer in reversed(self.layers.items):
             dx = layer.backward(dx)
-        self.embed_tokens.backward(dx.reshape(*ids_shape, -1))  # x = E[ids]  =>  dE = scatter(dx)
+        dx = dx.reshape(B, Pp + T, -1)
+        # x = [prompt | E[ids]]  =>  dprompt = Σ_B dx[:, :Pp], dE = scatter(dx[:, Pp:])
+        self.prompt_grad = dx[:, :Pp].sum(axis=0) if Pp else None
+        self.embed_tokens.backward(dx[:, Pp:])
         return None
 
 
@@ -219,21 +238,26 @@ class LlamaForCausalLM(Module):
         return KVCache(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim, self.backend)
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, kv_cache=None,
-                token_type_ids=None) -> ModelOutput:
+                token_type_ids=None, prefix=None, prompt=None) -> ModelOutput:
+        """prefix / prompt: prefix and prompt tuning's virtual tokens (LlamaModel.forward): with a
+        prompt, T below is Pp + the tokens; the attention_mask covers a prefix's Pk positions too,
+        and the default positions start after them, Pk..Pk+T-1, as transformers' with past keys."""
         c = self.config
         input_ids = to_backend(input_ids, self.backend)
-        P = 0 if kv_cache is None else kv_cache.length
-        check_input_ids(input_ids, c.vocab_size, c.max_position_embeddings - P,
-                        "max_position_embeddings" + (f" - {P} cached positions" if P else ""))
+        P, Pk, Pp = virtual_lengths(kv_cache, prefix, prompt)
+        check_input_ids(input_ids, c.vocab_size, c.max_position_embeddings - P - Pk - Pp,
+                        "max_position_embeddings" + positions_taken(P, Pk, Pp))
         B, T = input_ids.shape
+        T += Pp
         xp = get_xp(input_ids)
         if token_type_ids is not None:
             raise ValueError(f"token_type_ids: {type(self).__name__} takes none (pass token_type_ids=None)")
         if kv_cache is not None and labels is not None:
             raise ValueError("labels: a forward with a kv_cache is inference only; pass labels=None")
-        mask = check_mask(None if attention_mask is None else to_backend(attention_mask, self.backend), (B, P + T),
-                          "attention_mask" + (" (covering the cached positions too)" if P else ""))
+        mask = check_mask(None if attention_mask is None else to_backend(attention_mask, self.backend),
+                          (B, P + Pk + T), "attention_mask" + mask_covers(P, Pk, Pp))
         if position_ids is None:
+            P += Pk  # the tokens' positions start after the prefix's
             position_ids = xp.broadcast_to(xp.arange(P, P + T, dtype=xp.int64), (B, T))
         else:
             position_ids = to_backend(position_ids, self.backend)
@@ -242,7 +266,7 @@ class LlamaForCausalLM(Module):
             labels = to_backend(labels, self.backend)
             check_int_range(labels, (B, T), 0, c.vocab_size, "labels", ignore=-100)
         self.cache = None
-        h = self.model(input_ids, position_ids, mask, kv_cache)  # (N, C)
+        h = self.model(input_ids, position_ids, mask, kv_cache, prefix, prompt)  # (N, C)
         if kv_cache is not None:
             kv_cache.advance(T)
         if c.tie_word_embeddings:

@@ -31,6 +31,7 @@ from safetensors.numpy import load_file
 from .commands.contract import check_folder_option, help_text
 from .plots import adalora as adalora_plots
 from .plots import dylora as dylora_plots
+from .plots import prune as prune_plots
 from .plots import quant as quant_plots
 from .plots import rosa as rosa_plots
 from .plots import training as training_plots
@@ -149,6 +150,12 @@ def fig_dylora(results, path):
     dylora_plots.plot_rank_eval(rec, path)
 
 
+def fig_pruning(results, path):
+    if not results.get("pruning", {}).get("points"):
+        raise FigureUnavailable("the run pruned no base (--prune)")
+    prune_plots.plot_loss_vs_sparsity(results["pruning"], path)
+
+
 FIGURES = (
     ("loss_curves.png", fig_loss_curves),
     ("memory.png", fig_memory),
@@ -163,6 +170,7 @@ FIGURES = (
     ("rosa_density.png", fig_rosa_density),
     ("rosa_support.png", fig_rosa_support),
     ("dylora_rank_eval.png", fig_dylora),
+    ("pruning.png", fig_pruning),
 )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..adapters.registry import METHODS
 from ..backend import DEVICES, emulation_unavailable_reason, gpu_unavailable_reason
+from ..prune.rows import check_options as check_prune_options
 from ..quant import BLOCKSIZES_4BIT
 from .contract import check_folder_option, help_text
 
@@ -78,6 +79,9 @@ class RunConfig:
     delta_start_step: int = 0
     # DyLoRA (DyLoraConfig field)
     dylora_mode: str = "frozen"
+    # pruning of the frozen base (spectral_peft.prune): extra rows, LoRA/QLoRA on the pruned base
+    prune: str | None = None  # comma list of sparsities, e.g. "0.5"; None: no pruned rows
+    prune_method: str = "wanda"  # magnitude, wanda, or N:M such as 2:4 (Wanda-scored)
     # evaluation, placement, output
     eval_every: int = 25
     eval_batches: int = 8
@@ -172,6 +176,7 @@ class RunConfig:
             raise ValueError(f"--dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if not (self.target_modules and self.target_list()):
             raise ValueError(f"--target_modules is empty; name linears such as {ARCH_TARGETS[self.arch]}")
+        check_prune_options(self.prune, self.prune_method)
         if self.init_r is not None and self.target_r is not None and self.target_r > self.init_r:
             raise ValueError(f"--target_r {self.target_r} exceeds --init_r {self.init_r}; target_r must be <= init_r")
 
@@ -255,6 +260,8 @@ _HELP = {
     "delta_lambda": "Delta-LoRA's lambda: the weight update's multiplier",
     "delta_start_step": "Delta-LoRA: steps before the base weight starts to move (K)",
     "dylora_mode": "DyLoRA's rank sampling mode: frozen or full",
+    "prune": "add rows of LoRA/QLoRA on the base pruned to these sparsities (comma list in [0, 1))",
+    "prune_method": "how --prune prunes: magnitude, wanda, or N:M such as 2:4 (Wanda-scored; magnitude-2:4)",
     "eval_every": "evaluate every this many steps",
     "eval_batches": "batches of the held-out evaluation set",
     "device": "cpu, gpu (CuPy) or gpu-emulated (CuPy's rules on the CPU)",
@@ -279,6 +286,7 @@ _AUTO = {
     "d": "what fills the budget left by --rosa_r",
     "schedule": "'wl<10%% of --steps>'",
     "cache_dir": "$SPECTRAL_PEFT_CACHE, else ~/.cache/spectral_peft",
+    "prune": "no pruned rows",
 }
 
 

@@ -2,6 +2,7 @@
 Wanda's scores against NumPy, the sparse layers' forward/backward (central differences, float64),
 LoRA and QLoRA on a pruned base, bytes, merging."""
 import math
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -223,3 +224,34 @@ def test_merge_keeps_sparsity_or_densifies(kind):
         merge_pruned(layer, keep_sparsity="yes")
     model = merge_and_unload_pruned(peft, keep_sparsity=True)
     assert type(model.l0) is type(base)
+
+
+# --- the run's pruned rows (end to end, --quick shapes) ----------------------------------------------
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("prune_run")
+
+
+@pytest.mark.parametrize("method, per_layer_bytes", [
+    # CSR: 8 bytes per kept weight (6C² of the 12C² target weights) + indptr (Σ d_out + 1 = 9C + 4) · 4, less dense 48C²
+    ("wanda", lambda C: 4 * (9 * C + 4)),
+    # 2:4 packed float32 + uint8: 5 bytes per kept weight (6C²), less dense 48C²
+    ("2:4", lambda C: 30 * C * C - 48 * C * C)])
+def test_run_adds_pruned_rows(run_root, method, per_layer_bytes):
+    from spectral_peft.commands.run import run  # noqa: PLC0415
+    from spectral_peft.commands.run_options import QUICK, RunConfig  # noqa: PLC0415
+    cfg = RunConfig(**{**QUICK, "steps": 3}, methods="lora", prune="0.5", prune_method=method, out=str(run_root / "runs"),
+                    cache_dir=str(run_root / "cache"), progress=False, figures=True)
+    cfg.validate()
+    results, folder = run(cfg, log=lambda *a: None)
+    C, L = QUICK["n_embd"], QUICK["n_layer"]
+    tag = "wanda50" if method == "wanda" else "wanda2:4"
+    rows = {m["method"]: m for m in results["methods"]}
+    assert set(rows) == {"lora", f"lora+{tag}"}
+    (point,) = results["pruning"]["points"]
+    assert point["size"] == 12 * C * C * L and point["zeros"] == 6 * C * C * L  # exactly half of every target
+    assert rows[f"lora+{tag}"]["trainable_params"] == rows["lora"]["trainable_params"] == QUICK["r"] * 16 * C * L
+    diff = rows[f"lora+{tag}"]["frozen_weight_bytes"] - rows["lora"]["frozen_weight_bytes"]
+    assert diff == L * per_layer_bytes(C)
+    assert point["adapted"]["lora"] == rows[f"lora+{tag}"]["final_eval_loss"]
+    assert (run_root / "runs" / os.path.basename(folder) / "pruning.png").exists()

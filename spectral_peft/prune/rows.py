@@ -83,7 +83,13 @@ def pruned_rows(cfg, ctx: dict, results: dict, log) -> None:
     for s in sparsities:
         tag = method_tag(score, s, nm)
         base = load_base(ctx["base_folder"], ctx["backend"])
-        layers = prune(base)
+        try:
+            layers = prune(base)
+        except ValueError as exc:  # e.g. an N:M pattern that a target's d_in does not divide
+            for name in names:
+                results["unavailable"].append({"method": f"{name}+{tag}", "reason": f"pruning the base: {exc}"})
+            log(f"pruned base {tag}: not run: {exc}")
+            continue
         point = {"sparsity": s, "tag": tag, "base_eval_loss": evaluate(base, ctx["eval_sets"]),
                  "zeros": int(sum(r["zeros"] for r in layers.values())),
                  "size": int(sum(r["size"] for r in layers.values())),

@@ -184,15 +184,17 @@ def test_parse_prune_method():
 
 # --- QLoRA on a pruned base: prune, then quantise ------------------------------------------------------
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_prune_then_quantise_keeps_the_support(quant_type):
+@pytest.mark.parametrize("pattern", [dict(nm=(2, 4)), dict(sparsity=0.99)])  # 0.99: whole 64-blocks pruned (absmax 0)
+def test_prune_then_quantise_keeps_the_support(quant_type, pattern):
     rng = np.random.default_rng(0)
     W = rng.standard_normal((16, 64)).astype(np.float32)
     from tests._nets import Bag  # noqa: PLC0415
     model = Bag([Linear(W)])
-    prune_model(model, "magnitude", nm=(2, 4))
+    prune_model(model, "magnitude", **pattern)
     keep = model.l0.mask()
     quantize_model(model, quant_type=quant_type)
     Wq = model.l0.effective_weight()
+    assert np.isfinite(Wq).all()
     assert np.array_equal(Wq[~keep], np.zeros(int((~keep).sum()), np.float32))  # exactly 0 where pruned
     assert (Wq[keep] != 0).mean() > 0.9  # the kept weights are (almost all) still there
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import math
 import re
 
-import numpy as np
-
 from ..backend import get_xp
 
 SCORES = ("magnitude", "wanda")
@@ -34,7 +32,7 @@ SCORES = ("magnitude", "wanda")
 def pruned_count(n: int, sparsity: float) -> int:
     """k = ⌊s·n⌋, the number of entries pruned out of n (s·n taken to 1e-9)."""
     check_sparsity(sparsity)
-    return int(math.floor(sparsity * n + 1e-9))
+    return math.floor(sparsity * n + 1e-9)
 
 
 def check_sparsity(sparsity, name: str = "sparsity") -> float:

@@ -2,14 +2,15 @@
 
 Part 1. One frozen linear, 1024×1024 float32, 1024 tokens: forward y = x Wᵀ plus the input
 gradient dX = dY W, dense GEMMs against the CSR SparseLinear (scipy.sparse / cupyx SpMM) at 50%,
-90% and 99% magnitude sparsity, and the 2:4 NMSparseLinear (scattered to dense, one GEMM), timed
+90% and 99% magnitude sparsity (and at 50% with compute="dense": CSR scattered to a dense
+temporary, one GEMM, "csr50d"), and the 2:4 NMSparseLinear (scattered to dense, one GEMM), timed
 in turn within each repeat (medians). Bytes of each stored weight against the dense 4 MiB.
 
 Part 2. The benchmark model of PERFORMANCE.md (GPT-2 shape, 4 layers, d_model 256, 4 heads, T 128,
 batch 8, vocab 512; LoRA r = 8, lora_alpha 16 on c_attn, c_proj, c_fc; float32; AdamW lr 1e-3):
 one training step (forward, backward, AdamW, zero_grad) of LoRA on the dense base against LoRA on
 the base pruned (magnitude; Wanda stores and computes the same for the same sparsity) at 50%, 70%
-(CSR) and 2:4 (packed), alternating, medians. Frozen bytes of the pruned linears against float32.
+(CSR; 50% also with compute="dense") and 2:4 (packed), alternating, medians. Frozen bytes of the pruned linears against float32.
 
 Prints tables, then ONE JSON line. Run: python benchmarks/prune.py [--quick] [--device cpu|gpu]
 """
@@ -32,7 +33,8 @@ from spectral_peft.prune import PRUNED_TYPES, magnitude_mask, nm_mask, prune_mod
 from spectral_peft.prune.layers import NMSparseLinear, SparseLinear  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
-CONTENDERS = {"magnitude50": dict(sparsity=0.5), "magnitude70": dict(sparsity=0.7), "magnitude2:4": dict(nm=(2, 4))}
+CONTENDERS = {"magnitude50": dict(sparsity=0.5), "magnitude70": dict(sparsity=0.7),
+              "magnitude50-densecompute": dict(sparsity=0.5, compute="dense"), "magnitude2:4": dict(nm=(2, 4))}
 
 
 def _sync(be):
@@ -51,6 +53,7 @@ def part1(be, repeats: int) -> dict:
     layers = {"dense": dense}
     for s in (0.5, 0.9, 0.99):
         layers[f"csr{int(100 * s)}"] = SparseLinear.from_linear(dense, xp.asarray(magnitude_mask(W, s)))
+    layers["csr50d"] = SparseLinear.from_linear(dense, xp.asarray(magnitude_mask(W, 0.5)), compute="dense")
     layers["2:4"] = NMSparseLinear.from_linear(dense, xp.asarray(nm_mask(np.abs(W), 2, 4)), 2, 4)
 
     def fwd_bwd(layer):
@@ -111,7 +114,7 @@ def part2(be, repeats: int) -> dict:
           f"median of {repeats} steps ({be.device}):")
     out = {"lora_dense_ms": ms["dense"], "dense_target_bytes": dense_bytes}
     for k, (_, _, _, stored) in built.items():
-        print(f"  LoRA on {k:>12}: {ms[k]:8.1f} ms/step (ratio {ms[k] / ms['dense']:.3f})   target weights "
+        print(f"  LoRA on {k:>24}: {ms[k]:8.1f} ms/step (ratio {ms[k] / ms['dense']:.3f})   target weights "
               f"{stored:>10,} bytes (ratio {stored / dense_bytes:.4f})")
         if k != "dense":
             out[f"lora_{k}_ms"] = ms[k]

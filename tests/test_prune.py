@@ -105,17 +105,20 @@ def test_wanda_scores_and_activation_norms_against_numpy():
 
 
 # --- the pruned layers ----------------------------------------------------------------------------
+KINDS = ["csr", "csr-dense", "nm"]  # CSR with the sparse products, CSR computed densely, 2:4 packed
+
+
 def _pruned(kind, seed=0, bias=True):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((6, 8))
     b = rng.standard_normal(6) if bias else None
     lin = Linear(W, b)
-    if kind == "csr":
-        return SparseLinear.from_linear(lin, magnitude_mask(W, 0.5)), W
+    if kind.startswith("csr"):
+        return SparseLinear.from_linear(lin, magnitude_mask(W, 0.5), "dense" if kind == "csr-dense" else "spmm"), W
     return NMSparseLinear.from_linear(lin, nm_mask(np.abs(W), 2, 4), 2, 4), W
 
 
-@pytest.mark.parametrize("kind", ["csr", "nm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_pruned_forward_equals_masked_dense(kind):
     layer, W = _pruned(kind)
     Wp = np.where(layer.mask(), W, 0.0)
@@ -123,7 +126,7 @@ def test_pruned_forward_equals_masked_dense(kind):
     assert_close(layer.forward(x), x @ Wp.T + layer.params["bias"], f"{kind} y", rtol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["csr", "nm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_pruned_backward_central_differences(kind):
     layer, _ = _pruned(kind)
     check_module_gradients(layer, [np.random.default_rng(2).standard_normal((5, 8))], seed=3)  # dx and db
@@ -200,7 +203,7 @@ def test_prune_then_quantise_keeps_the_support(quant_type, pattern):
 
 
 # --- merging ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["csr", "nm"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_merge_keeps_sparsity_or_densifies(kind):
     base, W = _pruned(kind, seed=8)
     rng = np.random.default_rng(9)

@@ -38,25 +38,35 @@ from .masks import SCORES, check_nm, check_sparsity, make_mask
 
 
 class SparseLinear(Linear):
-    """y = x Wᵀ + b with the pruned W stored in CSR (see the module docstring)."""
+    """y = x Wᵀ + b with the pruned W stored in CSR (see the module docstring).
 
-    def __init__(self, csr: CSR, bias=None):
+    ``compute``: "spmm" (default) runs the sparse products; "dense" scatters W to a dense temporary
+    for each pass and runs one GEMM (the same numbers up to summation order; faster on a CPU below
+    ~90% sparsity, benchmarks/prune.py; the storage is CSR either way).
+    """
+
+    COMPUTES = ("spmm", "dense")
+
+    def __init__(self, csr: CSR, bias=None, compute: str = "spmm"):
         Module.__init__(self)  # not Linear.__init__: there is no dense weight to register
         if bias is not None and bias.shape != (csr.shape[0],):
             raise ValueError(f"SparseLinear bias must have shape ({csr.shape[0]},), got {bias.shape}")
+        if compute not in self.COMPUTES:
+            raise ValueError(f"SparseLinear compute must be one of {', '.join(self.COMPUTES)}, got {compute!r}")
         self.csr = csr  # frozen: not in params (weight_bytes() counts it)
+        self.compute = compute
         if bias is not None:
             self.params["bias"] = bias
 
     @classmethod
-    def from_linear(cls, linear: Linear, keep) -> SparseLinear:
+    def from_linear(cls, linear: Linear, keep, compute: str = "spmm") -> SparseLinear:
         """Prune ``linear``'s weight to the boolean (d_out, d_in) ``keep`` mask."""
         W = linear.effective_weight()
         if keep.shape != W.shape:
             raise ValueError(f"keep mask has shape {keep.shape}, the weight {W.shape}")
         csr = CSR.from_mask(keep, dtype=W.dtype)
         csr = csr.with_values(W[csr.rows, csr.indices])  # row-major values on the support
-        layer = cls(csr, linear.params.get("bias"))
+        layer = cls(csr, linear.params.get("bias"), compute)
         layer.frozen = {k for k in linear.frozen if k in layer.params}
         return layer
 
@@ -92,20 +102,29 @@ class SparseLinear(Linear):
     def forward(self, x):
         if x.shape[-1] != self.d_in:
             raise ValueError(f"SparseLinear expects inputs (..., {self.d_in}), got {x.shape}")
+        if self.compute == "dense":
+            y, self.cache = linear_forward(x, self.effective_weight(), self.params.get("bias"), keep_x=False)
+            return y
         y = spmm(self.csr, x)  # y = x Wᵀ   (..., d_in) -> (..., d_out)
         if "bias" in self.params:
             y += self.params["bias"]
-        self.cache = ("bias" in self.params,)  # dX needs only W
+        self.cache = (None, "bias" in self.params)  # linear_forward's cache layout: dX needs only W
         return y
 
     def backward(self, dy):
-        (has_bias,) = self.cache
-        if has_bias and "bias" not in self.frozen:
+        if self.compute == "dense":
+            # y = x Wᵀ + b  =>  dX = dY W (W scattered again), db = Σ_N dY
+            dx, _, db = linear_backward(dy, self.cache, self.effective_weight(), need_dW=False)
+        else:
+            _, has_bias = self.cache
             # y = ... + b  =>  db = Σ_N dY
-            self.accumulate("bias", dy.reshape(-1, dy.shape[-1]).sum(axis=0))
+            db = dy.reshape(-1, dy.shape[-1]).sum(axis=0) if has_bias else None
+            # y = x Wᵀ  =>  dX = dY W     (..., d_out) -> (..., d_in)
+            dx = spmm_t(self.csr, dy)
+        if db is not None and "bias" not in self.frozen:
+            self.accumulate("bias", db)
         self.cache = None
-        # y = x Wᵀ  =>  dX = dY W     (..., d_out) -> (..., d_in)
-        return spmm_t(self.csr, dy)
+        return dx
 
 
 class NMSparseLinear(Linear):
@@ -257,21 +276,23 @@ def _linear_targets(model: Module, target_modules) -> list[str]:
 
 # --- pruning a model -----------------------------------------------------------------------------
 def prune_linear(linear: Linear, score: str, sparsity: float | None = None, nm: tuple[int, int] | None = None,
-                 act_norm=None) -> Linear:
-    """The pruned copy of one dense Linear: a SparseLinear (unstructured) or NMSparseLinear (N:M)."""
+                 act_norm=None, compute: str = "spmm") -> Linear:
+    """The pruned copy of one dense Linear: a SparseLinear (unstructured; ``compute`` its products)
+    or NMSparseLinear (N:M)."""
     W = linear.effective_weight()
     a = None if act_norm is None else to_xp(np.asarray(act_norm), get_xp(W))
     keep = make_mask(W, score, sparsity, nm, a)
     if nm is not None:
         return NMSparseLinear.from_linear(linear, keep, *nm)
-    return SparseLinear.from_linear(linear, keep)
+    return SparseLinear.from_linear(linear, keep, compute)
 
 
 def prune_model(model: Module, score: str, sparsity: float | None = None, nm: tuple[int, int] | None = None,
-                norms: dict | None = None, target_modules=None) -> dict:
+                norms: dict | None = None, target_modules=None, compute: str = "spmm") -> dict:
     """Replace the chosen dense Linears (``target_modules``, PEFT's rule; None: every dense Linear)
     by their pruned copies, in place. ``score`` "magnitude" or "wanda" (needs ``norms`` from
-    :func:`activation_norms`); ``nm`` (N, M) for N:M, else ``sparsity`` in [0, 1). Every layer is
+    :func:`activation_norms`); ``nm`` (N, M) for N:M, else ``sparsity`` in [0, 1); ``compute``
+    SparseLinear's products ("spmm" or "dense"). Every layer is
     pruned before any is installed. Returns {path: {"zeros", "size", "sparsity", "weight_bytes",
     "dense_bytes"}}."""
     if nm is None:
@@ -285,7 +306,9 @@ def prune_model(model: Module, score: str, sparsity: float | None = None, nm: tu
         missing = [p for p in paths if norms is None or p not in norms]
         if missing:
             raise ValueError(f"wanda pruning needs activation norms for {missing[:3]}; run activation_norms first")
-    new = {p: prune_linear(model.get_submodule(p), score, sparsity, nm, None if norms is None else norms[p])
+    if compute not in SparseLinear.COMPUTES:
+        raise ValueError(f"compute must be one of {', '.join(SparseLinear.COMPUTES)}, got {compute!r}")
+    new = {p: prune_linear(model.get_submodule(p), score, sparsity, nm, None if norms is None else norms[p], compute)
            for p in paths}
     report = {}
     for p, layer in new.items():

@@ -50,7 +50,8 @@ def merge_pruned(layer, keep_sparsity: bool = True):
         merged = Linear(base.effective_weight() + delta.astype(base.dtype, copy=False), bias)
     elif isinstance(base, SparseLinear):
         c = base.csr
-        merged = SparseLinear(c.with_values(c.values + delta[c.rows, c.indices].astype(c.values.dtype)), bias)
+        merged = SparseLinear(c.with_values(c.values + delta[c.rows, c.indices].astype(c.values.dtype)), bias,
+                              base.compute)
     else:
         rows, cols = base._index()
         merged = NMSparseLinear(base.values + delta[rows, cols].astype(base.dtype), base.positions, base.n, base.m,

@@ -260,3 +260,26 @@ def test_run_adds_pruned_rows(run_root, method, per_layer_bytes):
     assert diff == L * per_layer_bytes(C)
     assert point["adapted"]["lora"] == rows[f"lora+{tag}"]["final_eval_loss"]
     assert (run_root / "runs" / os.path.basename(folder) / "pruning.png").exists()
+
+
+# --- every backend: the same masks and products as on the CPU ------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_pruned_layers_on_every_backend_equal_the_cpu(backend64, kind):
+    from spectral_peft.backend import to_host  # noqa: PLC0415
+    rng = np.random.default_rng(11)
+    W, b, x, dy = (rng.standard_normal(s) for s in ((6, 8), (6,), (5, 8), (5, 6)))
+    a = np.abs(rng.standard_normal(8)) + 0.1
+    xp = backend64.xp
+    if kind == "nm":
+        keep = nm_mask(wanda_scores(xp.asarray(W), xp.asarray(a)), 2, 4)
+        assert np.array_equal(to_host(keep), nm_mask(np.abs(W) * a, 2, 4))
+        layer = NMSparseLinear.from_linear(Linear(xp.asarray(W), xp.asarray(b)), keep, 2, 4)
+    else:
+        keep = wanda_mask(xp.asarray(W), xp.asarray(a), 0.5)
+        assert np.array_equal(to_host(keep), wanda_mask(W, a, 0.5))
+        layer = SparseLinear.from_linear(Linear(xp.asarray(W), xp.asarray(b)), keep,
+                                         "dense" if kind == "csr-dense" else "spmm")
+    Wp = np.where(to_host(keep), W, 0.0)
+    assert_close(to_host(layer.forward(xp.asarray(x))), x @ Wp.T + b, f"{kind} y ({backend64.device})", rtol=1e-12)
+    assert_close(to_host(layer.backward(xp.asarray(dy))), dy @ Wp, f"{kind} dx ({backend64.device})", rtol=1e-12)
+    assert_close(to_host(layer.grads["bias"]), dy.sum(axis=0), f"{kind} db ({backend64.device})", rtol=1e-12)

@@ -32,6 +32,7 @@ from .commands.contract import check_folder_option, help_text
 from .plots import adalora as adalora_plots
 from .plots import dylora as dylora_plots
 from .plots import longlora as longlora_plots
+from .plots import prune as prune_plots
 from .plots import quant as quant_plots
 from .plots import rosa as rosa_plots
 from .plots import training as training_plots
@@ -157,6 +158,12 @@ def fig_long_context(results, path):
     longlora_plots.plot_long_context(rec, path)
 
 
+def fig_pruning(results, path):
+    if not results.get("pruning", {}).get("points"):
+        raise FigureUnavailable("the run pruned no base (--prune)")
+    prune_plots.plot_loss_vs_sparsity(results["pruning"], path)
+
+
 FIGURES = (
     ("loss_curves.png", fig_loss_curves),
     ("memory.png", fig_memory),
@@ -172,6 +179,7 @@ FIGURES = (
     ("rosa_support.png", fig_rosa_support),
     ("dylora_rank_eval.png", fig_dylora),
     ("long_context.png", fig_long_context),
+    ("pruning.png", fig_pruning),
 )
 
 

@@ -33,6 +33,7 @@ from ..budget import BudgetUnreachable, match_budget
 from ..figures import make_figures
 from ..module import match_target_modules
 from ..optim import make_adamw
+from ..prune.rows import pruned_rows
 from ..quant import frozen_weight_bytes, quantize_model
 from ..quant.report import quantization_record
 from ..results import RESULTS_FILE, format_table, new_results, save_results
@@ -61,10 +62,13 @@ class Log:
 # ------------------------------------------------------------------------------------------------
 # One method
 # ------------------------------------------------------------------------------------------------
-def build_method(recipe, cfg: RunConfig, base_folder: str, backend, size):
-    """A fresh base loaded from the cache, quantised when the recipe asks, with the recipe's
-    adapters at ``size``: (model, adapter config or None for full fine-tuning)."""
+def build_method(recipe, cfg: RunConfig, base_folder: str, backend, size, prune=None):
+    """A fresh base loaded from the cache, pruned by ``prune(model)`` when given (spectral_peft.prune),
+    quantised when the recipe asks, with the recipe's adapters at ``size``: (model, adapter config or
+    None for full fine-tuning)."""
     model = load_base(base_folder, backend)
+    if prune is not None:
+        prune(model)
     if recipe.quantized:  # in place: every dense Linear -> Linear4bit
         quantize_model(model, quant_type=cfg.quant_type, blocksize=cfg.blocksize,
                        compress_statistics=cfg.compress_statistics)
@@ -288,6 +292,8 @@ def run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
             run_method(name, cfg, ctx, results, log)
         if cfg.longlora_context:
             long_context_phase(cfg, ctx, results, log)
+        if cfg.prune is not None:
+            pruned_rows(cfg, ctx, results, log)
         _finish(cfg, results, folder, t_start, log)
     return results, folder
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..adapters.registry import METHODS
 from ..backend import DEVICES, emulation_unavailable_reason, gpu_unavailable_reason
+from ..prune.rows import check_options as check_prune_options
 from ..quant import BLOCKSIZES_4BIT
 from .contract import check_folder_option, help_text
 
@@ -80,6 +81,9 @@ class RunConfig:
     dylora_mode: str = "frozen"
     # LongLoRA's context extension (commands/long_context.py): 0 off; F >= 2 extends the base F times
     longlora_context: int = 0
+    # pruning of the frozen base (spectral_peft.prune): extra rows, LoRA/QLoRA on the pruned base
+    prune: str | None = None  # comma list of sparsities, e.g. "0.5"; None: no pruned rows
+    prune_method: str = "wanda"  # magnitude, wanda, or N:M such as 2:4 (Wanda-scored)
     # evaluation, placement, output
     eval_every: int = 25
     eval_batches: int = 8
@@ -178,6 +182,7 @@ class RunConfig:
         if F != 0 and (F < 2 or (F * self.n_positions) % 8):
             raise ValueError(f"--longlora_context must be 0 (off) or an integer >= 2 with F·n_positions divisible by 8 "
                              f"(S2-Attn's G = T/4 must be even), got {F} with --n_positions {self.n_positions}")
+        check_prune_options(self.prune, self.prune_method)
         if self.init_r is not None and self.target_r is not None and self.target_r > self.init_r:
             raise ValueError(f"--target_r {self.target_r} exceeds --init_r {self.init_r}; target_r must be <= init_r")
 
@@ -262,6 +267,8 @@ _HELP = {
     "delta_start_step": "Delta-LoRA: steps before the base weight starts to move (K)",
     "dylora_mode": "DyLoRA's rank sampling mode: frozen or full",
     "longlora_context": "0: off; F >= 2: extend the base's context F times and report eval loss at 1x/2x/4x with and without LongLoRA",
+    "prune": "add rows of LoRA/QLoRA on the base pruned to these sparsities (comma list in [0, 1))",
+    "prune_method": "how --prune prunes: magnitude, wanda, or N:M such as 2:4 (Wanda-scored; magnitude-2:4)",
     "eval_every": "evaluate every this many steps",
     "eval_batches": "batches of the held-out evaluation set",
     "device": "cpu, gpu (CuPy) or gpu-emulated (CuPy's rules on the CPU)",
@@ -286,6 +293,7 @@ _AUTO = {
     "d": "what fills the budget left by --rosa_r",
     "schedule": "'wl<10%% of --steps>'",
     "cache_dir": "$SPECTRAL_PEFT_CACHE, else ~/.cache/spectral_peft",
+    "prune": "no pruned rows",
 }
 
 

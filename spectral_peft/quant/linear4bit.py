@@ -149,12 +149,14 @@ def quantize_model(model: Module, quant_type: str = "nf4", blocksize: int = 64, 
 
 
 def frozen_weight_bytes(model: Module) -> int:
-    """Bytes of every frozen base weight: packed 4-bit storage for Linear4bit layers, the array
-    size for every other frozen parameter (embeddings, norms, dense frozen linears)."""
+    """Bytes of every frozen base weight: the stored form for a layer that keeps its weight outside
+    ``params`` and says so by ``weight_bytes()`` (Linear4bit's packed codes, a pruned base's sparse
+    storage: spectral_peft.prune), the array size for every other frozen parameter (embeddings,
+    norms, dense frozen linears)."""
     total = 0
     seen: set[int] = set()
     for _, m in model.named_modules():
-        if isinstance(m, Linear4bit):
+        if callable(getattr(m, "weight_bytes", None)):
             total += m.weight_bytes()
         for k, v in m.params.items():
             if k in m.frozen and id(v) not in seen:

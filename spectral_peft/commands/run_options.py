@@ -17,7 +17,7 @@ from ..adapters.registry import METHODS
 from ..backend import DEVICES, emulation_unavailable_reason, gpu_unavailable_reason
 from ..prune.rows import check_options as check_prune_options
 from ..quant import BLOCKSIZES_4BIT
-from .contract import check_folder_option, help_text
+from .contract import help_text
 
 # The default run. Each method costs about 20 s of the default run's 5-minute budget on 2 cores; a
 # method joins here only while that budget holds. `--methods all` runs every method of the registry.

@@ -423,7 +423,6 @@ def quantize_blockwise(x, code=None, blocksize: int = 4096, match: str = "neares
     _check_blocksize(blocksize, BLOCKSIZES_8BIT)
     _check_match(match)
     flat = _as_float32_flat(x)
-    xp = get_xp(flat)
     code = get_dynamic_map() if code is None else np.asarray(code, dtype=np.float32)
     if code.shape != (256,) or not np.all(np.diff(code) >= 0):
         raise ValueError(f"code must be a sorted (256,) codebook, got shape {code.shape}")

@@ -48,6 +48,44 @@ def models(new_tokens: int) -> dict:
     }
 
 
+def measure(name: str, model, new_tokens: int, repeats: int, tmp: str) -> dict:
+    """Greedy generation of ``new_tokens`` after a PROMPT-token prompt at batch 1: the engine's
+    ``model`` (float32) against transformers' generate on the same weights; prints one line and
+    returns the figures."""
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    N = new_tokens
+    ids = np.random.default_rng(0).integers(0, VOCAB, (1, PROMPT))
+    d = os.path.join(tmp, name)
+    save_pretrained(model, d)
+    ours = load_pretrained(d, get_backend("cpu", "float32"))
+    tm = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    gc = tm.generation_config
+    gc.bos_token_id = gc.eos_token_id = None
+    gc.pad_token_id = 0
+    t_ids = torch.tensor(ids)
+    results = {}
+
+    def engine():
+        results["engine"] = generate(ours, ids, max_new_tokens=N)
+
+    def peer():
+        with torch.no_grad():
+            results["peer"] = tm.generate(input_ids=t_ids, attention_mask=torch.ones_like(t_ids),
+                                          max_new_tokens=N, min_new_tokens=N, do_sample=False)
+
+    med, mins = interleaved_ms({"engine": engine, "peer": peer}, repeats)
+    same = bool(np.array_equal(results["engine"].sequences, results["peer"].numpy()))
+    e_tps, p_tps = 1e3 * N / med["engine"], 1e3 * N / med["peer"]
+    print(f"{name}: engine {e_tps:8.1f} tokens/s ({med['engine']:.0f} ms), transformers {p_tps:8.1f} tokens/s "
+          f"({med['peer']:.0f} ms), ratio {e_tps / p_tps:.2f}x; same greedy tokens: {same}; KV cache "
+          f"{results['engine'].cache_bytes} bytes")
+    return {"engine_tokens_per_s": round(e_tps, 1), "peer_tokens_per_s": round(p_tps, 1),
+            "ratio": round(e_tps / p_tps, 3), "engine_min_ms": round(mins["engine"], 1),
+            "peer_min_ms": round(mins["peer"], 1), "same_tokens": same, "cache_bytes": results["engine"].cache_bytes}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -59,40 +97,11 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    N = args.new_tokens
-    ids = np.random.default_rng(0).integers(0, VOCAB, (1, PROMPT))
-    report = {"bench": "generate", "threads": args.threads, "batch": 1, "prompt": PROMPT, "new_tokens": N,
+    report = {"bench": "generate", "threads": args.threads, "batch": 1, "prompt": PROMPT, "new_tokens": args.new_tokens,
               "target_llama_ratio": TARGET}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model in models(N).items():
-            d = os.path.join(tmp, name)
-            save_pretrained(model, d)
-            ours = load_pretrained(d, get_backend("cpu", "float32"))
-            tm = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-            gc = tm.generation_config
-            gc.bos_token_id = gc.eos_token_id = None
-            gc.pad_token_id = 0
-            t_ids = torch.tensor(ids)
-            results = {}
-
-            def engine():
-                results["engine"] = generate(ours, ids, max_new_tokens=N)
-
-            def peer():
-                with torch.no_grad():
-                    results["peer"] = tm.generate(input_ids=t_ids, attention_mask=torch.ones_like(t_ids),
-                                                  max_new_tokens=N, min_new_tokens=N, do_sample=False)
-
-            med, mins = interleaved_ms({"engine": engine, "peer": peer}, args.repeats)
-            same = bool(np.array_equal(results["engine"].sequences, results["peer"].numpy()))
-            e_tps, p_tps = 1e3 * N / med["engine"], 1e3 * N / med["peer"]
-            print(f"{name}: engine {e_tps:8.1f} tokens/s ({med['engine']:.0f} ms), transformers {p_tps:8.1f} tokens/s "
-                  f"({med['peer']:.0f} ms), ratio {e_tps / p_tps:.2f}x; same greedy tokens: {same}; KV cache "
-                  f"{results['engine'].cache_bytes} bytes")
-            report[name] = {"engine_tokens_per_s": round(e_tps, 1), "peer_tokens_per_s": round(p_tps, 1),
-                            "ratio": round(e_tps / p_tps, 3), "engine_min_ms": round(mins["engine"], 1),
-                            "peer_min_ms": round(mins["peer"], 1), "same_tokens": same,
-                            "cache_bytes": results["engine"].cache_bytes}
+        for name, model in models(args.new_tokens).items():
+            report[name] = measure(name, model, args.new_tokens, args.repeats, tmp)
     print(json.dumps(report))
     return 0
 

@@ -15,8 +15,12 @@ step, zero_grad; the two are timed in turn in every repeat (noise from other pro
 both alike); medians after a warm-up. The first losses of both sides are printed as a check that
 they run the same model.
 
+Then greedy generation with a model of the same shape at batch 1, 128 new tokens, against
+transformers' generate (benchmarks/generate.py's measure; target >= 1.5x tokens/s).
+
 The last line is ONE JSON object: engine_s, peer_s (median seconds per step), ratio (engine/peer),
-target, the minima, the losses, the peer's attention implementation, repeats and threads.
+target, the minima, the losses, the peer's attention implementation, repeats and threads, and the
+generation figures (generation_tokens_per_s, generation_peer_tokens_per_s, generation_ratio).
 
 Run: python benchmarks/llama.py [--repeats N] [--threads N]
 """
@@ -126,11 +130,22 @@ def main(argv=None) -> int:
     print(f"  step (median): engine {engine_s:.4f} s, transformers+PEFT {peer_s:.4f} s, ratio {ratio:.3f} "
           f"(target <= {TARGET_RATIO})")
     print(f"  step (min):    engine {mins['engine'] / 1e3:.4f} s, transformers+PEFT {mins['torch'] / 1e3:.4f} s")
+    # greedy generation of the same Llama shape at batch 1, 128 new tokens (benchmarks/generate.py)
+    import tempfile  # noqa: PLC0415
+
+    from generate import TARGET as GEN_TARGET  # noqa: PLC0415
+    from generate import measure, models  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = measure("llama", models(128)["llama"], 128, max(3, args.repeats // 3), tmp)
+    generation = {"generation_tokens_per_s": gen["engine_tokens_per_s"],
+                  "generation_peer_tokens_per_s": gen["peer_tokens_per_s"], "generation_ratio": gen["ratio"],
+                  "generation_target": GEN_TARGET, "generation_same_tokens": gen["same_tokens"]}
     print(json.dumps({
         "bench": "llama_lora_step", "engine_s": round(engine_s, 5), "peer_s": round(peer_s, 5),
         "ratio": round(ratio, 4), "target": TARGET_RATIO, "engine_min_s": round(mins["engine"] / 1e3, 5),
         "peer_min_s": round(mins["torch"] / 1e3, 5), "peer_attn_implementation": attn_impl,
-        "loss_engine": loss_e, "loss_peft": loss_t, "repeats": args.repeats, "threads": THREADS,
+        "loss_engine": loss_e, "loss_peft": loss_t, "repeats": args.repeats, "threads": THREADS, **generation,
     }))
     return 0
 

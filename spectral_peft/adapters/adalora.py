@@ -156,9 +156,7 @@ class AdaLoraConfig(AdapterConfig):
 
     def validate(self) -> None:
         n = "AdaLoraConfig"
-        if self.target_modules is None:
-            raise ValueError("AdaLoraConfig.target_modules is None; name the linears to adapt, e.g. ['c_attn']")
-        V.check_str_list(n, "target_modules", self.target_modules, allow_str=True)
+        self.check_target_modules()
         V.check_int(n, "total_step", self.total_step, min=0, min_inclusive=False,
                     hint="the run's number of optimizer steps, which the budget schedule needs")
         for name in ("init_r", "target_r", "tinit", "tfinal"):

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .. import validation as V
 from ..module import Linear, Module, linear_paths, match_target_modules  # noqa: F401 - re-exported
 
 
@@ -180,8 +181,19 @@ class AdapterConfig:
 
     peft_type: ClassVar[str] = ""
 
+    @property
+    def name(self) -> str:
+        """The class name, which every validation message starts with."""
+        return type(self).__name__
+
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and what would be right."""
+
+    def check_target_modules(self) -> None:
+        """``target_modules`` must name the linears to adapt: a list of names or a regex string (PEFT's rule)."""
+        if getattr(self, "target_modules", None) is None:
+            raise ValueError(f"{self.name}.target_modules is None; name the linears to adapt, e.g. ['c_attn', 'c_proj']")
+        V.check_str_list(self.name, "target_modules", self.target_modules, allow_str=True)
 
     def make_layer(self, path: str, base: Linear, rng) -> Module:
         """The adapter layer wrapping ``base`` at ``path`` (relative to the wrapped model); ``rng``

@@ -116,15 +116,9 @@ class LoraConfig(AdapterConfig):
         self.rank_pattern = dict(self.rank_pattern)
         self.alpha_pattern = dict(self.alpha_pattern)
 
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
     def validate(self) -> None:
         n = self.name
-        if self.target_modules is None:
-            raise ValueError(f"{n}.target_modules is None; name the linears to adapt, e.g. ['c_attn', 'c_proj']")
-        V.check_str_list(n, "target_modules", self.target_modules, allow_str=True)
+        self.check_target_modules()
         V.check_int(n, "r", self.r, min=0, min_inclusive=False)
         V.check_float(n, "lora_alpha", self.lora_alpha, min=0, min_inclusive=False)
         V.check_float(n, "lora_dropout", self.lora_dropout, min=0, max=1, max_inclusive=False, noun="a float")

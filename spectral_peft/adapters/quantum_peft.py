@@ -189,15 +189,9 @@ class QuantumPeftConfig(AdapterConfig):
             self.target_modules = sorted(self.target_modules)
         self.validate()
 
-    @property
-    def name(self) -> str:
-        return type(self).__name__
-
     def validate(self) -> None:
         n = self.name
-        if self.target_modules is None:
-            raise ValueError(f"{n}.target_modules is None; name the linears to adapt, e.g. ['c_attn', 'c_proj']")
-        V.check_str_list(n, "target_modules", self.target_modules, allow_str=True)
+        self.check_target_modules()
         V.check_int(n, "r", self.r, min=1)
         V.check_int(n, "pauli_layers", self.pauli_layers, min=1)
         V.check_float(n, "alpha", self.alpha, min=0, min_inclusive=False)

@@ -1,6 +1,7 @@
 """Quantum-PEFT with the Pauli parameterisation, real case (Koike-Akino, Tonin, Wu, Wu, Candogan,
 Cevher, "Quantum-PEFT: Ultra parameter-efficient fine-tuning", ICLR 2025, arXiv 2503.05431, Sec. 4).
-docs/quantum_peft.md derives every line below.
+docs/quantum_peft.md derives every line below. The circuit's layout is reconstructed from secondary
+summaries of the paper, not checked against its Sec. 4 text or the authors' code (none was found).
 
 Shape legend: N tokens (any leading dims), d_in, d_out, r the rank, q = ⌈log₂ d⌉ qubits of a
 width d, D = 2^q the padded width, L the entangling layers (``pauli_layers``).

@@ -1,6 +1,8 @@
 """Quantum-PEFT (Pauli parameterisation): the circuit against a dense Kronecker-product reference,
 float64 central differences for every angle and λ, PyTorch autograd parity (circuit and layer),
 orthogonality after AdamW steps, the paper's parameter count, bad input, merge and the adapter file.
+Widths that are not powers of two are checked against a second dense reference: the circuit as
+d × d Givens rotations on the row pairs below d (built from index arithmetic, not from the code).
 
 Tolerances (float64): structured circuit vs the dense reference 1e-12 absolute; torch parity 1e-10
 relative to the largest gradient; central differences GRADCHECK_RTOL (1e-6); orthogonality 1e-12.
@@ -66,6 +68,38 @@ def dense_Q(theta, q, L, lib=np):
     return Q
 
 
+def givens_Q(theta, d, L, lib=np):
+    """Q_d(θ) (d, d) for any width d: each RY on qubit k a d × d Givens matrix rotating the row pairs
+    (i, i + 2^(q−k−1)) with bit k of i clear and both below d (identity elsewhere); each CZ layer the
+    diagonal of −1 where an odd number of its pairs have both bits set, on rows 0..d−1."""
+    q = (d - 1).bit_length()
+    gates, _ = dense_gates(q, L, lib)
+    Q = lib.eye(d, dtype=lib.float64)
+    for kind, where, i in gates:
+        if kind == "ry":
+            c, s = lib.cos(theta[i] / 2), lib.sin(theta[i] / 2)
+            half = 2 ** (q - 1 - where)
+            rows = []
+            for a in range(d):
+                row = [lib.zeros((), dtype=lib.float64) for _ in range(d)]
+                if (a // half) % 2 == 0 and a + half < d:  # a is the pair's first row
+                    row[a], row[a + half] = c, -s
+                elif (a // half) % 2 == 1:  # a is the second row of the pair (a − half, a)
+                    row[a - half], row[a] = s, c
+                else:  # the partner is at or past d: identity
+                    row[a] = lib.ones((), dtype=lib.float64)
+                rows.append(lib.stack(row))
+            G = lib.stack(rows)
+        else:
+            sign = []
+            for a in range(d):
+                bits = [(a >> (q - 1 - j)) & 1 for j in range(q)]
+                sign.append(-1.0 if sum(bits[x] & bits[y] for x, y in where) % 2 else 1.0)
+            G = lib.diag(lib.tensor(sign, dtype=lib.float64) if lib is torch else np.array(sign))
+        Q = G @ Q
+    return Q
+
+
 def make_layer(d_in, d_out, r, L=1, seed=0, alpha=2.0):
     rng = np.random.default_rng(seed)
     base = Linear(B64.asarray(rng.standard_normal((d_out, d_in))), B64.asarray(rng.standard_normal(d_out)))
@@ -113,6 +147,54 @@ def test_circuit_backward_matches_torch_autograd(q, L, r):
     assert_close(dtheta, t.grad.numpy(), "dθ vs torch", 1e-10, atol=1e-10 * np.abs(t.grad.numpy()).max())
 
 
+PADDED = [3, 5, 6, 7, 12]  # widths that are not powers of two (384 checked on the layer below)
+
+
+@pytest.mark.parametrize("q,L", [(1, 1), (2, 2), (3, 1), (4, 2)])
+def test_givens_reference_equals_the_kronecker_product_at_powers_of_two(q, L):
+    """The second reference is the first one at d = 2^q, so it describes the same circuit."""
+    theta = np.random.default_rng(11 * q + L).uniform(-np.pi, np.pi, dense_gates(q, L, np)[1])
+    assert_close(givens_Q(theta, 2**q, L), dense_Q(theta, q, L), "Givens Q vs Kronecker Q", 0, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", PADDED)
+@pytest.mark.parametrize("L", [1, 3])
+def test_circuit_at_other_widths_is_exactly_orthogonal_on_its_width(d, L):
+    q = (d - 1).bit_length()
+    circ = PauliCircuit(q, L, np, np.float64, width=d)
+    theta = np.random.default_rng(d + 10 * L).uniform(-np.pi, np.pi, circ.n_angles)
+    Qd = givens_Q(theta, d, L)
+    assert_close(Qd.T @ Qd, np.eye(d), f"Q_{d}ᵀQ_{d} (Givens reference)", 0, atol=1e-12)
+    for r in (1, d):
+        X = circ.forward(theta, r)
+        assert X.shape == (2**q, r) and not X[d:].any(), "padded rows past d must stay exactly 0"
+        assert_close(X[:d], Qd[:, :r], f"Q_{d} E_{r}", 0, atol=1e-12)
+        assert_close(X[:d].T @ X[:d], np.eye(r), f"UᵀU at d={d}", 0, atol=1e-12)
+
+
+def test_power_of_two_width_runs_the_unrestricted_circuit_bit_for_bit():
+    theta = np.random.default_rng(1).uniform(-np.pi, np.pi, PauliCircuit(4, 2, np, np.float64).n_angles)
+    full = PauliCircuit(4, 2, np, np.float64, width=16)
+    assert all(m is None for m in full.inside)
+    assert np.array_equal(full.forward(theta, 3), PauliCircuit(4, 2, np, np.float64).forward(theta, 3))
+    with pytest.raises(ValueError, match=r"width=8 needs 8 < width <= 16"):
+        PauliCircuit(4, 1, np, np.float64, width=8)
+
+
+@pytest.mark.parametrize("d,L,r", [(3, 1, 2), (5, 2, 3), (6, 1, 6), (12, 2, 4)])
+def test_restricted_circuit_backward_matches_torch_autograd(d, L, r):
+    q = (d - 1).bit_length()
+    circ = PauliCircuit(q, L, np, np.float64, width=d)
+    rng = np.random.default_rng(d)
+    theta = rng.uniform(-np.pi, np.pi, circ.n_angles)
+    G = np.zeros((2**q, r))
+    G[:d] = rng.standard_normal((d, r))  # the layer pads dU with zero rows past d
+    t = torch.tensor(theta, requires_grad=True)
+    (givens_Q(t, d, L, torch)[:, :r] * torch.tensor(G[:d])).sum().backward()
+    dtheta = circ.backward(G, circ.forward(theta, r), theta)
+    assert_close(dtheta, t.grad.numpy(), f"dθ vs torch at d={d}", 1e-10, atol=1e-10 * np.abs(t.grad.numpy()).max())
+
+
 # --- the layer ----------------------------------------------------------------------------------------
 @settings(max_examples=6, deadline=None)
 @given(d_in=st.integers(1, 9), d_out=st.integers(1, 9), L=st.integers(1, 3), n=st.integers(1, 3),
@@ -125,7 +207,14 @@ def test_layer_gradients_match_central_differences(d_in, d_out, L, n, data, seed
     check_module_gradients(layer, [x], seed=seed, rtol=GRADCHECK_RTOL)
 
 
-@pytest.mark.parametrize("d_in,d_out,r,L", [(8, 16, 3, 2), (6, 5, 2, 1), (4, 4, 4, 3)])
+@pytest.mark.parametrize("d_in,d_out,r,L", [(12, 6, 3, 2), (5, 384, 2, 1)])
+def test_layer_gradients_match_central_differences_at_wider_padded_widths(d_in, d_out, r, L):
+    layer = make_layer(d_in, d_out, r, L, seed=d_out)
+    x = np.random.default_rng(1).standard_normal((2, d_in))
+    check_module_gradients(layer, [x], seed=2, rtol=GRADCHECK_RTOL)
+
+
+@pytest.mark.parametrize("d_in,d_out,r,L", [(8, 16, 3, 2), (6, 5, 2, 1), (4, 4, 4, 3), (12, 3, 3, 2)])
 def test_layer_matches_torch_autograd(d_in, d_out, r, L):
     layer = make_layer(d_in, d_out, r, L, seed=3)
     rng = np.random.default_rng(4)
@@ -138,9 +227,8 @@ def test_layer_matches_torch_autograd(d_in, d_out, r, L):
 
     W, b = (torch.tensor(layer.base_layer.params[k]) for k in ("weight", "bias"))
     tu, tv, tl, tx = (torch.tensor(a, requires_grad=True) for a in (p[THETA_U_KEY], p[THETA_V_KEY], p[LAMBDA_KEY], x))
-    qo, qi = (d_out - 1).bit_length(), (d_in - 1).bit_length()
-    U = dense_Q(tu, qo, L, torch)[:d_out, :r]
-    V = dense_Q(tv, qi, L, torch)[:d_in, :r]
+    U = givens_Q(tu, d_out, L, torch)[:, :r]
+    V = givens_Q(tv, d_in, L, torch)[:, :r]
     ty = tx @ W.T + b + layer.scaling * ((tx @ V) * tl) @ U.T
     ty.backward(torch.tensor(G))
     assert_close(y, ty.detach().numpy(), "y vs torch", 1e-12)
@@ -164,29 +252,29 @@ def test_init_is_the_base_and_merge_adds_the_delta():
     assert_close(layer.base_layer.params["weight"], W0, "W after unmerge", 1e-12)
 
 
-@settings(max_examples=5, deadline=None)
-@given(steps=st.integers(1, 25), lr=st.sampled_from([1e-3, 0.1, 1.0]), seed=st.integers(0, 2**16))
-def test_frames_stay_orthonormal_after_adamw_steps(steps, lr, seed):
-    """U, V at power-of-two widths (16, 8) have orthonormal columns after any number of steps at
-    any learning rate; at a padded width (6 of 8) the padded frame does and U is a contraction."""
+@settings(max_examples=6, deadline=None)
+@given(steps=st.integers(1, 25), lr=st.sampled_from([1e-3, 0.1, 1.0]), seed=st.integers(0, 2**16),
+       widths=st.sampled_from([(8, 16), (3, 5), (6, 12), (5, 6), (384, 12), (7, 384)]), L=st.integers(1, 2))
+def test_frames_stay_orthonormal_after_adamw_steps(steps, lr, seed, widths, L):
+    """U and V have orthonormal columns to 1e-12 after any number of AdamW steps at any learning
+    rate, at powers of two and at the widths 3, 5, 6, 7, 12, 384 alike."""
     rng = np.random.default_rng(seed)
-    layer = make_layer(8, 16, 4, L=2, seed=seed)
-    padded = make_layer(6, 8, 3, L=1, seed=seed + 1)
-    for m in (layer, padded):
-        opt = AdamW(m, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-        for _ in range(steps):
-            x = rng.standard_normal((5, m.d_in))
-            m.forward(x)
-            m.zero_grad()
-            m.backward(rng.standard_normal((5, m.d_out)))
-            opt.step()
-    U, V, _, _ = layer.frames()
-    assert_close(U.T @ U, np.eye(4), "UᵀU", 0, atol=1e-12)
-    assert_close(V.T @ V, np.eye(4), "VᵀV", 0, atol=1e-12)
-    U6, V6, Uf, Vf = padded.frames()
-    assert_close(Uf.T @ Uf, np.eye(3), "padded UᵀU", 0, atol=1e-12)
-    assert_close(Vf.T @ Vf, np.eye(3), "padded VᵀV", 0, atol=1e-12)
-    assert np.linalg.norm(V6, 2) <= 1 + 1e-12
+    d_in, d_out = widths
+    r = min(3, d_in, d_out)
+    m = make_layer(d_in, d_out, r, L=L, seed=seed)
+    opt = AdamW(m, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    theta0 = m.params[THETA_U_KEY].copy()
+    for _ in range(steps):
+        x = rng.standard_normal((5, m.d_in))
+        m.forward(x)
+        m.zero_grad()
+        m.backward(rng.standard_normal((5, m.d_out)))
+        opt.step()
+    assert not np.array_equal(m.params[THETA_U_KEY], theta0), "the angles must have moved"
+    U, V, Uf, Vf = m.frames()
+    assert_close(U.T @ U, np.eye(r), f"UᵀU (d_out={d_out})", 0, atol=1e-12)
+    assert_close(V.T @ V, np.eye(r), f"VᵀV (d_in={d_in})", 0, atol=1e-12)
+    assert not Uf[d_out:].any() and not Vf[d_in:].any(), "padded rows past d must stay exactly 0"
 
 
 # --- config, count, registry, file ---------------------------------------------------------------------

@@ -1,15 +1,17 @@
 """Quantum-PEFT with the Pauli parameterisation, real case (Koike-Akino, Tonin, Wu, Wu, Candogan,
 Cevher, "Quantum-PEFT: Ultra parameter-efficient fine-tuning", ICLR 2025, arXiv 2503.05431, Sec. 4).
-docs/quantum_peft.md derives every line below.
+docs/quantum_peft.md derives every line below. The circuit's layout is reconstructed from secondary
+summaries of the paper, not checked against its Sec. 4 text or the authors' code (none was found).
 
 Shape legend: N tokens (any leading dims), d_in, d_out, r the rank, q = ⌈log₂ d⌉ qubits of a
 width d, D = 2^q the padded width, L the entangling layers (``pauli_layers``).
 
     ΔW = s · U diag(λ) Vᵀ                  U (d_out, r), V (d_in, r), λ (r,), s = alpha / r
     y  = base(x) + s · ((x V) ⊙ λ) Uᵀ       (..., d_in) -> (..., d_out)
-    U  = the first d_out rows of Q(θ_U) E_r, V = the first d_in rows of Q(θ_V) E_r, where E_r is the
-         (D, r) matrix of the identity's first r columns and Q(θ) the D × D orthogonal matrix of
-         the circuit below (real rotations only: SO(D), the paper's real-valued case)
+    U  = Q_{d_out}(θ_U) E_r, V = Q_{d_in}(θ_V) E_r, where E_r is the (d, r) matrix of the
+         identity's first r columns and Q_d(θ) the d × d orthogonal matrix of the circuit below
+         (real rotations only: SO(d), the paper's real-valued case), restricted to the first d
+         basis states when d < D (below)
 
 The circuit on q qubits (qubit 0 the most significant bit of a row index; RY(θ) = [[cos θ/2,
 −sin θ/2], [sin θ/2, cos θ/2]] = exp(−i θ/2 · Y), a Pauli-Y rotation, real):
@@ -29,17 +31,20 @@ D × D matrix: RY on qubit k mixes the row pairs whose index differs in bit k,
 
 costing O(D·r) per gate, O(D·r·(2L+1)·q) per circuit (the paper's O(N log N · L) at r columns).
 
-Widths that are not powers of two (the paper uses the quantum Shannon decomposition there): the
-circuit runs on the padded width D = 2^⌈log₂ d⌉ and U keeps the first d rows. The padded frame
-Q E_r has orthonormal columns; its first d rows are then a contraction (UᵀU = I − PᵀP, P the
-dropped rows), orthonormal only when d is a power of two. The parameter count is the formula
-above with q = ⌈log₂ d⌉.
+Widths that are not powers of two (2^(q−1) < d < 2^q; the paper composes them with the quantum
+Shannon decomposition, which this file does not reproduce): the circuit is restricted to the first
+d basis states. CZ stays diagonal ±1; an RY on qubit k rotates only the row pairs (i, j) with both
+i, j < d and is the identity on a pair that straddles d (i < d <= j) or lies above it. Every gate
+is then orthogonal on R^d itself, so Q_d(θ) is a d × d orthogonal matrix and U = Q_d(θ) E_r has
+orthonormal columns exactly (rows >= d of the padded frame stay 0). No angle is lost: qubit k's
+pair (0, 2^(q−k−1)) is always inside, so the count stays n(⌈log₂ d⌉, L). At d = 2^q no pair is
+dropped and the code is the unrestricted one, bit for bit.
 
 Backward (the adjoint method; nothing but the output frame is cached): walking the gates from the
 last to the first, each gate G is undone on both the frame and its gradient, X = Gᵀ Y and
 dX = Gᵀ dY (G is orthogonal), and an RY contributes its angle's gradient from Y and dY alone:
 
-    dY₀/dθ = −½ Y₁,  dY₁/dθ = ½ Y₀   =>   dθ = ½ Σ (dY₁ ⊙ Y₀ − dY₀ ⊙ Y₁)
+    dY₀/dθ = −½ Y₁,  dY₁/dθ = ½ Y₀   =>   dθ = ½ Σ (dY₁ ⊙ Y₀ − dY₀ ⊙ Y₁)   (over the pairs inside d)
 
 Init: every angle ~ U(−π, π) (a generic frame), λ = 0, so the adapted model starts equal to the
 base (as LoRA's B = 0); the angles receive gradient once λ moves. Merge adds ΔW into W.
@@ -98,15 +103,23 @@ def cz_signs(q: int, pairs) -> np.ndarray:
 
 
 class PauliCircuit:
-    """Q(θ) on q qubits with L entangling layers (module docstring), applied to frames (2^q, r).
+    """Q(θ) on q qubits with L entangling layers (module docstring), applied to frames (2^q, r),
+    restricted to the first ``width`` basis states (d, default 2^q; 2^(q−1) < d <= 2^q).
 
     ``ops`` is the gate list in application order: ("ry", qubit, angle index) or ("cz", 0 | 1),
     0 the CZs on the pairs (0,1), (2,3), ... and 1 those on (1,2), (3,4), ...
+    ``inside[k]`` is None when every row pair of qubit k lies below d (always so at d = 2^q, which
+    then runs the unrestricted code), else the (2^k, 2^(q−k−1), 1) 0/1 mask of the pairs (i, j)
+    with j < d: an RY rotates only those, and is the identity on the others.
     """
 
-    def __init__(self, q: int, layers: int, xp, dtype):
+    def __init__(self, q: int, layers: int, xp, dtype, width: int | None = None):
         self.q, self.layers, self.xp, self.dtype = q, layers, xp, dtype
         self.size = 2**q
+        self.width = self.size if width is None else int(width)
+        if not (self.size // 2 < self.width <= self.size or (q == 0 and self.width == 1)):
+            raise ValueError(f"PauliCircuit width={self.width} needs {self.size // 2} < width <= {self.size} "
+                             f"for q={q} qubits")
         even = [(a, a + 1) for a in range(0, q - 1, 2)]
         odd = [(a, a + 1) for a in range(1, q - 1, 2)]
         ops, k = [], 0
@@ -126,6 +139,24 @@ class PauliCircuit:
         assert k == pauli_angle_count(q, layers), (k, q, layers)
         self.signs = [xp.asarray(cz_signs(q, even).astype(dtype))[:, None],
                       xp.asarray(cz_signs(q, odd).astype(dtype))[:, None]]
+        self.inside = [self._inside_mask(k) for k in range(q)]
+
+    def _inside_mask(self, k):
+        """Qubit k pairs row i (bit k clear) with j = i + 2^(q−k−1): the (2^k, 2^(q−k−1), 1) mask of
+        j < d, or None when all are (d = 2^q). The pair (0, 2^(q−k−1)) is always inside since
+        2^(q−k−1) <= 2^(q−1) < d, so every angle moves at least one pair."""
+        if self.width == self.size:
+            return None
+        half = 2 ** (self.q - k - 1)
+        j = (np.arange(2**k)[:, None] * 2 * half + half + np.arange(half)[None, :])
+        return self.xp.asarray((j < self.width).astype(self.dtype))[:, :, None]
+
+    def _cs(self, c, s, k):
+        """The (c, s) of qubit k's rotation per row pair: c, s inside; 1, 0 (the identity) outside."""
+        m = self.inside[k]
+        if m is None:
+            return c, s
+        return 1 + m * (c - 1), m * s
 
     def _view(self, X, k):
         """X (D, r) as (2^k, 2, 2^(q−k−1), r): axis 1 is qubit k's bit."""
@@ -143,7 +174,8 @@ class PauliCircuit:
                 _, k, i = op
                 X4 = self._view(X, k)
                 x0, x1 = X4[:, 0], X4[:, 1]
-                X = xp.stack([c[i] * x0 - s[i] * x1, s[i] * x0 + c[i] * x1], axis=1).reshape(X.shape)
+                ck, sk = self._cs(c[i], s[i], k)
+                X = xp.stack([ck * x0 - sk * x1, sk * x0 + ck * x1], axis=1).reshape(X.shape)
         return X
 
     def backward(self, dU, U, theta):
@@ -161,11 +193,16 @@ class PauliCircuit:
             _, k, i = op
             Y4, dY4 = self._view(Y, k), self._view(dY, k)
             y0, y1, g0, g1 = Y4[:, 0], Y4[:, 1], dY4[:, 0], dY4[:, 1]
-            # Y₀ = c X₀ − s X₁, Y₁ = s X₀ + c X₁  =>  dθ = ½ Σ (dY₁ ⊙ Y₀ − dY₀ ⊙ Y₁)
-            dtheta[i] = 0.5 * (xp.sum(g1 * y0) - xp.sum(g0 * y1))
-            # X = Gᵀ Y, dX = Gᵀ dY:  X₀ = c Y₀ + s Y₁, X₁ = −s Y₀ + c Y₁
-            Y = xp.stack([c[i] * y0 + s[i] * y1, c[i] * y1 - s[i] * y0], axis=1).reshape(Y.shape)
-            dY = xp.stack([c[i] * g0 + s[i] * g1, c[i] * g1 - s[i] * g0], axis=1).reshape(dY.shape)
+            m = self.inside[k]
+            # Y₀ = c X₀ − s X₁, Y₁ = s X₀ + c X₁ on the pairs inside d  =>  dθ = ½ Σ m ⊙ (dY₁ ⊙ Y₀ − dY₀ ⊙ Y₁)
+            if m is None:
+                dtheta[i] = 0.5 * (xp.sum(g1 * y0) - xp.sum(g0 * y1))
+            else:
+                dtheta[i] = 0.5 * (xp.sum(m * g1 * y0) - xp.sum(m * g0 * y1))
+            # X = Gᵀ Y, dX = Gᵀ dY:  X₀ = c Y₀ + s Y₁, X₁ = −s Y₀ + c Y₁ (c, s = 1, 0 outside d)
+            ck, sk = self._cs(c[i], s[i], k)
+            Y = xp.stack([ck * y0 + sk * y1, ck * y1 - sk * y0], axis=1).reshape(Y.shape)
+            dY = xp.stack([ck * g0 + sk * g1, ck * g1 - sk * g0], axis=1).reshape(dY.shape)
         return dtheta
 
 
@@ -255,8 +292,8 @@ class QuantumPeftLinear(AdapterLayer):
         self.r, self.pauli_layers, self.alpha = r, pauli_layers, alpha
         self.scaling = alpha / r
         xp, dtype = base.xp, base.dtype
-        self.circuit_U = PauliCircuit(n_qubits(base.d_out), pauli_layers, xp, dtype)
-        self.circuit_V = PauliCircuit(n_qubits(base.d_in), pauli_layers, xp, dtype)
+        self.circuit_U = PauliCircuit(n_qubits(base.d_out), pauli_layers, xp, dtype, width=base.d_out)
+        self.circuit_V = PauliCircuit(n_qubits(base.d_in), pauli_layers, xp, dtype, width=base.d_in)
         theta_U = rng.uniform(-math.pi, math.pi, size=self.circuit_U.n_angles)  # θ_U drawn first, then θ_V
         theta_V = rng.uniform(-math.pi, math.pi, size=self.circuit_V.n_angles)
         self.params[THETA_U_KEY] = xp.asarray(theta_U.astype(dtype))
@@ -267,7 +304,8 @@ class QuantumPeftLinear(AdapterLayer):
         return self.circuit_U.n_angles + self.circuit_V.n_angles + self.r
 
     def frames(self):
-        """(U (d_out, r), V (d_in, r), U padded (D_out, r), V padded (D_in, r))."""
+        """(U (d_out, r), V (d_in, r), U padded (D_out, r), V padded (D_in, r)); the padded rows
+        past d are exactly 0 (the circuit is restricted to the first d basis states)."""
         p = self.params
         Uf = self.circuit_U.forward(p[THETA_U_KEY], self.r)
         Vf = self.circuit_V.forward(p[THETA_V_KEY], self.r)
@@ -308,7 +346,7 @@ class QuantumPeftLinear(AdapterLayer):
             dVf[: self.d_in] = (p[LAMBDA_KEY][:, None] * dA).T
             self.accumulate(THETA_V_KEY, self.circuit_V.backward(dVf, Vf, p[THETA_V_KEY]))
         if need_U:
-            # B = U (the first d_out rows of the padded frame)
+            # B = U (the first d_out rows of the padded frame; the rest are 0)
             dUf = xp.zeros_like(Uf)
             dUf[: self.d_out] = dB
             self.accumulate(THETA_U_KEY, self.circuit_U.backward(dUf, Uf, p[THETA_U_KEY]))

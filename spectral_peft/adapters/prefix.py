@@ -50,6 +50,7 @@ from ..module import Linear, Module, ModuleList
 from .base import AdapterConfig, Recipe
 
 PEFT_KEY = "prompt_embeddings"  # the one tensor of PEFT's adapter file for both methods
+RUN_REAL_FRACTION = 0.5  # the main job keeps at least this share of the positions for real tokens
 IGNORE_INDEX = -100
 
 
@@ -142,16 +143,18 @@ class PromptLearningConfig(AdapterConfig):
             raise ValueError(f"{type(self).__name__}: parameter_count needs token_dim, num_layers and "
                              "num_attention_heads (for_model fills them from the model; the recipes from the run)")
 
-    def run_unavailable(self, options) -> str | None:
-        """Why the main job (``spectral-peft run``) cannot train this config, or None. Its sequences
-        of n_positions tokens fill the base's position table (n_positions, or a Llama's
-        max_position_embeddings), and the virtual tokens take the positions before them (PEFT's
-        positions), so a prefix or prompt never fits there: the run records the method as not run."""
-        P, T = self.num_virtual_tokens, options.n_positions
-        if P + T > options.n_positions:
-            return (f"{P} virtual tokens before the training sequences of {T} tokens need {P + T} positions; the "
-                    f"base's position table has n_positions = {options.n_positions}")
-        return None
+    def run_max_virtual_tokens(self, options) -> int:
+        """The most virtual tokens the main job (``spectral-peft run``) gives this config: the
+        virtual tokens take the positions before the real ones (PEFT's positions) in the base's
+        table of n_positions (a Llama's max_position_embeddings), and at least RUN_REAL_FRACTION
+        of those positions stay real tokens. A budget that needs more is capped there."""
+        return options.n_positions - math.ceil(RUN_REAL_FRACTION * options.n_positions)
+
+    def run_window(self, options) -> int:
+        """The real tokens per window the main job trains and evaluates this config on: the same
+        token stream cut into windows of n_positions - num_virtual_tokens, so that virtual and
+        real tokens together fill the position table the other methods' windows fill."""
+        return options.n_positions - self.num_virtual_tokens
 
     def make_layer(self, path, base, rng):
         raise TypeError(f"{type(self).__name__} wraps no linear: PeftModel builds its prompt encoder (make_encoder)")
@@ -464,9 +467,7 @@ def _prompt_for_run(options, size) -> PromptTuningConfig:
     return PromptTuningConfig(num_virtual_tokens=size, num_layers=d["L"], token_dim=d["C"], num_attention_heads=d["H"])
 
 
-
-
 RECIPES = (
-    Recipe("prefix", "prefix tuning", _prefix_for_run, knob="num_virtual_tokens"),
-    Recipe("prompt", "prompt tuning", _prompt_for_run, knob="num_virtual_tokens"),
+    Recipe("prefix", "prefix tuning", _prefix_for_run, knob="num_virtual_tokens", lr_option="prompt_lr"),
+    Recipe("prompt", "prompt tuning", _prompt_for_run, knob="num_virtual_tokens", lr_option="prompt_lr"),
 )

@@ -3,7 +3,8 @@
 1. Greedy sequences identical to transformers' ``generate`` in float64 and the per-step logits
    equal (<= 1e-10 scale-relative), left padding included, on GPT-2, Llama, Mistral (a sliding
    window shorter than the sequence) and Qwen2; with a PEFT LoRA adapter computed at every step
-   and merged into the base, against PEFT's model; with an eos token against transformers' stop.
+   and merged into the base, against PEFT's model; prefix and prompt tuning against PEFT's generate
+   (GPT-2, Llama); with an eos token against transformers' stop.
 2. Incremental decoding equals a full forward over the whole sequence at every step (float64,
    <= 1e-12 scale-relative): a Hypothesis property over models, batches and paddings.
 3. Sampling: the warped distribution equals transformers' temperature, top-k and top-p warpers;

@@ -10,7 +10,10 @@
 2. Central differences of the whole model's loss in the prefix and in every MLP parameter.
 3. Budgets: the trainable count equals L·2·Hkv·hd·P, or the MLP's count with the projection.
 4. Bad input: num_virtual_tokens <= 0, a prefix that leaves the position table no room, a batch
-   longer than the table leaves, a file of another model: one clear error, before any work.
+   (or a generation) longer than the table leaves, a file of another model: one clear error, before
+   any work.
+5. The main job: a quick `run --methods lora,prefix,prompt` trains both on windows of
+   n_positions - P real tokens, below the base's eval loss on those windows.
 """
 import numpy as np
 import pytest

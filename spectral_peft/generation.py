@@ -23,6 +23,13 @@ are not PyTorch's, so sampled tokens are reproducible here but not equal to tran
 warped distribution is (tests/test_generation.py). Unlike transformers' default generation config,
 no top_k = 50 is applied unless asked for.
 
+Prefix and prompt tuning (a PeftModel with a prompt encoder, adapters/prefix.py) generate as PEFT's
+PeftModelForCausalLM.generate does, M = Pv + T + N with Pv = num_virtual_tokens: a prefix fills the
+cache's positions 0..Pv-1 before the prompt's forward and the tokens' positions are offset by Pv;
+a prompt's embeddings go before the first forward's input embeddings only and the positions are
+the cache's (0..Pv+T-1, then one more per step), whatever the padding; both extend the mask by Pv
+ones at every step. The encoder's forward does it (PrefixEncoder / PromptEmbedding.model_forward).
+
 With ``eos_token_id``, a row that has produced it is finished: later tokens are ``pad_token_id``
 (default: the eos id, as transformers substitutes) and generation stops when every row is finished.
 """
@@ -127,12 +134,16 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     base = causal_lm(model)
     ids = np.asarray(to_host(input_ids))
     V = base.config.vocab_size
-    check_input_ids(ids, V, base.max_positions, "the model's maximum positions")
+    encoder = getattr(model, "prompt_encoder", None)
+    Pv = 0 if encoder is None else encoder.P  # prefix / prompt tuning's virtual positions in the cache
+    taken = f" - {Pv} virtual tokens" if Pv else ""
+    check_input_ids(ids, V, base.max_positions - Pv, "the model's maximum positions" + taken)
     B, T = ids.shape
     check_int("generate", "max_new_tokens", max_new_tokens, min=1)
-    if T + max_new_tokens > base.max_positions:
-        raise ValueError(f"max_new_tokens: the prompt's {T} tokens + {max_new_tokens} new ones exceed the model's "
-                         f"{base.max_positions} positions (n_positions / max_position_embeddings)")
+    if Pv + T + max_new_tokens > base.max_positions:
+        raise ValueError(f"max_new_tokens: {f'{Pv} virtual tokens + ' if Pv else ''}the prompt's {T} tokens + "
+                         f"{max_new_tokens} new ones exceed the model's {base.max_positions} positions "
+                         "(n_positions / max_position_embeddings)")
     mask = check_mask(None if attention_mask is None else np.asarray(to_host(attention_mask)), (B, T))
     mask = np.ones((B, T), bool) if mask is None else mask
     check_left_padded(mask)
@@ -147,7 +158,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, do_s
     was_training = model.training
     model.eval()
     try:
-        cache = base.new_kv_cache(B, T + max_new_tokens)
+        cache = base.new_kv_cache(B, Pv + T + max_new_tokens)
         pos = position_ids_from_mask(mask)
         out = model.forward(ids.astype(np.int64), attention_mask=mask, position_ids=pos, kv_cache=cache)
         tokens, step_logits = [], []

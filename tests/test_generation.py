@@ -3,7 +3,8 @@
 1. Greedy sequences identical to transformers' ``generate`` in float64 and the per-step logits
    equal (<= 1e-10 scale-relative), left padding included, on GPT-2, Llama, Mistral (a sliding
    window shorter than the sequence) and Qwen2; with a PEFT LoRA adapter computed at every step
-   and merged into the base, against PEFT's model; with an eos token against transformers' stop.
+   and merged into the base, against PEFT's model; prefix and prompt tuning against PEFT's generate
+   (GPT-2, Llama); with an eos token against transformers' stop.
 2. Incremental decoding equals a full forward over the whole sequence at every step (float64,
    <= 1e-12 scale-relative): a Hypothesis property over models, batches and paddings.
 3. Sampling: the warped distribution equals transformers' temperature, top-k and top-p warpers;
@@ -123,6 +124,59 @@ def test_adapter_unmerged_and_merged_equal_peft_generate(saved, tmp_path):
     assert_close(merged.logits, logits, f"{family} + LoRA (merged) logits", 1e-10)
     plain = generate(load_pretrained(d, BE64), ids, mask, max_new_tokens=10)
     assert np.abs(plain.logits - logits).max() > 1e-3, "the adapter changed nothing: the comparison proves nothing"
+
+
+def peft_cache_name(pm):
+    """PEFT 0.21.2's generate for prompt learning (PeftModelForCausalLM.prepare_inputs_for_generation)
+    reads and writes the KV cache as model_kwargs["past_key_values"], transformers 5's name for it is
+    "cache": unrenamed, the model ignores PEFT's prefix cache (transformers warns "Both
+    `past_key_values` and `cache` are set ... ignoring past_key_values") and PEFT, seeing no cache,
+    puts the prompt before every step's whole input again. This hands PEFT the cache under its
+    name and the model PEFT's cache under transformers' name; PEFT's own logic is unchanged."""
+    inner = pm.base_model_prepare_inputs_for_generation
+    outer = pm.prepare_inputs_for_generation
+
+    def base_prepare(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        if "cache" in out:
+            out["past_key_values"] = out.pop("cache")
+        return out
+
+    def prepare(*args, **kwargs):
+        out = outer(*args, **kwargs)
+        if "past_key_values" in out:
+            out["cache"] = out.pop("past_key_values")
+        return out
+
+    pm.base_model_prepare_inputs_for_generation = base_prepare
+    pm.prepare_inputs_for_generation = prepare  # PEFT's generate installs it on the base model
+    return pm
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prefix_and_prompt_tuning_equal_peft_generate(tmp_path, family, method):
+    """PEFT's generate with a prefix (the cache's first P positions, the tokens' positions offset by
+    P) or a prompt (before the first forward's embeddings): PEFT builds the adapter (random, N(0, 1)),
+    the engine loads its files; left-padded rows, greedy, float64."""
+    from test_prefix_tuning import peft_model  # noqa: PLC0415 - PEFT's model with a float64 prompt encoder
+
+    peft = pytest.importorskip("peft", reason="peft: the adapter peer")
+    d = tmp_path / "model"
+    save_pretrained(engine_model(family), d)
+    pcfg = (peft.PrefixTuningConfig if method == "prefix" else peft.PromptTuningConfig)(
+        task_type="CAUSAL_LM", num_virtual_tokens=4)
+    pm = peft_model(family, d, pcfg, seed=2)
+    adir = tmp_path / "adapter"
+    pm.save_pretrained(str(adir))
+    ids, mask = left_padded(4)
+    seq, logits = peer_generate(peft_cache_name(pm), ids, mask, 8)
+    ours = generate(load_peft_model(load_pretrained(d, BE64), adir), ids, mask, max_new_tokens=8)
+    assert_same_tokens(ours.sequences, seq, f"{family} + {method} tuning sequences")
+    assert_close(ours.logits, logits, f"{family} + {method} tuning per-step logits", 1e-10)
+    plain = generate(load_pretrained(d, BE64), ids, mask, max_new_tokens=8)
+    assert np.abs(plain.logits - logits).max() > 1e-3, f"the {method} changed nothing: the comparison proves nothing"
+    assert ours.cache_bytes == plain.cache_bytes * (4 + 6 + 8) // (6 + 8), "the cache holds the 4 virtual positions"
 
 
 def test_eos_stops_rows_as_transformers_does(saved):

@@ -10,7 +10,10 @@
 2. Central differences of the whole model's loss in the prefix and in every MLP parameter.
 3. Budgets: the trainable count equals L·2·Hkv·hd·P, or the MLP's count with the projection.
 4. Bad input: num_virtual_tokens <= 0, a prefix that leaves the position table no room, a batch
-   longer than the table leaves, a file of another model: one clear error, before any work.
+   (or a generation) longer than the table leaves, a file of another model: one clear error, before
+   any work.
+5. The main job: a quick `run --methods lora,prefix,prompt` trains both on windows of
+   n_positions - P real tokens, below the base's eval loss on those windows.
 """
 import numpy as np
 import pytest
@@ -251,8 +254,11 @@ def test_a_prefix_longer_than_the_position_table_is_refused():
     with pytest.raises(ValueError, match=r"sequence length T = 4 exceeds n_positions - 5 virtual tokens = 3"):
         pm.forward(ids)
     assert pm.forward(ids[:, :3]).logits.shape == (1, 3, GPT2_V)
-    with pytest.raises(NotImplementedError, match="PREFIX_TUNING"):
-        pm.generate(ids[:, :2], max_new_tokens=1)
+    # generation: the virtual tokens, the prompt and the new tokens together must fit the table
+    with pytest.raises(ValueError, match=r"max_new_tokens: 5 virtual tokens \+ the prompt's 2 tokens \+ 2 new ones "
+                                         r"exceed the model's 8 positions"):
+        pm.generate(ids[:, :2], max_new_tokens=2)
+    assert pm.generate(ids[:, :2], max_new_tokens=1).sequences.shape == (1, 3)
 
 
 def test_a_file_of_another_model_is_refused_naming_the_field(tmp_path):
@@ -267,7 +273,7 @@ def test_a_file_of_another_model_is_refused_naming_the_field(tmp_path):
 
 
 # --- the main job's recipes -----------------------------------------------------------------------
-def test_the_recipes_match_a_budget_by_num_virtual_tokens_and_say_why_the_run_cannot_train_them():
+def test_the_recipes_match_a_budget_by_num_virtual_tokens_capped_to_leave_half_the_positions_real():
     from spectral_peft.adapters.registry import METHODS, recipe
     from spectral_peft.budget import match_budget
     from spectral_peft.commands.run import precheck_methods
@@ -282,9 +288,49 @@ def test_the_recipes_match_a_budget_by_num_virtual_tokens_and_say_why_the_run_ca
         assert (size, count) == (64, 64 * per_token)
         size, count = match_budget(recipe("prompt"), opts, {}, 128 * 300, 0.05)
         assert (size, count) == (300, 300 * 128)  # P·C
-        reason = recipe("prefix").make_config(opts, size).run_unavailable(opts)
-        assert reason == (f"{size} virtual tokens before the training sequences of 64 tokens need {size + 64} "
-                          "positions; the base's position table has n_positions = 64")
+        for name in ("prefix", "prompt"):
+            conf = recipe(name).make_config(opts, 20)
+            assert conf.run_max_virtual_tokens(opts) == 32  # at least 64 / 2 positions stay real tokens
+            assert conf.run_window(opts) == 64 - 20  # real tokens per window
+            assert recipe(name).lr_option == "prompt_lr"
+
+
+def test_run_trains_prefix_and_prompt_tuning_on_shorter_windows(tmp_path, capsys):
+    """`spectral-peft run --quick --methods lora,prefix,prompt` (64 positions): both train on windows
+    of 64 - P real tokens. Expected sizes from the formulas: budget = LoRA r=4 on GPT-2's four
+    linears = r·16C·L = 4096; prefix 2L·Hkv·hd = 128 per token -> P = 32 (the cap, 64 / 2), at the
+    budget; prompt C = 32 per token -> 128 wanted, capped at 32: 1024 trainable."""
+    import json
+    import math
+
+    from spectral_peft.cli import main
+
+    out = tmp_path / "runs"
+    argv = ["run", "--quick", "--methods", "lora,prefix,prompt", "--n_positions", "64", "--pretrain_steps", "200",
+            "--steps", "60", "--eval_batches", "4", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--progress", "false", "--figures", "false"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    with open(out / "latest" / "results.json") as f:
+        results = json.load(f)
+    assert results["unavailable"] == [] and results["budget"]["target"] == 4096
+    by = {m["method"]: m for m in results["methods"]}
+    assert list(by) == ["lora", "prefix", "prompt"]
+    for m in by.values():
+        assert all(math.isfinite(v) for v in m["train_curve"]["loss"] + m["eval_curve"]["loss"]), m["method"]
+        assert len(m["train_curve"]["loss"]) == 60
+    for name, count, capped in (("prefix", 4096, None), ("prompt", 1024, "capped from the budget's 128")):
+        m = by[name]
+        w = m["extras"]["window"]
+        assert (m["trainable_params"], m["settings"]["num_virtual_tokens"]) == (count, 32), name
+        assert {k: w[k] for k in ("real_tokens", "virtual_tokens", "n_positions", "eval_windows")} == \
+            {"real_tokens": 32, "virtual_tokens": 32, "n_positions": 64, "eval_windows": 16}, name  # 4 batches of 4
+        assert (w["capped"] is None) if capped is None else (capped in w["capped"]), name
+        # below the base's eval loss on the same windows, and below where the method started
+        assert m["final_eval_loss"] < w["base_eval_loss"], (name, m["final_eval_loss"], w["base_eval_loss"])
+        assert m["final_eval_loss"] < m["eval_curve"]["loss"][0], name
+        assert f"method {name}: trained and evaluated on windows of 32 real tokens after 32 virtual ones" in stdout
+    assert by["prompt"]["extras"]["window"]["base_eval_loss"] == by["prefix"]["extras"]["window"]["base_eval_loss"]
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -116,9 +116,8 @@ class PeftModel(Module):
         return self.model.backward(*args, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
-        """KV-cache generation with the adapters computed at every step (spectral_peft/generation.py)."""
-        if self.prompt_encoder is not None:
-            raise NotImplementedError(f"generate: generation with {self.peft_config.peft_type} is not implemented")
+        """KV-cache generation with the adapters computed at every step, or a prefix / prompt before the
+        tokens (spectral_peft/generation.py)."""
         from ..generation import generate  # noqa: PLC0415
 
         return generate(self, input_ids, attention_mask, **kwargs)

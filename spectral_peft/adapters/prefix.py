@@ -50,6 +50,7 @@ from ..module import Linear, Module, ModuleList
 from .base import AdapterConfig, Recipe
 
 PEFT_KEY = "prompt_embeddings"  # the one tensor of PEFT's adapter file for both methods
+RUN_REAL_FRACTION = 0.5  # the main job keeps at least this share of the positions for real tokens
 IGNORE_INDEX = -100
 
 
@@ -142,16 +143,18 @@ class PromptLearningConfig(AdapterConfig):
             raise ValueError(f"{type(self).__name__}: parameter_count needs token_dim, num_layers and "
                              "num_attention_heads (for_model fills them from the model; the recipes from the run)")
 
-    def run_unavailable(self, options) -> str | None:
-        """Why the main job (``spectral-peft run``) cannot train this config, or None. Its sequences
-        of n_positions tokens fill the base's position table (n_positions, or a Llama's
-        max_position_embeddings), and the virtual tokens take the positions before them (PEFT's
-        positions), so a prefix or prompt never fits there: the run records the method as not run."""
-        P, T = self.num_virtual_tokens, options.n_positions
-        if P + T > options.n_positions:
-            return (f"{P} virtual tokens before the training sequences of {T} tokens need {P + T} positions; the "
-                    f"base's position table has n_positions = {options.n_positions}")
-        return None
+    def run_max_virtual_tokens(self, options) -> int:
+        """The most virtual tokens the main job (``spectral-peft run``) gives this config: the
+        virtual tokens take the positions before the real ones (PEFT's positions) in the base's
+        table of n_positions (a Llama's max_position_embeddings), and at least RUN_REAL_FRACTION
+        of those positions stay real tokens. A budget that needs more is capped there."""
+        return options.n_positions - math.ceil(RUN_REAL_FRACTION * options.n_positions)
+
+    def run_window(self, options) -> int:
+        """The real tokens per window the main job trains and evaluates this config on: the same
+        token stream cut into windows of n_positions - num_virtual_tokens, so that virtual and
+        real tokens together fill the position table the other methods' windows fill."""
+        return options.n_positions - self.num_virtual_tokens
 
     def make_layer(self, path, base, rng):
         raise TypeError(f"{type(self).__name__} wraps no linear: PeftModel builds its prompt encoder (make_encoder)")
@@ -356,14 +359,32 @@ class PrefixEncoder(PromptLearningEncoder):
         if "weight" not in self.embedding.frozen:
             self.embedding.accumulate("weight", dZ)
 
-    def model_forward(self, model, input_ids, attention_mask=None, labels=None, position_ids=None, **kw):
+    def model_forward(self, model, input_ids, attention_mask=None, labels=None, position_ids=None, kv_cache=None,
+                      **kw):
         """PeftModelForCausalLM.forward with a prefix: the mask extended by P ones on the left, the
-        tokens' positions P..P+T-1 (given position_ids are offset by P, as PEFT does)."""
+        tokens' positions P..P+T-1 (given position_ids are offset by P, as PEFT does).
+
+        With a kv_cache (generation, PEFT's prepare_inputs_for_generation): an empty cache is first
+        filled with the prefix, which then is its positions 0..P-1 in every layer (written once,
+        never rotated); every forward, the prefill and each step, extends the mask by P ones and
+        offsets position_ids by P, so a left-padded row's tokens sit at P + cumsum(mask) - 1."""
         B = np.shape(input_ids)[0]
         if position_ids is not None:
             position_ids = np.asarray(to_host(position_ids)) + self.P
+        prefix = self.prefixes()
+        if kv_cache is not None:
+            if kv_cache.length == 0:
+                self.fill_cache(kv_cache, prefix, B)
+            prefix = None  # now the cache's first P positions
         return model.forward(input_ids, attention_mask=self._extend_mask(attention_mask, B), labels=labels,
-                             position_ids=position_ids, prefix=self.prefixes(), **kw)
+                             position_ids=position_ids, prefix=prefix, kv_cache=kv_cache, **kw)
+
+    def fill_cache(self, kv_cache, prefix, B: int) -> None:
+        """Write layer i's (k_p, v_p) (Hkv, P, hd), broadcast over the B rows, at the cache's positions 0..P-1."""
+        for i, (k_p, v_p) in enumerate(prefix):
+            kv_cache.update(i, self.xp.broadcast_to(k_p[None], (B, *k_p.shape)),
+                            self.xp.broadcast_to(v_p[None], (B, *v_p.shape)))
+        kv_cache.advance(self.P)
 
     def model_backward(self, model, dlogits=None) -> None:
         model.backward(dlogits)
@@ -400,15 +421,23 @@ class PromptEmbedding(PromptLearningEncoder):
     def prompt_embeddings(self):
         return self.embedding.params["weight"]
 
-    def model_forward(self, model, input_ids, attention_mask=None, labels=None, position_ids=None, **kw):
+    def model_forward(self, model, input_ids, attention_mask=None, labels=None, position_ids=None, kv_cache=None,
+                      **kw):
         """PeftModelForCausalLM.forward with a prompt: the mask extended by P ones, labels by P × -100;
-        position_ids are ignored (PEFT warns and drops them): positions 0..P+T-1."""
+        position_ids are ignored (PEFT warns and drops them): positions 0..P+T-1.
+
+        With a kv_cache (generation, PEFT's prepare_inputs_for_generation): the prompt goes before
+        the first forward's embeddings only (an empty cache: PEFT's inputs_embeds), so the cache's
+        first P positions are the prompt's; every forward extends the mask by P ones and drops
+        position_ids, so the positions are the cache's, 0..P+T-1 then P+T, P+T+1, ... whatever the
+        padding (as PEFT's generate numbers them)."""
         B = np.shape(input_ids)[0]
         if labels is not None:
             lab = np.asarray(to_host(labels))
             labels = np.concatenate([np.full((B, self.P), IGNORE_INDEX, dtype=lab.dtype), lab], axis=1)
+        prompt = self.embedding.params["weight"] if kv_cache is None or kv_cache.length == 0 else None
         return model.forward(input_ids, attention_mask=self._extend_mask(attention_mask, B), labels=labels,
-                             prompt=self.embedding.params["weight"], **kw)
+                             prompt=prompt, kv_cache=kv_cache, **kw)
 
     def model_backward(self, model, dlogits=None) -> None:
         model.backward(dlogits)
@@ -438,9 +467,7 @@ def _prompt_for_run(options, size) -> PromptTuningConfig:
     return PromptTuningConfig(num_virtual_tokens=size, num_layers=d["L"], token_dim=d["C"], num_attention_heads=d["H"])
 
 
-
-
 RECIPES = (
-    Recipe("prefix", "prefix tuning", _prefix_for_run, knob="num_virtual_tokens"),
-    Recipe("prompt", "prompt tuning", _prompt_for_run, knob="num_virtual_tokens"),
+    Recipe("prefix", "prefix tuning", _prefix_for_run, knob="num_virtual_tokens", lr_option="prompt_lr"),
+    Recipe("prompt", "prompt tuning", _prompt_for_run, knob="num_virtual_tokens", lr_option="prompt_lr"),
 )

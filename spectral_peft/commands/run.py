@@ -92,13 +92,14 @@ def _median_ms(times_ms: list[float]) -> float:
     return float(np.median(tail)) if tail else 0.0
 
 
-def train_method(recipe, model, cfg: RunConfig, train_tokens, eval_sets: list) -> dict:
+def train_method(recipe, model, cfg: RunConfig, train_tokens, eval_sets: list, window: int | None = None) -> dict:
     """Fine-tune ``model`` for cfg.steps steps with the engine's Trainer (PEFT's call order),
-    evaluating every cfg.eval_every steps; returns the measured record (MethodResult fields)."""
+    evaluating every cfg.eval_every steps; returns the measured record (MethodResult fields).
+    ``window``: the training windows' length, cfg.n_positions unless given (prefix / prompt tuning)."""
     opt, sched = make_adamw(model, getattr(cfg, recipe.lr_option), cfg.weight_decay, cfg.steps)
     trainer = Trainer(model, opt, sched, max_grad_norm=cfg.max_grad_norm, progress=cfg.progress,
                       progress_desc=f"{recipe.name:>9}")
-    batches = SeededBatches(train_tokens, cfg.batch_size, cfg.n_positions, seed=cfg.seed + 2)  # same for all
+    batches = SeededBatches(train_tokens, cfg.batch_size, window or cfg.n_positions, seed=cfg.seed + 2)  # same for all
     steps = trainer.fit(batches, cfg.steps, eval_batches=eval_sets, eval_every=cfg.eval_every)
     extras = model.report(lambda: trainer.evaluate(eval_sets)) if isinstance(model, PeftModel) else {}
     if not extras.get("singular_values"):
@@ -126,10 +127,44 @@ def _size_text(recipe, size) -> str:
     return f"d={size:.4%}" if recipe.knob == "d" else f"{recipe.knob}={size}"
 
 
+def _virtual_size(recipe, cfg: RunConfig, ctx: dict, size, count) -> tuple:
+    """Prefix / prompt tuning (a config with run_window): (size, count, window, capped), the budget's
+    num_virtual_tokens capped at the config's run_max_virtual_tokens (``capped`` says so, else None)
+    and the real tokens per window, n_positions - num_virtual_tokens; any other method unchanged,
+    window None."""
+    conf = recipe.make_config(cfg, size)
+    if not hasattr(conf, "run_window"):
+        return size, count, None, None
+    cap, capped = conf.run_max_virtual_tokens(cfg), None
+    if size > cap:
+        capped = (f"num_virtual_tokens {cap}, capped from the budget's {size} so that at least half of the "
+                  f"{cfg.n_positions} positions stay real tokens")
+        size = cap
+        conf = recipe.make_config(cfg, size)
+        count = conf.parameter_count(ctx["shapes"])
+    return size, count, conf.run_window(cfg), capped
+
+
+def _train_virtual(recipe, model, cfg: RunConfig, ctx: dict, P: int, window: int, capped) -> dict:
+    """Train and evaluate prefix / prompt tuning on windows of ``window`` = n_positions - P real
+    tokens of the same streams (P virtual tokens take the positions before them); the record's
+    extras["window"] says so, with the base's eval loss on those windows."""
+    windows = data_mod.eval_batches(ctx["eval_tokens"], cfg.batch_size, window, cfg.eval_batches)
+    # the tokens every method's eval scores, the 2nd..last of each window: prompt tuning's logits at
+    # its last virtual position would also predict the 1st (PEFT's labels), which the others never do
+    eval_sets = [{"input_ids": w, "labels": np.where(np.arange(window) == 0, -100, w)} for w in windows]
+    rec = train_method(recipe, model, cfg, ctx["train_tokens"], eval_sets, window)
+    base_eval = evaluate(load_base(ctx["base_folder"], ctx["backend"]), eval_sets)
+    rec["extras"]["window"] = {"real_tokens": window, "virtual_tokens": P, "n_positions": cfg.n_positions,
+                               "eval_windows": int(sum(w.shape[0] for w in windows)),
+                               "base_eval_loss": base_eval, "capped": capped}
+    return rec
+
+
 def run_method(name: str, cfg: RunConfig, ctx: dict, results: dict, log: Log) -> None:
     """Match the budget, build, train and record one method (or record why it did not run)."""
     recipe, budget, t0 = get_recipe(name), results["budget"]["target"], time.perf_counter()
-    size, count = None, None
+    size, count, window, capped = None, None, None, None
     if recipe.knob:
         try:
             size, count = match_budget(recipe, cfg, ctx["shapes"], budget, cfg.tolerance)
@@ -137,19 +172,18 @@ def run_method(name: str, cfg: RunConfig, ctx: dict, results: dict, log: Log) ->
             results["unavailable"].append({"method": name, "reason": str(exc)})
             log(f"method {name}: not run: {exc}")
             return
-        if abs(count - budget) > cfg.tolerance * budget and not recipe.own_budget:
+        size, count, window, capped = _virtual_size(recipe, cfg, ctx, size, count)
+        if abs(count - budget) > cfg.tolerance * budget and not recipe.own_budget and capped is None:
             reason = (f"its nearest size ({_size_text(recipe, size)}) has {count:,} trainable parameters, "
                       f"{(count - budget) / budget:+.1%} from the budget {budget:,}")
             results["unavailable"].append({"method": name, "reason": reason})
             log(f"method {name}: not run: {reason}")
             return
-        unfit = getattr(recipe.make_config(cfg, size), "run_unavailable", None)  # prefix / prompt tuning
-        if unfit is not None and unfit(cfg) is not None:
-            results["unavailable"].append({"method": name, "reason": unfit(cfg)})
-            log(f"method {name}: not run: {unfit(cfg)}")
-            return
     model, conf = build_method(recipe, cfg, ctx["base_folder"], ctx["backend"], size)
-    rec = train_method(recipe, model, cfg, ctx["train_tokens"], ctx["eval_sets"])
+    if window is None:
+        rec = train_method(recipe, model, cfg, ctx["train_tokens"], ctx["eval_sets"])
+    else:
+        rec = _train_virtual(recipe, model, cfg, ctx, size, window, capped)
     seconds = time.perf_counter() - t0
     results["timing"]["methods_s"][name] = round(seconds, 2)
     settings = conf.to_json_dict(model) if conf is not None else {"method": name}
@@ -233,6 +267,12 @@ def _finish(cfg: RunConfig, results: dict, folder: str, t_start: float, log: Log
     _point_latest(cfg.out, folder)
     log("")
     log(format_table(results))
+    for m in results["methods"]:  # prefix / prompt tuning: the windows their rows used
+        w = m["extras"].get("window")
+        if w:
+            log(f"method {m['method']}: trained and evaluated on windows of {w['real_tokens']} real tokens after "
+                f"{w['virtual_tokens']} virtual ones (the others: {w['n_positions']}); the base's eval loss on them "
+                f"{w['base_eval_loss']:.4f}{'; ' + w['capped'] if w['capped'] else ''}")
     for u in results["unavailable"]:
         log(f"method {u['method']}: not available: {u['reason']}")
     log("")

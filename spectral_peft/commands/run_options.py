@@ -47,6 +47,7 @@ class RunConfig:
     pretrain_lr: float = 2e-3  # AdamW, warm-up then cosine decay
     lr: float = 2e-3  # the PEFT methods' AdamW learning rate (adapters start at zero)
     full_lr: float = 3e-4  # full fine-tuning moves every weight: a smaller step
+    prompt_lr: float = 3e-2  # prefix / prompt tuning (virtual tokens start at N(0, 1)): PEFT's examples' step
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     budget: int | None = None  # trainable parameters to match; None: LoRA's count at r
@@ -141,7 +142,7 @@ class RunConfig:
         if self.arch == "llama" and self.n_head % 2:
             raise ValueError(f"--arch llama needs an even --n_head (grouped-query attention with n_head/2 key/value "
                              f"heads), got {self.n_head}")
-        for name in ("lr", "full_lr", "pretrain_lr"):
+        for name in ("lr", "full_lr", "prompt_lr", "pretrain_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.lora_dropout < 1:
@@ -240,6 +241,7 @@ _HELP = {
     "pretrain_lr": "the base's AdamW learning rate (warm-up, then cosine decay)",
     "lr": "the PEFT methods' AdamW learning rate",
     "full_lr": "full fine-tuning's AdamW learning rate",
+    "prompt_lr": "prefix and prompt tuning's AdamW learning rate",
     "weight_decay": "AdamW weight decay (>= 0)",
     "max_grad_norm": "clip the global gradient norm to this (> 0)",
     "budget": "trainable parameters every method is matched to",

@@ -95,9 +95,10 @@ def prepend_prompt(prompt, x):
 
 def virtual_lengths(kv_cache, prefix, prompt) -> tuple[int, int, int]:
     """(P cached positions, Pk prefix positions, Pp prompt positions) of one forward."""
-    if kv_cache is not None and (prefix is not None or prompt is not None):
-        raise ValueError("prefix / prompt: a forward with a kv_cache takes no virtual tokens (generation with "
-                         "prefix or prompt tuning is not implemented)")
+    if kv_cache is not None and (prefix is not None or (prompt is not None and kv_cache.length)):
+        raise ValueError("prefix / prompt: a forward with a kv_cache takes no prefix (prefix tuning writes it "
+                         "into the cache's first positions) and a prompt only in its first forward, on an empty "
+                         "cache (adapters/prefix.py)")
     P = 0 if kv_cache is None else kv_cache.length
     Pk = 0 if prefix is None else int(prefix[0][0].shape[1])
     Pp = 0 if prompt is None else int(prompt.shape[0])

@@ -237,6 +237,17 @@ def test_trainable_counts_equal_the_formulas(kind):
 
 
 # --- bad input ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [PrefixTuningConfig(num_virtual_tokens=2), PromptTuningConfig(num_virtual_tokens=2)])
+def test_merging_a_virtual_token_adapter_is_refused(config):
+    """merge_and_unload would otherwise return the bare base, silently dropping the virtual tokens."""
+    from spectral_peft.adapters.peft_model import merge_and_unload
+
+    pm = get_peft_model(small("gpt2"), config)
+    with pytest.raises(TypeError, match="virtual tokens, not weight deltas; there is nothing to merge"):
+        merge_and_unload(pm)
+    assert pm.prompt_encoder is not None
+
+
 @pytest.mark.parametrize("n", [0, -2, 1.5])
 def test_num_virtual_tokens_must_be_a_positive_int(n):
     with pytest.raises(ValueError, match="num_virtual_tokens"):

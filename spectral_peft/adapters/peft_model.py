@@ -173,6 +173,9 @@ def merge_and_unload(peft_model: PeftModel) -> Module:
     """Merge every adapter layer into its base and put the base back in its place; returns the
     plain model (``peft_model.model``), whose outputs equal the adapted model's. The PeftModel is
     no longer usable afterwards. Every layer is checked mergeable before any weight changes."""
+    if getattr(peft_model, "prompt_encoder", None) is not None:
+        raise TypeError(f"{peft_model.peft_config.peft_type}: prefix and prompt tuning add virtual tokens, not weight "
+                        "deltas; there is nothing to merge (generate with the PeftModel itself)")
     model = peft_model.model if isinstance(peft_model, PeftModel) else peft_model
     layers = adapter_layers(model)
     for path, layer in layers:

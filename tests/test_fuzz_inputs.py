@@ -393,3 +393,20 @@ def test_every_config_field_refuses_bad_values_naming_the_field(mod, cls, base):
     assert checked >= len(dataclasses.fields(config))  # every field got bad values of its kind
     gaps = sorted(gaps)
     assert not gaps, f"{len(gaps)} bad values accepted or refused without naming the field: {gaps[:10]}"
+
+
+def test_a_negative_generator_word_is_refused_as_a_file_error(ckpt, tmp_path):
+    """Found by the manifest fuzz: a generator state word of -1 made NumPy raise OverflowError
+    from inside the loader; it is a FileFormatError naming the generator, before anything loads."""
+    manifest = json.load(open(os.path.join(ckpt, "state.json")))
+    gens = manifest["states"]["generators"]
+    key = next(k for k, v in gens.items() if isinstance(v, dict) and "state" in v)
+    gens[key]["state"]["state"] = -1
+    for name in ("model.safetensors", "state.safetensors"):
+        (tmp_path / name).write_bytes(open(os.path.join(ckpt, name), "rb").read())
+    (tmp_path / "state.json").write_text(json.dumps(manifest))
+    t, b = W.build(METHOD, "float32")
+    before = {n: m.params[k].copy() for n, m, k in t.model.named_parameters()}
+    with pytest.raises(FileFormatError, match=r"invalid generator state"):
+        C.load_checkpoint(tmp_path, t.model, t.optimizer, t.schedule, t.controllers, data=b)
+    assert all(np.array_equal(m.params[k], before[n]) for n, m, k in t.model.named_parameters())

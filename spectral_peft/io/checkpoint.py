@@ -415,7 +415,7 @@ def _check_states(ckpt: Checkpoint, components: dict, controllers: Sequence, gen
                                          f"the run's is {type(g.bit_generator).__name__}", key=f"states.generators.{key}")
         try:  # a malformed state is refused here, before anything is installed
             type(g.bit_generator)().state = s
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:  # OverflowError: a negative or > 2^64 word
             raise FileFormatError(mpath, f"invalid generator state ({exc})", key=f"states.generators.{key}") from None
 
 

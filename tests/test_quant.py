@@ -165,11 +165,37 @@ def test_fast_paths_equal_reference(data, quant_type, blocksize):
     assert np.array_equal(bits(dequantize_4bit(pf, sf, fast=True)), bits(dequantize_4bit(pr, sr, fast=False)))
 
 
+@given(data=st.data(), quant_type=st.sampled_from(["nf4", "fp4"]), blocksize=st.sampled_from(B.BLOCKSIZES_4BIT),
+       nested=st.booleans(), threads=st.sampled_from([1, 2]))
+def test_fast_dequantise_equals_reference_over_chunks_and_nested_states(data, quant_type, blocksize, nested, threads):
+    """The fast dequantiser, bit for bit, at every block size, plain and double-quantised states
+    (whose absmax both paths get from dequantize_absmax), odd sizes, partial last blocks, all-zero
+    blocks (absmax 0: the signs of the zero products) and chunks small enough that several of them
+    run, on one or two threads."""
+    n = data.draw(st.integers(1, 6000), label="n")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
+    x = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
+    if data.draw(st.booleans(), label="zero block"):
+        start = data.draw(st.integers(0, (n - 1) // blocksize), label="zero block index") * blocksize
+        x[start: start + blocksize] = 0.0
+    shape = (n // 2, 2) if n % 2 == 0 and data.draw(st.booleans(), label="2-D") else (n,)
+    p, s = quantize_4bit(x.reshape(shape), blocksize, quant_type, compress_statistics=nested)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(B, "DEQUANT_CHUNK", data.draw(st.sampled_from([32, 256, 4096, B.DEQUANT_CHUNK]), label="chunk"))
+        mp.setattr(B, "FAST_PATH_THREADS", threads)
+        mp.setattr(B, "PARALLEL_MIN_CHUNKS", 1)  # two chunks already run on two threads
+        fast = dequantize_4bit(p, s, fast=True)
+    slow = dequantize_4bit(p, s, fast=False)
+    assert fast.shape == slow.shape == shape and fast.dtype == slow.dtype == np.float32
+    assert np.array_equal(bits(fast), bits(slow))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fast_paths_equal_reference_across_chunks(monkeypatch, threads):
     monkeypatch.setattr(B, "FAST_PATH_THREADS", threads)
     monkeypatch.setattr(B, "PARALLEL_MIN_CHUNKS", 1)  # so that 3 chunks do run on 2 threads
-    x = np.random.default_rng(11).standard_normal(3 * B.CHUNK + 100).astype(np.float32)
+    # three chunks of each fast path at its real chunk size (the dequantiser's are the larger)
+    x = np.random.default_rng(11).standard_normal(3 * max(B.CHUNK, B.DEQUANT_CHUNK) + 100).astype(np.float32)
     pf, sf = quantize_4bit(x, 64, "nf4", fast=True)
     pr, sr = quantize_4bit(x, 64, "nf4", fast=False)
     assert np.array_equal(pf, pr)

@@ -44,3 +44,55 @@ def benchmark_batches(n: int = 4, seed: int = 0) -> list:
     """``n`` (BATCH, SEQ) int64 token batches, drawn from a seeded generator."""
     rng = np.random.default_rng(seed)
     return [rng.integers(0, VOCAB, size=(BATCH, SEQ)) for _ in range(n)]
+
+
+# --- the engine-vs-PEFT training step (benchmarks/lora.py, llama.py, gpu_step.py) ------------------
+def optimizers(pm, pm_t, lr: float, weight_decay: float):
+    """(engine AdamW, torch AdamW) over the adapter parameters of the engine's PeftModel ``pm`` and
+    PEFT's ``pm_t`` (both put in training mode); refuses when the trainable counts differ."""
+    import torch  # noqa: PLC0415
+
+    from spectral_peft.optim import AdamW  # noqa: PLC0415
+
+    pm.train()
+    pm_t.train()
+    n_e = pm.num_parameters(trainable_only=True)
+    n_t = sum(p.numel() for p in pm_t.parameters() if p.requires_grad)
+    if n_e != n_t:
+        raise RuntimeError(f"trainable parameters differ: engine {n_e}, PEFT {n_t}")
+    return (AdamW(pm, lr=lr, weight_decay=weight_decay),
+            torch.optim.AdamW([p for p in pm_t.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay))
+
+
+def engine_step(pm, opt, ids):
+    """One engine training step (forward with labels, backward, AdamW, zero_grad) -> its loss."""
+    out = pm.forward(ids, labels=ids)
+    pm.backward()
+    opt.step()
+    opt.zero_grad()
+    return float(out.loss)
+
+
+def torch_step(pm_t, topt, ids_t):
+    """The same step on the transformers + PEFT side -> its loss."""
+    out = pm_t(input_ids=ids_t, labels=ids_t)
+    out.loss.backward()
+    topt.step()
+    topt.zero_grad(set_to_none=True)
+    return float(out.loss)
+
+
+def time_pair(pm, opt, pm_t, topt, ids, repeats: int, warmup: int = 2):
+    """({engine, torch} median ms, minima, first engine loss, first torch loss): the first step
+    runs on identical weights on both sides, then warm-up, then the interleaved timing."""
+    import torch  # noqa: PLC0415
+
+    ids_t = torch.tensor(ids)
+    loss_e = engine_step(pm, opt, ids)
+    loss_t = torch_step(pm_t, topt, ids_t)
+    for _ in range(warmup - 1):
+        engine_step(pm, opt, ids)
+        torch_step(pm_t, topt, ids_t)
+    ms, mins = interleaved_ms({"engine": lambda: engine_step(pm, opt, ids),
+                               "torch": lambda: torch_step(pm_t, topt, ids_t)}, repeats, warmup=0)
+    return ms, mins, loss_e, loss_t

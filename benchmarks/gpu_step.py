@@ -21,7 +21,8 @@ import json
 import sys
 
 from _common import benchmark_batches, interleaved_ms  # noqa: E402  (beside this script)
-from lora import engine_step, make_pair, torch_step  # noqa: E402
+from _common import engine_step, torch_step  # noqa: E402
+from lora import make_pair  # noqa: E402
 
 from spectral_peft.backend import begin_step, end_step
 

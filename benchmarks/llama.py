@@ -35,13 +35,12 @@ import tempfile
 from _threads import THREADS  # noqa: E402,F401  (benchmarks/_threads.py: before NumPy loads BLAS)
 
 import numpy as np  # noqa: E402
-from _common import interleaved_ms  # noqa: E402  (benchmarks/_common.py, beside this script)
+from _common import optimizers, time_pair  # noqa: E402  (benchmarks/_common.py)
 
 from spectral_peft.adapters.lora import LoraConfig  # noqa: E402
 from spectral_peft.adapters.peft_model import get_peft_model, save_adapter  # noqa: E402
 from spectral_peft.backend import get_backend  # noqa: E402
 from spectral_peft.model import LlamaConfig, LlamaForCausalLM, save_pretrained  # noqa: E402
-from spectral_peft.optim import AdamW  # noqa: E402
 
 B, T, V, L, C, H, HKV, F = 8, 128, 512, 4, 256, 8, 2, 688
 R, ALPHA = 8, 16
@@ -70,45 +69,8 @@ def make_pair(seed: int = 0):
         # no attn_implementation: transformers' default (sdpa)
         tm = transformers.LlamaForCausalLM.from_pretrained(os.path.join(d, "base"), dtype=torch.float32)
         pm_t = peft.PeftModel.from_pretrained(tm, os.path.join(d, "adapter"), is_trainable=True)
-    pm.train()
-    pm_t.train()
-    opt = AdamW(pm, lr=LR, weight_decay=WD)
-    topt = torch.optim.AdamW([p for p in pm_t.parameters() if p.requires_grad], lr=LR, weight_decay=WD)
-    n_e = pm.num_parameters(trainable_only=True)
-    n_t = sum(p.numel() for p in pm_t.parameters() if p.requires_grad)
-    if n_e != n_t:
-        raise RuntimeError(f"trainable parameters differ: engine {n_e}, PEFT {n_t}")
+    opt, topt = optimizers(pm, pm_t, LR, WD)
     return pm, opt, pm_t, topt, tm.config._attn_implementation
-
-
-def engine_step(pm, opt, ids):
-    out = pm.forward(ids, labels=ids)
-    pm.backward()
-    opt.step()
-    opt.zero_grad()
-    return float(out.loss)
-
-
-def torch_step(pm_t, topt, ids_t):
-    out = pm_t(input_ids=ids_t, labels=ids_t)
-    out.loss.backward()
-    topt.step()
-    topt.zero_grad(set_to_none=True)
-    return out.loss.item()
-
-
-def time_pair(pm, opt, pm_t, topt, ids, repeats: int, warmup: int = 2):
-    import torch  # noqa: PLC0415
-
-    ids_t = torch.tensor(ids)
-    loss_e = engine_step(pm, opt, ids)  # first step: identical weights on both sides
-    loss_t = torch_step(pm_t, topt, ids_t)
-    for _ in range(warmup - 1):
-        engine_step(pm, opt, ids)
-        torch_step(pm_t, topt, ids_t)
-    ms, mins = interleaved_ms({"engine": lambda: engine_step(pm, opt, ids),
-                               "torch": lambda: torch_step(pm_t, topt, ids_t)}, repeats, warmup=0)
-    return ms, mins, loss_e, loss_t
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,7 @@ import tempfile
 from _threads import THREADS  # noqa: E402,F401  (benchmarks/_threads.py: before NumPy loads BLAS)
 
 import numpy as np  # noqa: E402
-from _common import interleaved_ms  # noqa: E402  (benchmarks/_common.py, beside this script)
+from _common import optimizers, time_pair  # noqa: E402  (benchmarks/_common.py)
 
 from spectral_peft.adapters.lora import LoraConfig  # noqa: E402
 from spectral_peft.adapters.lorafa import LoraFAConfig  # noqa: E402
@@ -39,7 +39,6 @@ from spectral_peft.adapters.peft_model import get_peft_model  # noqa: E402
 from spectral_peft.backend import get_backend  # noqa: E402
 from spectral_peft.adapters.peft_model import save_adapter  # noqa: E402
 from spectral_peft.model import GPT2Config, GPT2LMHeadModel, save_pretrained  # noqa: E402
-from spectral_peft.optim import AdamW  # noqa: E402
 
 B, T, V, L, C, H = 8, 128, 512, 4, 256, 4
 R, ALPHA = 8, 16
@@ -67,45 +66,8 @@ def make_pair(seed: int = 0, device: str = "cpu", torch_device: str = "cpu"):
         save_adapter(pm, os.path.join(d, "adapter"))
         tm = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(d, "base"), dtype=torch.float32)
         pm_t = peft.PeftModel.from_pretrained(tm, os.path.join(d, "adapter"), is_trainable=True).to(torch_device)
-    pm.train()
-    pm_t.train()
-    opt = AdamW(pm, lr=LR, weight_decay=WD)
-    topt = torch.optim.AdamW([p for p in pm_t.parameters() if p.requires_grad], lr=LR, weight_decay=WD)
-    n_e = pm.num_parameters(trainable_only=True)
-    n_t = sum(p.numel() for p in pm_t.parameters() if p.requires_grad)
-    if n_e != n_t:
-        raise RuntimeError(f"trainable parameters differ: engine {n_e}, PEFT {n_t}")
+    opt, topt = optimizers(pm, pm_t, LR, WD)
     return pm, opt, pm_t, topt
-
-
-def engine_step(pm, opt, ids):
-    out = pm.forward(ids, labels=ids)
-    pm.backward()
-    opt.step()
-    opt.zero_grad()
-    return float(out.loss)
-
-
-def torch_step(pm_t, topt, ids_t):
-    out = pm_t(input_ids=ids_t, labels=ids_t)
-    out.loss.backward()
-    topt.step()
-    topt.zero_grad(set_to_none=True)
-    return float(out.loss)
-
-
-def time_pair(pm, opt, pm_t, topt, ids, repeats: int, warmup: int = 2):
-    import torch  # noqa: PLC0415
-
-    ids_t = torch.tensor(ids)
-    loss_e = engine_step(pm, opt, ids)  # first step: identical weights on both sides
-    loss_t = torch_step(pm_t, topt, ids_t)
-    for _ in range(warmup - 1):
-        engine_step(pm, opt, ids)
-        torch_step(pm_t, topt, ids_t)
-    ms, _ = interleaved_ms({"engine": lambda: engine_step(pm, opt, ids),
-                            "torch": lambda: torch_step(pm_t, topt, ids_t)}, repeats, warmup=0)
-    return ms["engine"], ms["torch"], loss_e, loss_t
 
 
 def activation_bytes(config_cls, ids, seed: int = 0) -> tuple[int, int]:
@@ -137,7 +99,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(THREADS)
     ids = np.random.default_rng(1).integers(0, V, (B, T))
     pm, opt, pm_t, topt = make_pair()
-    engine_ms, peft_ms, loss_e, loss_t = time_pair(pm, opt, pm_t, topt, ids, args.repeats)
+    ms, _, loss_e, loss_t = time_pair(pm, opt, pm_t, topt, ids, args.repeats)
+    engine_ms, peft_ms = ms["engine"], ms["torch"]
     ratio = engine_ms / peft_ms
     print(f"LoRA r={R} alpha={ALPHA} on {TARGETS}, GPT-2 L={L} C={C} H={H} T={T} B={B} V={V}, float32, "
           f"{THREADS} threads, {args.repeats} repeats")

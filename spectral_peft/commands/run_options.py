@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..adapters.registry import METHODS
 from ..backend import DEVICES, emulation_unavailable_reason, gpu_unavailable_reason
-from ..prune.rows import check_options as check_prune_options
+from ..prune.masks import check_options as check_prune_options
 from ..quant import BLOCKSIZES_4BIT
 from .contract import help_text
 

@@ -1,6 +1,6 @@
 """Pruning figure: eval loss against the base's sparsity, with and without the adapter.
 
-Takes ``results["pruning"]`` (spectral_peft/prune/rows.py) and an output path; the dense base
+Takes ``results["pruning"]`` (spectral_peft/commands/prune_rows.py) and an output path; the dense base
 (sparsity 0) is the run's own base model and dense rows.
 """
 from __future__ import annotations

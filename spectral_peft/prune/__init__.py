@@ -1,5 +1,5 @@
 """Pruning of the frozen base: magnitude, Wanda and N:M masks, the sparse frozen linears (CSR and
-N:M packed), calibration, merging into a pruned base, and the run's pruned-base rows.
+N:M packed), calibration, and merging into a pruned base (the run's pruned-base rows: commands/prune_rows.py).
 
 See docs/pruning.md.
 """

@@ -147,3 +147,31 @@ def method_tag(score: str, sparsity: float, nm: tuple[int, int] | None) -> str:
 
 __all__ = ["SCORES", "check_nm", "check_sparsity", "magnitude_mask", "make_mask", "method_tag", "nm_mask",
            "parse_prune_method", "pruned_count", "row_mask", "scores_for", "wanda_mask", "wanda_scores"]
+
+
+def parse_sparsities(text: str | None) -> list[float]:
+    """--prune: a comma list of sparsities in [0, 1) (an empty list for None)."""
+    if text is None:
+        return []
+    out = []
+    for part in str(text).split(","):
+        try:
+            s = float(part)
+        except ValueError:
+            raise ValueError(f"--prune must be a comma list of sparsities in [0, 1) (e.g. 0.5 or 0.3,0.5,0.7), "
+                             f"got {text!r}") from None
+        if not 0 <= s < 1:
+            raise ValueError(f"--prune: each sparsity must lie in [0, 1), got {s} in {text!r}")
+        out.append(s)
+    if len(set(out)) != len(out):
+        raise ValueError(f"--prune {text!r} names a sparsity twice")
+    return out
+
+
+def check_options(prune: str | None, prune_method: str) -> None:
+    """Both options, and their agreement: an N:M pattern has the sparsity 1 − N/M."""
+    sparsities = parse_sparsities(prune)
+    _, nm = parse_prune_method(prune_method)
+    if nm is not None and sparsities and any(abs(s - (1 - nm[0] / nm[1])) > 1e-9 for s in sparsities):
+        raise ValueError(f"--prune_method {prune_method} fixes the sparsity at {1 - nm[0] / nm[1]:g} (1 − N/M); "
+                         f"--prune {prune!r} asks otherwise")

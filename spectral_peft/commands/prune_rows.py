@@ -1,4 +1,5 @@
-"""The pruned-base rows of `spectral-peft run --prune S[,S...] --prune_method M` (docs/pruning.md).
+"""The main job's pruned-base rows: `spectral-peft run --prune S[,S...] --prune_method M`
+(spectral_peft/prune has the masks and layers; docs/pruning.md).
 
 For each sparsity s (or the one of an N:M pattern), the cached dense base is pruned on every
 target linear (--target_modules); Wanda's activation norms come from a few training batches
@@ -15,40 +16,16 @@ from __future__ import annotations
 
 import time
 
+from ..adapters.registry import recipe as get_recipe
+from ..budget import BudgetUnreachable, match_budget
+from ..prune.layers import activation_norms, prune_model
+from ..prune.masks import method_tag, parse_prune_method, parse_sparsities
 from ..train import SeededBatches, evaluate
-from .layers import activation_norms, prune_model
-from .masks import method_tag, parse_prune_method
+from .method import build_method, train_method
+from .pretrain import load_base
 
 CALIBRATION_BATCHES = 4  # Wanda's 128 sequences of 2048 tokens, scaled to the run: 4 batches of B × T
 PRUNED_METHODS = ("lora", "qlora")  # the adapters trained on a pruned base (when the run names them)
-
-
-def parse_sparsities(text: str | None) -> list[float]:
-    """--prune: a comma list of sparsities in [0, 1) (an empty list for None)."""
-    if text is None:
-        return []
-    out = []
-    for part in str(text).split(","):
-        try:
-            s = float(part)
-        except ValueError:
-            raise ValueError(f"--prune must be a comma list of sparsities in [0, 1) (e.g. 0.5 or 0.3,0.5,0.7), "
-                             f"got {text!r}") from None
-        if not 0 <= s < 1:
-            raise ValueError(f"--prune: each sparsity must lie in [0, 1), got {s} in {text!r}")
-        out.append(s)
-    if len(set(out)) != len(out):
-        raise ValueError(f"--prune {text!r} names a sparsity twice")
-    return out
-
-
-def check_options(prune: str | None, prune_method: str) -> None:
-    """Both options, and their agreement: an N:M pattern has the sparsity 1 − N/M."""
-    sparsities = parse_sparsities(prune)
-    _, nm = parse_prune_method(prune_method)
-    if nm is not None and sparsities and any(abs(s - (1 - nm[0] / nm[1])) > 1e-9 for s in sparsities):
-        raise ValueError(f"--prune_method {prune_method} fixes the sparsity at {1 - nm[0] / nm[1]:g} (1 − N/M); "
-                         f"--prune {prune!r} asks otherwise")
 
 
 def calibration_batches(cfg, train_tokens) -> list[dict]:
@@ -58,11 +35,6 @@ def calibration_batches(cfg, train_tokens) -> list[dict]:
 
 def pruned_rows(cfg, ctx: dict, results: dict, log) -> None:
     """Add the pruned-base rows and ``results["pruning"]`` (module docstring)."""
-    from ..adapters.registry import recipe as get_recipe  # noqa: PLC0415 - the run imports this module
-    from ..budget import BudgetUnreachable, match_budget  # noqa: PLC0415
-    from ..commands.pretrain import load_base  # noqa: PLC0415
-    from ..commands.run import build_method, train_method  # noqa: PLC0415
-
     score, nm = parse_prune_method(cfg.prune_method)
     sparsities = parse_sparsities(cfg.prune) if nm is None else [1 - nm[0] / nm[1]]
     targets = cfg.target_list()
@@ -119,4 +91,4 @@ def pruned_rows(cfg, ctx: dict, results: dict, log) -> None:
     results["pruning"] = record
 
 
-__all__ = ["CALIBRATION_BATCHES", "PRUNED_METHODS", "check_options", "parse_sparsities", "pruned_rows"]
+__all__ = ["CALIBRATION_BATCHES", "PRUNED_METHODS", "pruned_rows"]

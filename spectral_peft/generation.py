@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import to_host
-from .model.output import check_input_ids, check_int_range, check_mask
+from .inputs import check_input_ids, check_int_range, check_mask
 from .validation import check_int
 
 

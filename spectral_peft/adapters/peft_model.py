@@ -42,9 +42,23 @@ from dataclasses import replace
 import numpy as np
 
 from ..backend import get_xp, host_rng, to_host
-from ..io.safe import FileFormatError, load_json, load_safetensors, save_json, save_safetensors
+from ..generation import generate
+from ..io.safe import (
+    FileFormatError,
+    load_json,
+    load_safetensors,
+    save_json,
+    save_safetensors,
+)
 from ..module import Module, match_target_modules
-from .base import MODEL_PREFIX, AdapterConfig, Controller, adapter_layers, inject_adapters, model_relative
+from .base import (
+    MODEL_PREFIX,
+    AdapterConfig,
+    Controller,
+    adapter_layers,
+    inject_adapters,
+    model_relative,
+)
 from .lora import LoraConfig, modules_to_save_paths
 from .prefix import PEFT_KEY
 from .registry import config_class, resolve
@@ -118,8 +132,6 @@ class PeftModel(Module):
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """KV-cache generation with the adapters computed at every step, or a prefix / prompt before the
         tokens (spectral_peft/generation.py)."""
-        from ..generation import generate  # noqa: PLC0415
-
         return generate(self, input_ids, attention_mask, **kwargs)
 
     def adapter_layers(self) -> list[tuple[str, Module]]:

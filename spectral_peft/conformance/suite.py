@@ -31,6 +31,7 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import seed as hypothesis_seed
 
+from ..io.safe import atomic_write_bytes
 from . import oracle
 from .cases import BUILDERS, FLOAT_DTYPES, STRATEGIES, visible_keys
 
@@ -360,6 +361,4 @@ def check(target, only=None, dtype: str = "float32", examples: int | None = None
 
 
 def write_json(report: Report, path) -> None:
-    from ..io.safe import atomic_write_bytes  # noqa: PLC0415
-
     atomic_write_bytes(path, (json.dumps(report.to_json(), indent=1) + "\n").encode())

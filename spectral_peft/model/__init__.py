@@ -6,11 +6,20 @@
 
 See docs/models.md.
 """
+from ..generation import generate
 from .bert import BertForSequenceClassification, BertModel
 from .config import BertConfig, GPT2Config
 from .gpt2 import GPT2LMHeadModel, GPT2Model
-from .hf import (from_pretrained, hf_gradients, hf_key, hf_state_dict, is_conv1d, load_pretrained, read_config,
-                 save_pretrained)
+from .hf import (
+    from_pretrained,
+    hf_gradients,
+    hf_key,
+    hf_state_dict,
+    is_conv1d,
+    load_pretrained,
+    read_config,
+    save_pretrained,
+)
 from .kv_cache import KVCache
 from .layers import Activation, Dropout, Embedding, LayerNorm, RMSNorm
 from .llama import LlamaForCausalLM, LlamaModel, MistralForCausalLM, Qwen2ForCausalLM
@@ -27,8 +36,6 @@ for _cls in (GPT2LMHeadModel, BertModel, BertForSequenceClassification, LlamaFor
 
 def _generate(self, input_ids, attention_mask=None, **kwargs):
     """transformers' verb: ``spectral_peft.generation.generate(self, input_ids, attention_mask, ...)``."""
-    from ..generation import generate  # noqa: PLC0415  (generation imports this package)
-
     return generate(self, input_ids, attention_mask, **kwargs)
 
 

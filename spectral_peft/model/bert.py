@@ -22,13 +22,19 @@ Attribute names are Hugging Face's (``bert.encoder.layer.0.attention.self.query.
 from __future__ import annotations
 
 from ..backend import Backend, get_xp
+from ..inputs import check_input_ids, check_int_range, check_mask, to_backend
 from ..module import Linear, Module, ModuleList
-from ..ops.attention import attention_backward, attention_forward, merge_heads, split_heads
+from ..ops.attention import (
+    attention_backward,
+    attention_forward,
+    merge_heads,
+    split_heads,
+)
 from ..ops.loss import cross_entropy_backward, cross_entropy_forward
 from .config import BertConfig
 from .gpt2 import Init
 from .layers import Activation, Dropout, Embedding
-from .output import ModelOutput, check_input_ids, check_int_range, check_mask, to_backend
+from .output import ModelOutput
 
 
 class BertEmbeddings(Module):

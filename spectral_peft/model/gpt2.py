@@ -29,14 +29,34 @@ from __future__ import annotations
 import math
 
 from ..backend import Backend, ShapeBackend, get_xp, host_rng
+from ..inputs import check_input_ids, check_int_range, check_mask, to_backend
 from ..module import Linear, Module, ModuleList
-from ..ops.attention import attention_backward, attention_forward, merge_heads, s2_group_size, split_heads
+from ..ops.attention import (
+    attention_backward,
+    attention_forward,
+    merge_heads,
+    s2_group_size,
+    split_heads,
+)
 from .config import GPT2Config
-from .kv_cache import (KVCache, mask_covers, positions_taken, prepend_prefix, prepend_prompt, split_prefix_grad,
-                       virtual_lengths)
-from .lm_head import NO_FORWARD, shifted_loss, tied_head_backward, tied_head_forward, upstream_dlogits
+from .kv_cache import (
+    KVCache,
+    mask_covers,
+    positions_taken,
+    prepend_prefix,
+    prepend_prompt,
+    split_prefix_grad,
+    virtual_lengths,
+)
 from .layers import Activation, Dropout, Embedding, LayerNorm, PreNormBlock
-from .output import ModelOutput, check_input_ids, check_int_range, check_mask, to_backend
+from .lm_head import (
+    NO_FORWARD,
+    shifted_loss,
+    tied_head_backward,
+    tied_head_forward,
+    upstream_dlogits,
+)
+from .output import ModelOutput
 
 
 class Init:

@@ -27,17 +27,37 @@ Derivation of every backward: docs/llama.md.
 from __future__ import annotations
 
 from ..backend import Backend, get_xp
+from ..inputs import check_input_ids, check_int_range, check_mask, to_backend
 from ..module import Linear, Module, ModuleList
 from ..ops.activation import swiglu_backward, swiglu_forward
-from ..ops.attention import attention_backward, attention_forward, merge_heads, s2_group_size, split_heads
+from ..ops.attention import (
+    attention_backward,
+    attention_forward,
+    merge_heads,
+    s2_group_size,
+    split_heads,
+)
 from ..ops.rope import rope_backward, rope_cos_sin, rope_forward, rope_init
 from .gpt2 import Init
-from .kv_cache import (KVCache, mask_covers, positions_taken, prepend_prefix, prepend_prompt, split_prefix_grad,
-                       virtual_lengths)
+from .kv_cache import (
+    KVCache,
+    mask_covers,
+    positions_taken,
+    prepend_prefix,
+    prepend_prompt,
+    split_prefix_grad,
+    virtual_lengths,
+)
 from .layers import Embedding, PreNormBlock, RMSNorm
-from .lm_head import NO_FORWARD, shifted_loss, tied_head_backward, tied_head_forward, upstream_dlogits
 from .llama_config import LlamaConfig, MistralConfig, Qwen2Config
-from .output import ModelOutput, check_input_ids, check_int_range, check_mask, to_backend
+from .lm_head import (
+    NO_FORWARD,
+    shifted_loss,
+    tied_head_backward,
+    tied_head_forward,
+    upstream_dlogits,
+)
+from .output import ModelOutput
 
 
 class LlamaAttention(Module):

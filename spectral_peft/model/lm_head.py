@@ -9,9 +9,9 @@ Shape legend: B batch, T positions, N = B·T, C width, V vocabulary; h (N, C), E
 from __future__ import annotations
 
 from ..backend import get_xp
+from ..inputs import to_backend
 from ..ops.linear import linear_backward, linear_forward
 from ..ops.loss import cross_entropy_backward, cross_entropy_forward
-from .output import to_backend
 
 
 def tied_head_forward(h, embedding, keep: bool):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..adapters.base import adapter_layers
 from ..backend import to_host
 from ..module import Linear
 from .layers import PRUNED_TYPES, NMSparseLinear, SparseLinear
@@ -63,8 +64,6 @@ def merge_pruned(layer, keep_sparsity: bool = True):
 def merge_and_unload_pruned(peft_model, keep_sparsity: bool = True):
     """Replace every adapter layer over a pruned base by :func:`merge_pruned` of it; returns the plain
     model. Every layer is checked (and merged) before any is installed."""
-    from ..adapters.base import adapter_layers  # noqa: PLC0415 - adapters import the engine, not the reverse
-
     model = getattr(peft_model, "model", peft_model)
     layers = adapter_layers(model)
     if not layers:

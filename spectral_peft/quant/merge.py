@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..adapters.base import adapter_layers
 from ..backend import to_host
 from ..module import Linear
 from .blockwise import dequantize_absmax, quantize_4bit, unpack_4bit
@@ -132,8 +133,6 @@ def merge_lora_4bit(peft_model, how: str):
         raise ValueError(f"how must be one of {HOWS}, got {how!r}")
     if how == "unmerged":
         return peft_model
-    from ..adapters.base import adapter_layers  # noqa: PLC0415
-
     model = peft_model.model if hasattr(peft_model, "peft_config") else peft_model
     layers = adapter_layers(model)
     for _, layer in layers:

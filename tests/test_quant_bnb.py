@@ -8,7 +8,7 @@ import pytest
 
 from spectral_peft.quant import (create_dynamic_map, dequantize_4bit, dequantize_blockwise, double_quantize,
                                  get_4bit_code, int8_vectorwise_dequant, int8_vectorwise_quant, quantize_4bit,
-                                 quantize_blockwise)
+                                 quantize_blockwise, torch_mean_float32)
 from spectral_peft.quant import blockwise as B
 from spectral_peft.quant.codebooks import sorted_4bit_code
 from tests._quant import assert_codes_match_or_nearer, bits, offset_ulps
@@ -208,7 +208,7 @@ def test_double_quantisation_default_stays_nearest():
     centred absmax as bitsandbytes', some strictly, and its dequantised absmax is nearer overall."""
     x = np.random.default_rng(2).standard_normal((256, 256)).astype(np.float32)
     _, plain = quantize_4bit(x, 64, "nf4")
-    offset = B.torch_mean_float32(plain.absmax)
+    offset = torch_mean_float32(plain.absmax)
     near = double_quantize(plain, offset=offset)
     theirs = double_quantize(plain, offset=offset, match="bitsandbytes")
     assert np.array_equal(bits(near.state2.absmax), bits(theirs.state2.absmax))
@@ -254,7 +254,7 @@ def test_torch_mean_float32_equals_torch():
         for n in sizes:
             x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n)).astype(np.float32)
             ref = torch.from_numpy(x).mean().numpy()
-            assert bits(B.torch_mean_float32(x, threads=2)) == bits(ref), f"n={n}"
+            assert bits(torch_mean_float32(x, threads=2)) == bits(ref), f"n={n}"
     finally:
         torch.set_num_threads(threads)
 

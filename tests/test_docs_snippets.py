@@ -261,10 +261,12 @@ def test_page_blocks_run(page, tmp_path, monkeypatch):
     bin_dir = _shims(folder)
     modules_before = set(sys.modules)
     scope = None
+    ran, runnable = 0, sum(b.skip is None for b in ALL_BLOCKS[page])
     try:
         for block in ALL_BLOCKS[page]:
             if block.skip is not None:
                 continue
+            ran += 1
             if block.language == "python" and (not block.continues or scope is None):
                 scope = {"__name__": "__main__"}
             for name in block.given:
@@ -277,6 +279,8 @@ def test_page_blocks_run(page, tmp_path, monkeypatch):
                     f.write(block.code)
             # the page's own code, as written; tracebacks name the page and line
             exec(compile("\n" * block.line + block.code, os.path.join(REPO, page), "exec"), scope)
+        # every block raised nothing (a bash block's exit status is checked in _run_bash), and none was missed
+        assert ran == runnable > 0, f"{page}: ran {ran} of its {runnable} runnable blocks"
     finally:
         for name in set(sys.modules) - modules_before:  # modules a block imported from the page's folder
             if (getattr(sys.modules[name], "__file__", None) or "").startswith(folder):

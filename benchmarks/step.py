@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MKL_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
-from _common import interleaved_ms  # noqa: E402  (benchmarks/_common.py, beside this script)
+from _common import time_pair  # noqa: E402  (benchmarks/_common.py, beside this script)
 
 from spectral_peft.backend import get_backend  # noqa: E402
 from spectral_peft.model import GPT2Config, GPT2LMHeadModel, save_pretrained  # noqa: E402
@@ -58,37 +58,6 @@ def make_pair(C: int, H: int, seed: int = 0):
     opt = AdamW(model, lr=LR, weight_decay=WD)
     topt = torch.optim.AdamW(tm.parameters(), lr=LR, weight_decay=WD)
     return model, opt, tm, topt
-
-
-def engine_step(model, opt, ids):
-    out = model.forward(ids, labels=ids)
-    model.backward()
-    opt.step()
-    opt.zero_grad()
-    return out.loss
-
-
-def torch_step(tm, topt, ids_t):
-    out = tm(input_ids=ids_t, labels=ids_t)
-    out.loss.backward()
-    topt.step()
-    topt.zero_grad(set_to_none=True)
-    return float(out.loss)
-
-
-def time_pair(model, opt, tm, topt, ids, repeats: int, warmup: int = 2):
-    """Medians (ms) of engine and torch steps, timed in turn; also each side's first loss."""
-    import torch  # noqa: PLC0415
-
-    ids_t = torch.tensor(ids)
-    loss_e = engine_step(model, opt, ids)  # the first step: identical weights on both sides
-    loss_t = torch_step(tm, topt, ids_t)
-    for _ in range(warmup - 1):
-        engine_step(model, opt, ids)
-        torch_step(tm, topt, ids_t)
-    ms, _ = interleaved_ms({"engine": lambda: engine_step(model, opt, ids),
-                            "torch": lambda: torch_step(tm, topt, ids_t)}, repeats, warmup=0)
-    return ms["engine"], ms["torch"], loss_e, loss_t
 
 
 def model_flops(C: int) -> float:
@@ -131,7 +100,8 @@ def main(argv=None) -> int:
     ids = np.random.default_rng(1).integers(0, V, (B, T))
 
     model, opt, tm, topt = make_pair(256, 4)
-    engine_ms, torch_ms, loss_e, loss_t = time_pair(model, opt, tm, topt, ids, args.repeats)
+    ms, _, loss_e, loss_t = time_pair(model, opt, tm, topt, ids, args.repeats)
+    engine_ms, torch_ms = ms["engine"], ms["torch"]
     rate = gemm_rate(256, args.repeats)
     flops = model_flops(256)
     engine_rate = flops / (engine_ms / 1e3)
@@ -151,7 +121,8 @@ def main(argv=None) -> int:
         print(f"  {'d_model':>7} {'engine ms':>10} {'torch ms':>10} {'ratio':>6} {'gemm frac':>9}")
         for C in (128, 256, 512, 1024):
             m, o, t, to = make_pair(C, C // 64)
-            e_ms, t_ms, le, lt = time_pair(m, o, t, to, ids, args.sweep_repeats, warmup=1)
+            ms_w, _, le, lt = time_pair(m, o, t, to, ids, args.sweep_repeats, warmup=1)
+            e_ms, t_ms = ms_w["engine"], ms_w["torch"]
             frac = model_flops(C) / (e_ms / 1e3) / gemm_rate(C, 3)
             sweep.append({"d_model": C, "engine_ms": round(e_ms, 2), "torch_ms": round(t_ms, 2),
                           "ratio": round(e_ms / t_ms, 4), "gemm_fraction": round(frac, 4),

@@ -281,8 +281,7 @@ class Trainer:
         t = self.step
         model, backend = self.model, getattr(self.model, "backend", None)
         moved_before = begin_step(t)
-        if backend is not None:  # the edge: host batches move to the model's device here
-            batch = {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        batch = batch_on_backend(batch, backend)  # the edge: host batches move to the model's device here
         lr = self._lr()
         t0 = time.perf_counter()
         model.train()
@@ -494,6 +493,13 @@ class Trainer:
         return self.step
 
 
+def batch_on_backend(batch: Mapping, backend) -> dict:
+    """A batch dict with its host arrays moved to ``backend`` (None: left as they are)."""
+    if backend is None:
+        return dict(batch)
+    return {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
 def evaluate(model, batches: Iterable) -> float:
     """The mean loss over every target of ``batches`` (an iterable of batch dicts), in eval
     mode (no dropout), no gradients kept; training mode is restored afterwards. Each batch's
@@ -504,8 +510,7 @@ def evaluate(model, batches: Iterable) -> float:
     try:
         backend = getattr(model, "backend", None)
         for batch in batches:
-            if backend is not None:
-                batch = {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+            batch = batch_on_backend(batch, backend)
             out = model.forward(**batch)
             if getattr(out, "loss", None) is None:
                 raise ValueError("evaluate: model.forward returned no loss; the batches need 'labels'")

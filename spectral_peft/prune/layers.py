@@ -34,6 +34,7 @@ from ..backend import get_xp, to_host, to_xp
 from ..module import Linear, Module, match_target_modules
 from ..ops.linear import linear_backward, linear_forward
 from ..sparse import CSR, spmm, spmm_t
+from ..train import batch_on_backend
 from .masks import SCORES, check_nm, check_sparsity, make_mask
 
 
@@ -252,9 +253,7 @@ def activation_norms(model: Module, batches, target_modules=None) -> dict:
     try:
         backend = getattr(model, "backend", None)
         for batch in batches:
-            if backend is not None:
-                batch = {k: backend.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-            model.forward(**batch)
+            model.forward(**batch_on_backend(batch, backend))
             if hasattr(model, "clear_cache"):
                 model.clear_cache()
     finally:

@@ -278,3 +278,27 @@ def test_resizing_a_model_to_its_pattern_keeps_outputs_and_counts():
     assert pm.num_parameters(trainable_only=True) == expected
     with pytest.raises(KeyError, match="not AdaLoRA layers"):
         resize_to_rank_pattern(pm, {"nope.lora_E": [True]})
+
+
+def test_merged_weights_equal_peft_merge_and_unload(tmp_path):
+    """The engine's merge_and_unload of a trained, masked AdaLoRA model against PEFT's merge_and_unload
+    of the same adapter loaded from the engine's file: every merged weight W + B(A⊙E)·α/ranknum equal
+    in float64 (≤ 1e-12 relative), the rank-0 module's weight left exactly as the base."""
+    from spectral_peft.adapters.peft_model import merge_and_unload
+
+    pm, x, _ = trained_engine_model()
+    y_adapted = to_host(pm.forward(x)).copy()
+    save_adapter(pm, tmp_path)
+    merged = merge_and_unload(pm)
+    tmodel = peft.PeftModel.from_pretrained(TorchChain(weights()), str(tmp_path)).double()
+    t_merged = tmodel.merge_and_unload()
+    base = weights()
+    for i, name in enumerate(NAMES):
+        ours = to_host(getattr(merged, name).params["weight"])
+        theirs = getattr(t_merged, name).weight.detach().numpy()
+        assert_close(ours, theirs, f"merged {name}.weight", 1e-12)
+        if name == "l2":  # rank 0: nothing to add
+            assert np.array_equal(ours, base[i])
+        else:
+            assert not np.allclose(ours, base[i]), f"{name}: the merge added nothing"
+    assert_close(to_host(merged.forward(x)), y_adapted, "merged model output", 1e-12)

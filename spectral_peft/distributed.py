@@ -272,6 +272,7 @@ def check_same(comm: Communicator, what: str, fields: dict) -> None:
     only when they differ."""
     if comm.size == 1:
         return
+    fields = _flat(fields)
     digests = comm.allgather(digest(fields))
     if len(set(digests)) == 1:
         return
@@ -284,6 +285,17 @@ def check_same(comm: Communicator, what: str, fields: dict) -> None:
                              f"{every[0].get(k, '<missing>')!r:.60}")
     raise LaunchError(f"{what} differs across ranks (every rank must run the same job): " + "; ".join(lines[:6])
                       + (f"; and {len(lines) - 6} more" if len(lines) > 6 else ""))
+
+
+def _flat(fields: dict, prefix: str = "") -> dict:
+    """Nested dicts flattened to dotted keys (so a difference names the innermost field)."""
+    out = {}
+    for k, v in fields.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

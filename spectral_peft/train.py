@@ -210,6 +210,11 @@ def _all_finite(arrays) -> bool:
     return host_scalar(get_xp(total).isfinite(total), "nan guard") or all(_finite(a) for a in arrays)
 
 
+def _scalars(state: Mapping) -> dict:
+    """The plain (non-array) entries of a state_dict: hyperparameters and counters."""
+    return {k: v for k, v in state.items() if isinstance(v, (bool, int, float, str, list, tuple, type(None)))}
+
+
 class Trainer:
     """Runs training steps in PEFT's order (module docstring), with metrics and checkpoints.
 
@@ -370,6 +375,8 @@ class Trainer:
         and every rank holds the same model, optimiser and settings (a digest compared across ranks)."""
         distributed.check_divisible(self.comm, int(np.shape(batch["input_ids"])[0]))
         fields = {"step": self.step, "optimizer": type(self.optimizer).__name__, "lr": self._lr(),
+                  "optimizer settings": _scalars(self.optimizer.state_dict()),
+                  "schedule": None if self.schedule is None else _scalars(self.schedule.state_dict()),
                   "max_grad_norm": self.max_grad_norm, "nonfinite": self.nonfinite,
                   "controllers": [type(c).__name__ for c in self.controllers],
                   "batch": {k: [list(np.shape(v)), str(getattr(v, "dtype", type(v).__name__))]

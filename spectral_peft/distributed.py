@@ -139,7 +139,11 @@ class MpiCommunicator(Communicator):
         return buf
 
     def barrier(self) -> None:
-        self.comm.Barrier()
+        """A barrier that sleeps while it waits (rank 0 may pretrain for minutes meanwhile: a
+        spinning MPI_Barrier would take a core from it)."""
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            time.sleep(0.005)
 
     def bcast(self, obj, root: int = 0):
         return self.comm.bcast(obj, root=root)

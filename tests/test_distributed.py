@@ -8,6 +8,7 @@ the order of the sum over the batch's rows, a few ulps); patterns, supports and 
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -188,3 +189,38 @@ def test_nccl_reducer_needs_a_gpu():
     a = cupy.arange(5, dtype=cupy.float64)
     red.allreduce_(a)  # one rank: the sum is the array itself, reduced on the device
     np.testing.assert_array_equal(cupy.asnumpy(a), np.arange(5.0))
+
+
+def _cli(tmp_path, *flags, timeout=90):
+    """``mpirun -n 2 python -m spectral_peft run --quick --methods lora,rosa`` from this checkout."""
+    root = os.path.dirname(HERE)
+    env = {**os.environ, "PYTHONPATH": root, "SPECTRAL_PEFT_CACHE": str(tmp_path / "cache")}
+    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x", "PYTHONPATH", "-x", "SPECTRAL_PEFT_CACHE",
+           sys.executable, "-m", "spectral_peft", "run", "--quick", "--methods", "lora,rosa", "--out",
+           str(tmp_path / "runs"), "--progress", "false", "--figures", "false", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
+
+
+@needs_mpi
+def test_cli_run_on_two_ranks_prints_once_and_records_the_ranks(tmp_path):
+    proc = _cli(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("trainable params") == 1  # the table, printed by rank 0 only
+    assert "data parallel over 2 ranks (global batch 4)" in proc.stdout
+    assert re.search(r"data parallel over 2 ranks; ms/step by rank \(all-reduce ms/step\): lora [\d.]+ / [\d.]+ "
+                     r"\(all-reduce [\d.]+\); rosa", proc.stdout), proc.stdout
+    assert len([p for p in os.listdir(tmp_path / "runs") if p != "latest"]) == 1  # one run folder, rank 0's
+    with open(tmp_path / "runs" / "latest" / "results.json") as f:
+        results = json.load(f)
+    assert results["world_size"] == 2
+    for m in results["methods"]:
+        assert m["world_size"] == 2 and len(m["ms_per_step_by_rank"]) == 2 and m["ms_comm_per_step"] > 0
+
+
+@needs_mpi
+def test_cli_batch_not_divisible_is_one_line_and_every_rank_fails(tmp_path):
+    proc = _cli(tmp_path, "--batch_size", "3")
+    assert proc.returncode == 2
+    assert proc.stderr.count("spectral-peft run: error: --batch_size 3: the global batch of 3 rows does not split "
+                             "over 2 ranks") == 1
+    assert not (tmp_path / "runs").exists()

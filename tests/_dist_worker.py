@@ -8,6 +8,8 @@ imported by it to train the same runs in the pytest process (one rank).
                                                  SIGKILLs itself at step k; losses in OUT/losses-<n>.json
     python tests/_dist_worker.py bad_batch OUT  a global batch of 3 rows (not divisible by 2)
     python tests/_dist_worker.py mismatch OUT   rank 1 builds its optimiser with another learning rate
+    python tests/_dist_worker.py nan_skip OUT   rank 1's gradient is NaN at step 2 (nan_raise: nonfinite="raise");
+                                                 each rank writes OUT/<mode>-<rank>.json
 
 The runs: a tiny random GPT-2 (vocabulary 64, T 16, d 16, 2 layers, dropout 0) in float64, saved as
 a Hugging Face folder and loaded per method as `spectral-peft run` does (commands/method.py), each
@@ -80,7 +82,8 @@ def record(name: str, trainer, model, batches) -> tuple[dict, dict]:
     from spectral_peft.backend import to_host  # noqa: PLC0415
 
     arrays = {n: np.array(to_host(m.params[k])) for n, m, k in model.named_parameters()}
-    meta = {"losses": [float(h["loss"]) for h in trainer.history], "eval": trainer.evaluate(eval_set(batches.seq_len))}
+    meta = {"losses": [float(h["loss"]) for h in trainer.history], "eval": trainer.evaluate(eval_set(batches.seq_len)),
+            "tokens": [h["tokens"] for h in trainer.history], "keys": sorted(trainer.history[-1])}
     for c in getattr(model, "controllers", []):
         if hasattr(c, "rank_pattern"):
             meta["rank_pattern"] = {k: [bool(b) for b in v] for k, v in (c.rank_pattern() or {}).items()}
@@ -161,6 +164,45 @@ def main(mode: str, out: str) -> int:
         model, _ = build_method(recipe("lora"), opts, folder, get_backend("cpu", "float64"), 2)
         opt, sched = make_adamw(model, 1e-3 if comm.rank == 0 else 2e-3, 0.0, STEPS)
         Trainer(model, opt, sched, comm=comm).fit(SeededBatches(tokens(), BATCH, 16, seed=5), 1)
+        return 0
+    if mode in ("nan_skip", "nan_raise"):  # rank 1's gradient turns NaN at step 2 (0-based), only there
+        from spectral_peft.train import NonFiniteError  # noqa: PLC0415
+
+        folder = base_folder(out, comm)
+        trainer_box = []
+
+        def poisoned(trainer):
+            model, real = trainer.model, trainer.model.backward
+
+            def backward(*args, **kwargs):
+                dx = real(*args, **kwargs)
+                if comm.rank == 1 and trainer.step == 2:
+                    _, m, k = next(iter(model.named_parameters(trainable_only=True)))
+                    m.grads[k].reshape(-1)[0] = np.nan
+                return dx
+            model.backward = backward
+
+        nonfinite = "skip" if mode == "nan_skip" else "raise"
+        from spectral_peft.adapters.registry import recipe  # noqa: PLC0415
+        from spectral_peft.backend import get_backend  # noqa: PLC0415
+        from spectral_peft.commands.method import build_method  # noqa: PLC0415
+        from spectral_peft.optim import make_adamw  # noqa: PLC0415
+        from spectral_peft.train import SeededBatches, Trainer  # noqa: PLC0415
+
+        model, _ = build_method(recipe("lora"), options(), folder, get_backend("cpu", "float64"), 2)
+        opt, sched = make_adamw(model, 1e-2, 0.0, STEPS)
+        trainer = Trainer(model, opt, sched, comm=comm, nonfinite=nonfinite)
+        trainer_box.append(trainer)
+        poisoned(trainer)
+        result = {"rank": comm.rank}
+        try:
+            trainer.fit(SeededBatches(tokens(), BATCH, 16, seed=5), 4)
+        except NonFiniteError as exc:
+            result.update(error=str(exc), parameter=exc.parameter, step=exc.step)
+        result["skipped"] = trainer.skipped
+        result["params"] = {n: np.array(m.params[k]).tolist() for n, m, k in model.named_parameters(trainable_only=True)}
+        with open(os.path.join(out, f"{mode}-{comm.rank}.json"), "w") as f:
+            json.dump(result, f)
         return 0
     raise SystemExit(f"unknown mode {mode!r}")
 

@@ -58,6 +58,8 @@ def test_two_ranks_equal_one_process_for_every_method(tmp_path):
         with open(tmp_path / "two" / f"{name}.json") as f:
             two = json.load(f)
         assert two["world_size"] == 2 and all(ms > 0 for ms in two["ms_comm"]), name
+        assert two["tokens"] == meta["tokens"] == [w.BATCH * batches.seq_len] * w.STEPS  # global tokens
+        assert {"ms_forward", "ms_backward", "ms_optimizer", "ms_comm", "world_size", "rank"} <= set(two["keys"])
         assert all(h["ms_comm"] == 0.0 and h["world_size"] == 1 for h in trainer.history)
         np.testing.assert_allclose(two["losses"], meta["losses"], rtol=1e-9, atol=0, err_msg=name)
         np.testing.assert_allclose(two["eval"], meta["eval"], rtol=1e-9, atol=0, err_msg=name)
@@ -224,3 +226,56 @@ def test_cli_batch_not_divisible_is_one_line_and_every_rank_fails(tmp_path):
     assert proc.stderr.count("spectral-peft run: error: --batch_size 3: the global batch of 3 rows does not split "
                              "over 2 ranks") == 1
     assert not (tmp_path / "runs").exists()
+
+
+@needs_mpi
+@pytest.mark.parametrize("mode", ["nan_skip", "nan_raise"])
+def test_nan_guard_decides_for_every_rank(tmp_path, mode):
+    """Only rank 1's gradient is NaN at step 2: with "skip" both ranks skip step 2 and stay equal;
+    with "raise" both raise, naming rank 1 and its parameter, with no update applied."""
+    proc = mpirun(mode, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = []
+    for r in (0, 1):
+        with open(tmp_path / f"{mode}-{r}.json") as f:
+            ranks.append(json.load(f))
+    assert ranks[0]["params"] == ranks[1]["params"]
+    if mode == "nan_skip":
+        assert ranks[0]["skipped"] == ranks[1]["skipped"] == [2] and "error" not in ranks[0]
+    else:
+        for res in ranks:
+            assert res["step"] == 2 and res["skipped"] == []
+            assert "non-finite values at step 2 (0-based) on rank 1 of 2: rank 1: the gradient of parameter " \
+                   "'base_model.model.transformer.h.0.attn.c_attn.lora_A.weight'" in res["error"]
+            assert res["parameter"] == "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+
+
+def test_step_metrics_and_the_metrics_log_hook(tmp_path):
+    """One process: the contract's metric keys (ms_comm 0.0, world_size 1, rank 0), the
+    metrics_log's fields merged into each step's metrics, and its close() when fit ends."""
+    import _dist_worker as w
+
+    from spectral_peft import distributed
+
+    class Log:
+        def __init__(self):
+            self.seen, self.closed = [], 0
+
+        def __call__(self, trainer, metrics):
+            self.seen.append(metrics["step"])
+            return {"extra": 10 * metrics["step"]}
+
+        def close(self):
+            self.closed += 1
+
+    log = Log()
+    trainer, _, _ = w.train_one("lora", w.base_folder(str(tmp_path), distributed.SINGLE), None, steps=3,
+                                metrics_log=log)
+    assert log.seen == [1, 2, 3] and log.closed == 1
+    keys = {"step", "loss", "lr", "ms", "tokens", "tokens_per_s", "activation_bytes", "skipped", "d2h", "h2d",
+            "ms_forward", "ms_backward", "ms_optimizer", "ms_comm", "world_size", "rank", "extra"}
+    for h in trainer.history:
+        assert keys <= set(h)
+        assert (h["ms_comm"], h["world_size"], h["rank"], h["extra"]) == (0.0, 1, 0, 10 * h["step"])
+        assert h["tokens"] == w.BATCH * 16
+        assert h["ms_forward"] + h["ms_backward"] + h["ms_optimizer"] <= h["ms"] + 1e-6

@@ -405,9 +405,9 @@ class Trainer:
         total, loss, bad_ranks = self.reducer.reduce_(trainable + stats, float(target_count(batch)), loss, bad)
         if not bad_ranks:
             return loss
-        details = self.comm.allgather(detail)
         if self.nonfinite == "skip":
             return math.nan
+        details = self.comm.allgather(detail)  # what each bad rank found, for every rank's message
         self.model.zero_grad()
         if hasattr(self.model, "clear_cache"):
             self.model.clear_cache()

@@ -178,8 +178,9 @@ def _base_phase(cfg: RunConfig, ctx: dict, results: dict, log: Log) -> None:
         with distributed.solo():  # rank 0 pretrains (or finds the cache) alone; the others then load it
             base_folder, record = pretrain_base(cfg, ctx["pretrain"], ctx["backend"], log)
     comm.barrier()
-    if not comm.is_main:
-        base_folder, record = pretrain_base(cfg, ctx["pretrain"], ctx["backend"], Log(quiet=True))
+    if not comm.is_main:  # the cache rank 0 wrote (a cache this rank cannot see: it pretrains the same base alone)
+        with distributed.solo():
+            base_folder, _ = pretrain_base(cfg, ctx["pretrain"], ctx["backend"], Log(quiet=True))
         record = comm.bcast(None, root=0)
     else:
         comm.bcast(record, root=0)

@@ -72,6 +72,6 @@ def train_method(recipe, model, cfg: RunConfig, train_tokens, eval_sets: list, w
         "eval_curve": {"step": [s for s, _ in trainer.eval_history], "loss": [float(v) for _, v in trainer.eval_history]},
         "extras": extras,
         "world_size": comm.size,
-        "ms_per_step_by_rank": by_rank,  # [median ms/step of rank r]
-        "ms_comm_per_step": ms_comm,  # median all-reduce ms per step (0.0 on one process)
+        # [median ms/step of rank r] and the median all-reduce ms per step (0.0 on one process)
+        "timing": {"ms_per_step_by_rank": by_rank, "ms_comm_per_step": ms_comm},
     }

@@ -167,6 +167,9 @@ class NcclReducer:
     def __init__(self, comm: MpiCommunicator):
         from cupy.cuda import nccl  # noqa: PLC0415 - only with device arrays
 
+        if not getattr(nccl, "available", True):
+            raise RuntimeError("a device all-reduce needs NCCL, which this CuPy cannot load (libnccl.so.2); "
+                               "install it (pip install nvidia-nccl-cu12) or train on --device cpu")
         self.nccl = nccl
         uid = nccl.get_unique_id() if comm.rank == 0 else None
         uid = comm.bcast(uid, root=0)

@@ -174,6 +174,34 @@ def test_shard_and_divisibility():
         shard_batch(batch, _Fake(0, 3))
 
 
+def test_nccl_reducer_construction(monkeypatch):
+    """Without a GPU: rank 0 draws the unique id, the others receive it through the MPI broadcast,
+    and each joins the clique as (size, id, rank); a CuPy without NCCL is refused with the fix."""
+    cupy = pytest.importorskip("cupy")
+    import types
+
+    from spectral_peft import distributed
+
+    made, drawn = [], []
+    fake = types.SimpleNamespace(available=True, get_unique_id=lambda: drawn.append(1) or ("uid",),
+                                 NcclCommunicator=lambda n, uid, rank: made.append((n, uid, rank)) or "clique")
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", fake)
+    monkeypatch.setattr(cupy.cuda, "nccl", fake, raising=False)
+
+    class Rank(distributed.Communicator):
+        def __init__(self, rank):
+            self.rank, self.size = rank, 2
+
+        def bcast(self, obj, root=0):
+            return ("uid",) if self.rank != root else obj
+
+    assert distributed.NcclReducer(Rank(0)).comm == "clique" and distributed.NcclReducer(Rank(1)).comm == "clique"
+    assert drawn == [1] and made == [(2, ("uid",), 0), (2, ("uid",), 1)]
+    fake.available = False
+    with pytest.raises(RuntimeError, match="needs NCCL, which this CuPy cannot load"):
+        distributed.NcclReducer(Rank(0))
+
+
 def test_nccl_reducer_needs_a_gpu():
     cupy = pytest.importorskip("cupy")
     try:

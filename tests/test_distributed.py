@@ -119,16 +119,20 @@ def test_mismatched_configs_are_named(tmp_path):
 
 
 def test_no_mpi_import_without_a_launcher(tmp_path):
-    """Without mpirun, importing the package and training never import mpi4py, and world() is the
-    one-process communicator."""
+    """Without mpirun, importing the package, training and `spectral-peft run` never import mpi4py,
+    and world() is the one-process communicator."""
     code = ("import sys; sys.path.insert(0, %r); import _dist_worker as w; import spectral_peft;"
             "from spectral_peft import distributed; c = distributed.world(); assert c is distributed.SINGLE;"
             "w.train_one('lora', w.base_folder(%r, c), c, steps=2); t, _, _ = w.train_one('rosa', w.base_folder(%r, c),"
             " None, steps=2); assert t.comm is distributed.SINGLE;"
-            "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; print('ok')") % (HERE, str(tmp_path), str(tmp_path))
+            "from spectral_peft import cli; assert cli.main(['run', '--quick', '--methods', 'lora', '--out', %r,"
+            " '--cache_dir', %r, '--figures', 'false', '--progress', 'false']) == 0;"
+            "assert 'mpi4py' not in sys.modules, 'mpi4py imported'; print('ok')") % (
+                HERE, str(tmp_path), str(tmp_path), str(tmp_path / "runs"), str(tmp_path / "cache"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=os.path.dirname(HERE))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr
 
 
 class _Fake:

@@ -107,7 +107,7 @@ class MpiCommunicator(Communicator):
     name = "mpi"
 
     def __init__(self):
-        from mpi4py import MPI  # noqa: PLC0415 - only under mpirun (module docstring)
+        from mpi4py import MPI  # here, not at the top: only under a launcher (module docstring)
 
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
@@ -165,7 +165,7 @@ class NcclReducer:
     (:func:`bind_device`); NCCL refuses two ranks on one device."""
 
     def __init__(self, comm: MpiCommunicator):
-        from cupy.cuda import nccl  # noqa: PLC0415 - only with device arrays
+        from cupy.cuda import nccl  # only for device arrays
 
         if not getattr(nccl, "available", True):
             raise RuntimeError("a device all-reduce needs NCCL, which this CuPy cannot load (libnccl.so.2); "
@@ -176,7 +176,7 @@ class NcclReducer:
         self.comm = nccl.NcclCommunicator(comm.size, uid, comm.rank)
 
     def allreduce_(self, array):
-        import cupy  # noqa: PLC0415
+        import cupy
 
         if not array.flags.c_contiguous:
             raise ValueError("allreduce_ needs a contiguous array (the reduction is in place)")
@@ -192,7 +192,7 @@ class NcclReducer:
 def bind_device(comm: Communicator) -> int:
     """Make rank r use GPU (local rank mod device count) (the launcher's OMPI_COMM_WORLD_LOCAL_RANK,
     else the rank); returns the device index. Call before any device array is made."""
-    import cupy  # noqa: PLC0415
+    import cupy
 
     local = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", comm.rank)))
     index = local % cupy.cuda.runtime.getDeviceCount()
@@ -383,7 +383,7 @@ class GradientReducer:
             self.comm.allreduce_(buf)
         tail = to_host(self._buckets[-1][0][-(2 + size):]).astype(np.float64)
         total = float(tail[0])
-        bad_ranks = [r for r in range(size) if not tail[2 + r] == 0.0]  # a NaN flag (sum of a NaN) counts too
+        bad_ranks = [r for r in range(size) if tail[2 + r] != 0.0]  # a NaN flag (sum of a NaN) counts too
         if total > 0:
             for buf, entries in self._buckets:
                 for i, offset, n in entries:
@@ -407,6 +407,21 @@ def offset_streams(generators: dict, rank: int) -> None:
         g.bit_generator.state = type(g.bit_generator)(np.random.SeedSequence([seed, int(rank)])).state
 
 
-__all__ = ["Communicator", "MpiCommunicator", "NcclReducer", "GradientReducer", "LaunchError", "SINGLE", "world",
-           "solo", "launched", "bind_device", "check_divisible", "check_same", "digest", "shard_batch",
-           "offset_streams", "BUCKET_BYTES"]
+__all__ = [
+    "BUCKET_BYTES",
+    "SINGLE",
+    "Communicator",
+    "GradientReducer",
+    "LaunchError",
+    "MpiCommunicator",
+    "NcclReducer",
+    "bind_device",
+    "check_divisible",
+    "check_same",
+    "digest",
+    "launched",
+    "offset_streams",
+    "shard_batch",
+    "solo",
+    "world",
+]

@@ -399,10 +399,10 @@ class Trainer:
         (mode "skip", returning a NaN loss that the guard then skips on) or raises naming the ranks."""
         trainable = [m.grads[k] for _, m, k in self.model.named_parameters(trainable_only=True)
                      if m.grads.get(k) is not None]
-        stats = [a for c in self.controllers for a in (getattr(c, "gradient_statistics", lambda: [])() or [])]
+        stats = [a for c in self.controllers for a in (getattr(c, "gradient_statistics", list)() or [])]
         bad = not (math.isfinite(loss) and _all_finite(trainable))
         detail = self._nonfinite_detail(loss) if bad else None
-        total, loss, bad_ranks = self.reducer.reduce_(trainable + stats, float(target_count(batch)), loss, bad)
+        _, loss, bad_ranks = self.reducer.reduce_(trainable + stats, float(target_count(batch)), loss, bad)
         if not bad_ranks:
             return loss
         if self.nonfinite == "skip":

@@ -26,13 +26,23 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's spectral_peft
 
+from spectral_peft import distributed
+from spectral_peft.adapters.lora import LoraConfig
+from spectral_peft.adapters.peft_model import get_peft_model
+from spectral_peft.adapters.registry import METHODS, recipe
+from spectral_peft.backend import get_backend, to_host
+from spectral_peft.commands.method import build_method
+from spectral_peft.commands.run_options import RunConfig
+from spectral_peft.model import GPT2Config, GPT2LMHeadModel, save_pretrained
+from spectral_peft.optim import make_adamw
+from spectral_peft.train import NonFiniteError, SeededBatches, Trainer
+
 STEPS = 6
 BATCH = 4
 SIZES = {"r": 2, "init_r": 3, "d": 0.05, "num_virtual_tokens": 2, "": None}
 
 
 def options():
-    from spectral_peft.commands.run_options import RunConfig  # noqa: PLC0415
 
     return RunConfig(steps=STEPS, r=2, target_modules="c_attn,c_proj,c_fc", spa_num_grads=2, deltaT=1, tinit=1,
                      tfinal=2, schedule="wl2", n_positions=16, n_layer=2, n_embd=16, n_head=2, dtype="float64",
@@ -41,8 +51,6 @@ def options():
 
 def base_folder(out: str, comm) -> str:
     """The tiny base, written by rank 0 (the others wait), as the run caches its pretrained one."""
-    from spectral_peft.backend import get_backend  # noqa: PLC0415
-    from spectral_peft.model import GPT2Config, GPT2LMHeadModel, save_pretrained  # noqa: PLC0415
 
     folder = os.path.join(out, "base")
     if comm.is_main:
@@ -59,11 +67,6 @@ def tokens():
 
 def train_one(name: str, folder: str, comm, steps: int = STEPS, batch: int = BATCH, **trainer_kwargs):
     """(trainer, model, batches) after ``steps`` steps of method ``name``."""
-    from spectral_peft.adapters.registry import recipe  # noqa: PLC0415
-    from spectral_peft.backend import get_backend  # noqa: PLC0415
-    from spectral_peft.commands.method import build_method  # noqa: PLC0415
-    from spectral_peft.optim import make_adamw  # noqa: PLC0415
-    from spectral_peft.train import SeededBatches, Trainer  # noqa: PLC0415
 
     cfg = options()
     rec = recipe(name)
@@ -79,7 +82,6 @@ def train_one(name: str, folder: str, comm, steps: int = STEPS, batch: int = BAT
 
 def record(name: str, trainer, model, batches) -> tuple[dict, dict]:
     """(arrays: every parameter, meta: losses, AdaLoRA's rank pattern, RoSA's supports)."""
-    from spectral_peft.backend import to_host  # noqa: PLC0415
 
     arrays = {n: np.array(to_host(m.params[k])) for n, m, k in model.named_parameters()}
     meta = {"losses": [float(h["loss"]) for h in trainer.history], "eval": trainer.evaluate(eval_set(batches.seq_len)),
@@ -100,8 +102,6 @@ def eval_set(window: int):
 
 
 def main(mode: str, out: str) -> int:
-    from spectral_peft import distributed  # noqa: PLC0415
-    from spectral_peft.adapters.registry import METHODS  # noqa: PLC0415
 
     comm = distributed.world()
     os.makedirs(out, exist_ok=True)
@@ -118,14 +118,8 @@ def main(mode: str, out: str) -> int:
                     json.dump(meta, f)
         return 0
     if mode == "resume":
-        from spectral_peft.adapters.lora import LoraConfig  # noqa: PLC0415
-        from spectral_peft.adapters.peft_model import get_peft_model  # noqa: PLC0415
-        from spectral_peft.backend import get_backend  # noqa: PLC0415
-        from spectral_peft.model import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
-        from spectral_peft.optim import make_adamw  # noqa: PLC0415
-        from spectral_peft.train import SeededBatches, Trainer  # noqa: PLC0415
 
-        kill_step, kill_rank = int(os.environ.get("DIST_KILL_STEP", -1)), int(os.environ.get("DIST_KILL_RANK", -1))
+        kill_step, kill_rank = int(os.environ.get("DIST_KILL_STEP", "-1")), int(os.environ.get("DIST_KILL_RANK", "-1"))
         cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.1,
                          embd_pdrop=0.1, attn_pdrop=0.1)
         model = get_peft_model(GPT2LMHeadModel(cfg, get_backend("cpu", "float64"), seed=3),
@@ -155,21 +149,14 @@ def main(mode: str, out: str) -> int:
     if mode == "mismatch":
         folder = base_folder(out, comm)
         opts = options()
-        from spectral_peft.adapters.registry import recipe  # noqa: PLC0415
-        from spectral_peft.backend import get_backend  # noqa: PLC0415
-        from spectral_peft.commands.method import build_method  # noqa: PLC0415
-        from spectral_peft.optim import make_adamw  # noqa: PLC0415
-        from spectral_peft.train import SeededBatches, Trainer  # noqa: PLC0415
 
         model, _ = build_method(recipe("lora"), opts, folder, get_backend("cpu", "float64"), 2)
         opt, sched = make_adamw(model, 1e-3 if comm.rank == 0 else 2e-3, 0.0, STEPS)
         Trainer(model, opt, sched, comm=comm).fit(SeededBatches(tokens(), BATCH, 16, seed=5), 1)
         return 0
     if mode in ("nan_skip", "nan_raise"):  # rank 1's gradient turns NaN at step 2 (0-based), only there
-        from spectral_peft.train import NonFiniteError  # noqa: PLC0415
 
         folder = base_folder(out, comm)
-        trainer_box = []
 
         def poisoned(trainer):
             model, real = trainer.model, trainer.model.backward
@@ -183,16 +170,10 @@ def main(mode: str, out: str) -> int:
             model.backward = backward
 
         nonfinite = "skip" if mode == "nan_skip" else "raise"
-        from spectral_peft.adapters.registry import recipe  # noqa: PLC0415
-        from spectral_peft.backend import get_backend  # noqa: PLC0415
-        from spectral_peft.commands.method import build_method  # noqa: PLC0415
-        from spectral_peft.optim import make_adamw  # noqa: PLC0415
-        from spectral_peft.train import SeededBatches, Trainer  # noqa: PLC0415
 
         model, _ = build_method(recipe("lora"), options(), folder, get_backend("cpu", "float64"), 2)
         opt, sched = make_adamw(model, 1e-2, 0.0, STEPS)
         trainer = Trainer(model, opt, sched, comm=comm, nonfinite=nonfinite)
-        trainer_box.append(trainer)
         poisoned(trainer)
         result = {"rank": comm.rank}
         try:

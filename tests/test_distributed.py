@@ -8,8 +8,8 @@ the order of the sum over the batch's rows, a few ulps); patterns, supports and 
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

@@ -8,6 +8,7 @@ imported by it to train the same runs in the pytest process (one rank).
                                                  SIGKILLs itself at step k; losses in OUT/losses-<n>.json
     python tests/_dist_worker.py bad_batch OUT  a global batch of 3 rows (not divisible by 2)
     python tests/_dist_worker.py mismatch OUT   rank 1 builds its optimiser with another learning rate
+    python tests/_dist_worker.py buckets OUT    the GradientReducer alone, 64-byte buckets; OUT/buckets-<rank>.json
     python tests/_dist_worker.py nan_skip OUT   rank 1's gradient is NaN at step 2 (nan_raise: nonfinite="raise");
                                                  each rank writes OUT/<mode>-<rank>.json
 
@@ -184,6 +185,15 @@ def main(mode: str, out: str) -> int:
         result["params"] = {n: np.array(m.params[k]).tolist() for n, m, k in model.named_parameters(trainable_only=True)}
         with open(os.path.join(out, f"{mode}-{comm.rank}.json"), "w") as f:
             json.dump(result, f)
+        return 0
+    if mode == "buckets":  # the reducer alone, over MPI: 64-byte buckets, two dtypes, rank r's n_r = r + 1
+        r = comm.rank
+        arrays = [np.full((5, 2), r + 1.0), np.arange(5, dtype=np.float32) * (r + 1), np.array([10.0 * r])]
+        red = distributed.GradientReducer(comm, bucket_bytes=64)
+        total, loss, bad = red.reduce_(arrays, float(r + 1), 0.5 + r, bad=(r == 1))
+        with open(os.path.join(out, f"buckets-{r}.json"), "w") as f:
+            json.dump({"total": total, "loss": loss, "bad": bad, "buckets": len(red._buckets),
+                       "arrays": [a.tolist() for a in arrays], "dtypes": [str(a.dtype) for a in arrays]}, f)
         return 0
     raise SystemExit(f"unknown mode {mode!r}")
 

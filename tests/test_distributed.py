@@ -166,6 +166,25 @@ def test_reducer_divides_by_the_total_count_and_reports_bad_ranks():
     assert bad == [1]
 
 
+@needs_mpi
+def test_reducer_over_mpi_in_several_buckets(tmp_path):
+    """Rank r holds g_r = (r+1)·g with n_r = r + 1 and L_r = 0.5 + r; by hand, with n = (1, 2):
+    Σ n_r g_r / Σ n_r = (1·1 + 2·2)/3 · g = 5/3 · g, the loss (1·0.5 + 2·1.5)/3 = 7/6, and rank 1
+    flagged. Buckets of at most 64 bytes: the float32 array (20 bytes), then the (5, 2) float64 one
+    (80 bytes, alone), then the last float64 array with the counts and flags."""
+    proc = mpirun("buckets", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for r in (0, 1):
+        with open(tmp_path / f"buckets-{r}.json") as f:
+            res = json.load(f)
+        assert res["total"] == 3.0 and res["bad"] == [1] and res["buckets"] == 3
+        np.testing.assert_allclose(res["loss"], 7 / 6, rtol=1e-15)
+        assert res["dtypes"] == ["float64", "float32", "float64"]
+        np.testing.assert_allclose(res["arrays"][0], np.full((5, 2), 5 / 3), rtol=1e-15)
+        np.testing.assert_allclose(res["arrays"][1], np.arange(5) * 5 / 3, rtol=1e-6)  # float32
+        np.testing.assert_allclose(res["arrays"][2], [(0 * 1 + 10 * 2) / 3], rtol=1e-15)
+
+
 def test_shard_and_divisibility():
     from spectral_peft.distributed import LaunchError, shard_batch
 

@@ -19,6 +19,8 @@ Schema (version 1), JSON:
     unavailable       a list of {method, reason} for methods that could not run
     timing            {data_s, pretrain_s, methods_s: {method: seconds}, figures_s, total_s}
     figures           file names of the figures written next to the results
+    world_size        the number of ranks the run was launched on (1: one process; absent in files of
+                      runs that predate data parallelism)
 
 MethodResult:
     method                 "full", "lora", "rslora", "dora", "dylora", "lorafa", "deltalora",
@@ -36,6 +38,9 @@ MethodResult:
     extras                 method-specific records for figures: the singular values of every
                            layer's ΔW, and the method controller's report() (AdaLoRA's ranks and
                            budget schedule, RoSA's densities and support, DyLoRA's loss by rank)
+    world_size             the ranks it trained on (optional, as the next: absent in older files)
+    timing                 {ms_per_step_by_rank: each rank's median ms/step, ms_comm_per_step: the
+                           median all-reduce ms per step}
 """
 from __future__ import annotations
 
@@ -137,4 +142,10 @@ def format_table(results: dict) -> str:
     out = [line, "  ".join("-" * w for w in widths)]
     for r in rows:
         out.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    n = results.get("world_size", 1)
+    if n > 1:
+        per = "; ".join(f"{m['method']} {' / '.join(f'{v:.1f}' for v in m['timing']['ms_per_step_by_rank'])} "
+                        f"(all-reduce {m['timing']['ms_comm_per_step']:.2f})" for m in results["methods"]
+                        if "timing" in m)
+        out.append(f"data parallel over {n} ranks; ms/step by rank (all-reduce ms/step): {per}")
     return "\n".join(out)

@@ -10,7 +10,7 @@ Training-time behaviour that is not a forward/backward (AdaLoRA's allocator, DyL
 Delta-LoRA's weight update, RoSA's gradient collection) is a :class:`Controller`, which the
 training loop calls in PEFT's order:
 
-    before_forward(step) -> forward -> backward -> regularize() -> NaN guard -> (clip)
+    before_forward(step) -> forward -> backward -> (N ranks: all-reduce) -> regularize() -> NaN guard -> (clip)
     -> after_backward(step) -> optimizer.step -> lr step -> after_optimizer_step(step) -> zero_grad
 
 A step the NaN guard skips runs nothing after the guard, so a controller stages what a step draws
@@ -150,6 +150,12 @@ class Controller:
     def regularize(self) -> float:
         """Add a regulariser's gradient into the adapter grads; return its value (added to the loss)."""
         return 0.0
+
+    def gradient_statistics(self) -> list:
+        """Arrays the backward filled from this rank's batch and that are linear in the loss, as
+        gradients are (RoSA's collected dense gradients): under N ranks the trainer all-reduces
+        them with the gradients (Σ n_r a_r / Σ n_r), right after the backward."""
+        return []
 
     def after_backward(self, step: int) -> None:
         """Runs once the gradients are complete, after the NaN guard and the clipping, before the

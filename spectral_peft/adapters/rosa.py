@@ -381,6 +381,12 @@ class RosaController(Controller):
                 self.install_supports(supports)
         self.step += 1
 
+    def gradient_statistics(self) -> list:
+        """The gradients this step collected (one (d_out, d_in) array per collecting layer): the
+        trainer all-reduces them with the parameters' gradients, so every rank chooses the support
+        of the global gradient."""
+        return [layer.pending_sum for _, layer in self.sparse_layers() if layer.pending_sum is not None]
+
     # --- exact resume ---
     def state_dict(self) -> dict:
         state = {"step": self.step, "activated": self.activated, "should_stop": self.should_stop}

@@ -191,9 +191,12 @@ class RosaLinear(AdapterLayer):
         self.pending_sum, self.pending_count = None, 0
 
     def commit_collection(self) -> None:
-        """The step is taken: its collected gradients join the running sum."""
+        """The step is taken: its collected gradient (all-reduced over the ranks by then, under
+        N ranks) joins the running sum, squared first in mode "mean_squared"."""
         if self.pending_count == 0:
             return
+        if self.grad_acc_mode == "mean_squared":
+            self.pending_sum *= self.pending_sum
         if self.grad_sum is None:
             self.grad_sum = self.pending_sum
         else:
@@ -202,9 +205,9 @@ class RosaLinear(AdapterLayer):
         self.discard_pending()
 
     def _collect(self, dy2, x2) -> None:
+        """The step's dense gradient of the frozen W is kept as it is (linear in the loss, so the
+        ranks' can be all-reduced like the parameters' gradients) and squared when committed."""
         G = dy2.T @ x2  # dense weight gradient of the frozen W: (d_out, N) @ (N, d_in) -> (d_out, d_in)
-        if self.grad_acc_mode == "mean_squared":
-            G *= G
         if self.pending_sum is None:
             self.pending_sum = G
         else:

@@ -57,6 +57,9 @@ def train_method(recipe, model, cfg: RunConfig, train_tokens, eval_sets: list, w
     if not extras.get("singular_values"):
         extras.pop("singular_values", None)
     times = [h["ms"] for h in trainer.history if not h["skipped"]]
+    comm = trainer.comm
+    by_rank = comm.allgather(round(_median_ms(times), 3))  # every rank's median step, for results.json
+    ms_comm = round(_median_ms([h["ms_comm"] for h in trainer.history if not h["skipped"]]), 3)
     return {
         "trainable_params": trainable_count(model),
         "frozen_weight_bytes": frozen_weight_bytes(model),
@@ -68,4 +71,7 @@ def train_method(recipe, model, cfg: RunConfig, train_tokens, eval_sets: list, w
                         "d2h": [m["d2h"] for m in steps], "h2d": [m["h2d"] for m in steps]},
         "eval_curve": {"step": [s for s, _ in trainer.eval_history], "loss": [float(v) for _, v in trainer.eval_history]},
         "extras": extras,
+        "world_size": comm.size,
+        # [median ms/step of rank r] and the median all-reduce ms per step (0.0 on one process)
+        "timing": {"ms_per_step_by_rank": by_rank, "ms_comm_per_step": ms_comm},
     }

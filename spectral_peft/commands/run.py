@@ -13,6 +13,12 @@
    final eval loss), ``results.json`` (spectral_peft.results) and the figures, in
    ``<out>/<timestamp>/``, with ``<out>/latest`` pointing at it.
 
+Under ``mpirun -n N spectral-peft run ...`` (docs/distributed.md) every rank runs the job on its
+shard of each global batch (``--batch_size`` stays the global batch): rank 0 alone pretrains the
+base (the others wait, then load the cache), prints, and writes the run folder, results.json and
+the figures; results.json records ``world_size`` and each method's per-rank median ms/step and
+all-reduce ms/step, printed under the table.
+
 The options are in commands/run_options.py. Shape legend: B batch, T sequence length, V = 256.
 """
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 import numpy as np
 
 from .. import data as data_mod
+from .. import distributed
 from ..adapters.peft_model import adapted_shapes
 from ..adapters.registry import recipe as get_recipe
 from ..backend import ShapeBackend, blas_threads, get_backend
@@ -48,14 +55,17 @@ class OptionError(ValueError):
 
 
 class Log:
-    """Prints to stdout at once (progress bars go to stderr) and keeps the lines."""
+    """Prints to stdout at once (progress bars go to stderr) and keeps the lines; under N ranks
+    only rank 0 prints (``quiet`` on the others)."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.lines: list[str] = []
+        self.quiet = quiet
 
     def __call__(self, text: str = "") -> None:
         self.lines.append(text)
-        print(text, flush=True)
+        if not self.quiet:
+            print(text, flush=True)
 
 
 def _size_text(recipe, size) -> str:
@@ -163,7 +173,17 @@ def _data_phase(cfg: RunConfig, results: dict, log: Log) -> dict:
 
 def _base_phase(cfg: RunConfig, ctx: dict, results: dict, log: Log) -> None:
     t0 = time.perf_counter()
-    base_folder, record = pretrain_base(cfg, ctx["pretrain"], ctx["backend"], log)
+    comm = distributed.world()
+    if comm.is_main:
+        with distributed.solo():  # rank 0 pretrains (or finds the cache) alone; the others then load it
+            base_folder, record = pretrain_base(cfg, ctx["pretrain"], ctx["backend"], log)
+    comm.barrier()
+    if not comm.is_main:  # the cache rank 0 wrote (a cache this rank cannot see: it pretrains the same base alone)
+        with distributed.solo():
+            base_folder, _ = pretrain_base(cfg, ctx["pretrain"], ctx["backend"], Log(quiet=True))
+        record = comm.bcast(None, root=0)
+    else:
+        comm.bcast(record, root=0)
     base = load_base(base_folder, ctx["backend"])
     base_eval = evaluate(base, ctx["eval_sets"])
     results["base_model"] = {"config": {"arch": cfg.arch, **base.config.to_dict()},
@@ -193,6 +213,8 @@ def _base_text(cfg: RunConfig, config) -> str:
 
 
 def _finish(cfg: RunConfig, results: dict, folder: str, t_start: float, log: Log) -> None:
+    if not distributed.world().is_main:  # rank 0 writes the folder, the results and the figures
+        return
     timing = results["timing"]
     t0 = time.perf_counter()
     if cfg.figures:
@@ -255,17 +277,23 @@ def _point_latest(root: str, folder: str) -> None:
 # ------------------------------------------------------------------------------------------------
 def run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
     """The whole job; returns (results, run folder)."""
-    log = log or Log()
+    comm = distributed.world()
+    log = log or Log(quiet=not comm.is_main)
     with blas_threads(cfg.threads):
         t_start = time.perf_counter()
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         results = new_results(created, dataclasses.asdict(cfg))
         results["timing"]["methods_s"] = {}
+        results["world_size"] = comm.size
+        if cfg.device == "gpu" and comm.size > 1:
+            distributed.bind_device(comm)  # rank r on GPU r mod the device count, before any device array
         ctx = {"backend": get_backend(cfg.device, cfg.dtype)}
         ctx.update(_data_phase(cfg, results, log))
-        folder = _timestamp_folder(cfg.out)  # after the data phase: an option the data refuses leaves nothing
+        # after the data phase: an option the data refuses leaves nothing; rank 0 makes it
+        folder = comm.bcast(_timestamp_folder(cfg.out) if comm.is_main else None, root=0)
+        ranks = f", data parallel over {comm.size} ranks (global batch {cfg.batch_size})" if comm.size > 1 else ""
         log(f"compute: {cfg.device} {cfg.dtype}, seed {cfg.seed}, BLAS threads "
-            f"{cfg.threads if cfg.threads > 0 else 'as configured'}; output in {folder}")
+            f"{cfg.threads if cfg.threads > 0 else 'as configured'}{ranks}; output in {folder}")
         _base_phase(cfg, ctx, results, log)
         for name in cfg.method_list():
             run_method(name, cfg, ctx, results, log)
@@ -311,18 +339,25 @@ def main(args) -> int:
     """Every option is checked before anything is created: the options themselves
     (RunConfig.validate), every chosen method's config, --target_modules against --arch, the output
     and cache folders, and, in the data phase that precedes the run folder, --n_positions against
-    the data. Any of these: one line on stderr, exit status 2, no run folder."""
+    the data. Any of these: one line on stderr, exit status 2, no run folder. Under N ranks, also
+    that N divides --batch_size and that every rank has the same options (a digest compared across
+    ranks, the differing options named); rank 0 prints the line, every rank exits with status 2."""
+    comm = distributed.world()
     try:
         cfg = config_from_args(args)
+        distributed.check_same(comm, "the run's options", dataclasses.asdict(cfg))
+        distributed.check_divisible(comm, cfg.batch_size, f"--batch_size {cfg.batch_size}: the global batch")
         precheck_methods(cfg)
         precheck_targets(cfg)
         precheck_paths(cfg)
     except ValueError as exc:
-        print(f"spectral-peft run: error: {exc}", file=sys.stderr)
+        if comm.is_main:
+            print(f"spectral-peft run: error: {exc}", file=sys.stderr)
         return 2
     try:
         run(cfg)
     except OptionError as exc:
-        print(f"spectral-peft run: error: {exc}", file=sys.stderr)
+        if comm.is_main:
+            print(f"spectral-peft run: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -386,7 +386,8 @@ class Trainer:
             p = m.params[k]
             sums.append((name, list(p.shape), str(p.dtype), k in m.frozen))
         values = [m.params[k] for _, m, k in self.model.named_parameters()]
-        moments = [float(to_host(v.sum())) for v in values]  # the values, read as two moments per parameter + [float(to_host((v * v).sum())) for v in values]
+        # the values, read as two moments per parameter (sum and sum of squares)
+        moments = [float(to_host(v.sum())) for v in values] + [float(to_host((v * v).sum())) for v in values]
         fields["parameters"] = distributed.digest(sums)
         fields["parameter values"] = distributed.digest([repr(x) for x in moments])
         distributed.check_same(self.comm, "the Trainer's model or settings", fields)

@@ -1,0 +1,150 @@
+"""MetricsLog (spectral_peft.monitor): the fields it adds to a step's metrics, the JSON lines it
+writes, the TensorBoard scalars, rank 0 alone writing; and the metrics figure drawn from the lines.
+
+The model is the resume tests' tiny GPT-2 with LoRA (tests/_train_worker.py) trained by the real
+Trainer; the log is called as the Trainer's hook calls it, with the step's metrics. Expected bytes
+are counted here from the arrays themselves (sizes × itemsize), and compared with memory_report too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from spectral_peft.memory import memory_report
+from spectral_peft.monitor import METRICS_FILE, MetricsLog, load_metrics
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _train_worker as W  # noqa: E402
+
+FIELDS = ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "kv_cache_bytes", "peak_rss_bytes",
+          "device_bytes")
+
+
+def run_logged(tmp_path, steps=4, method="lora", **log_kwargs):
+    """(trainer, log, [merged metrics per step]) of ``steps`` Trainer steps, each passed to the log."""
+    trainer, batches = W.build(method, "float32")
+    log = MetricsLog(tmp_path / METRICS_FILE, trainer.model, trainer.optimizer, **log_kwargs)
+    merged = []
+    for t in range(steps):
+        m = trainer.train_step(batches.batch(t))
+        merged.append({**m, **log(trainer, m)})
+    log.close()
+    return trainer, log, merged
+
+
+def test_fields_bytes_and_lines(tmp_path):
+    trainer, _, merged = run_logged(tmp_path, fields={"method": "lora"})
+    model, opt = trainer.model, trainer.optimizer
+    trainable = [m.params[k] for _, m, k in model.named_parameters(trainable_only=True)]
+    everything = {id(m.params[k]): m.params[k] for _, m, k in model.named_parameters()}
+    n_trainable_bytes = sum(a.size * a.itemsize for a in trainable)
+    report = memory_report(model, opt)
+    for m in merged:
+        missing = [f for f in FIELDS if f not in m]
+        assert not missing, f"step {m['step']}: fields {missing} absent"
+        assert m["param_bytes"] == sum(a.size * a.itemsize for a in everything.values()) == report["param_bytes"]
+        assert m["grad_bytes"] == n_trainable_bytes == report["grad_bytes"]
+        assert m["optimizer_bytes"] == 2 * n_trainable_bytes == report["optimizer_bytes"]  # AdamW: m and v
+        assert m["kv_cache_bytes"] == 0
+        assert m["device_bytes"] is None  # a CPU backend has no device pool
+        assert m["activation_bytes"] > 0
+    rss = [m["peak_rss_bytes"] for m in merged]
+    assert rss[0] > 2**20, f"peak RSS {rss[0]} bytes: not converted from KiB?"
+    assert all(b >= a for a, b in zip(rss, rss[1:])), f"peak RSS decreased: {rss}"
+
+    with open(tmp_path / METRICS_FILE, encoding="utf-8") as f:
+        rows = [json.loads(r) for r in f.read().splitlines()]
+    assert len(rows) == len(merged) == 4
+    for row, m in zip(rows, merged):
+        assert row["method"] == "lora"
+        assert row["step"] == m["step"] and row["loss"] == m["loss"] and row["ms"] == m["ms"]
+        for f in FIELDS:
+            assert row[f] == m[f], f"{f}: line {row[f]!r}, metrics {m[f]!r}"
+    assert load_metrics(tmp_path / METRICS_FILE) == rows
+
+
+def test_kv_cache_bytes(tmp_path):
+    from spectral_peft.backend import get_backend
+    from spectral_peft.model import KVCache
+
+    kv = KVCache(2, 3, 10, 2, 4, get_backend("cpu", "float32"))
+    _, _, merged = run_logged(tmp_path, steps=1, kv_cache=kv)
+    assert merged[0]["kv_cache_bytes"] == 2 * 2 * 3 * 2 * 10 * 4 * 4  # k and v · layers · B · Hkv · M · hd · 4 bytes
+
+
+def test_memory_follows_new_optimizer_state(tmp_path):
+    """The cached report is recomputed once the optimiser allocates slots for more parameters."""
+    trainer, batches = W.build("lora", "float32")
+    log = MetricsLog(tmp_path / METRICS_FILE, trainer.model, trainer.optimizer)
+    m = trainer.train_step(batches.batch(0))
+    first = log(trainer, m)["optimizer_bytes"]
+    name, slots = next(iter(trainer.optimizer.state.items()))
+    trainer.optimizer.state[name + ".extra"] = {"exp_avg": np.zeros(1000, np.float32)}
+    assert log(trainer, m)["optimizer_bytes"] == first + 4000
+    log.close()
+
+
+def test_non_finite_written_as_null_and_cut_line_dropped(tmp_path):
+    trainer, batches = W.build("lora", "float32")
+    path = tmp_path / METRICS_FILE
+    log = MetricsLog(path, trainer.model, trainer.optimizer)
+    m = trainer.train_step(batches.batch(0))
+    log(trainer, {**m, "loss": float("nan"), "tokens_per_s": float("inf"), "skipped": True})
+    log.close()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"step": 2, "lo')  # a run killed mid-line
+    rows = load_metrics(path)
+    assert len(rows) == 1 and rows[0]["loss"] is None and rows[0]["tokens_per_s"] is None
+    assert rows[0]["skipped"] is True
+
+
+class _Comm:
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+
+def test_only_rank_zero_writes(tmp_path):
+    _, _, merged = run_logged(tmp_path / "r1", steps=1, comm=_Comm(1, 2))
+    assert not os.path.exists(tmp_path / "r1" / METRICS_FILE)
+    assert all(f in merged[0] for f in FIELDS)  # every rank still gets the fields
+    run_logged(tmp_path / "r0", steps=1, comm=_Comm(0, 2))
+    assert len(load_metrics(tmp_path / "r0" / METRICS_FILE)) == 1
+
+
+def test_tensorboard_scalars_read_back(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    _, _, merged = run_logged(tmp_path, steps=3, tensorboard_dir=tmp_path / "tb")
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    for tag in ("loss", "ms", "tokens_per_s", "param_bytes", "peak_rss_bytes", "activation_bytes"):
+        assert tag in tags, f"{tag} not among the event file's tags {tags}"
+    events = acc.Tensors("loss")
+    assert [e.step for e in events] == [m["step"] for m in merged]
+    got = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in events]
+    np.testing.assert_allclose(got, [m["loss"] for m in merged], rtol=1e-6)  # stored as float32
+    rss = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors("peak_rss_bytes")]
+    np.testing.assert_allclose(rss, [m["peak_rss_bytes"] for m in merged], rtol=1e-6)
+
+
+def test_tensorboard_missing_names_the_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    trainer, _ = W.build("lora", "float32")
+    with pytest.raises(ModuleNotFoundError, match="pip install tensorboard"):
+        MetricsLog(tmp_path / METRICS_FILE, trainer.model, trainer.optimizer, tensorboard_dir=tmp_path / "tb")

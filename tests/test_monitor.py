@@ -7,6 +7,7 @@ are counted here from the arrays themselves (sizes × itemsize), and compared wi
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -54,7 +55,7 @@ def test_fields_bytes_and_lines(tmp_path):
         assert m["activation_bytes"] > 0
     rss = [m["peak_rss_bytes"] for m in merged]
     assert rss[0] > 2**20, f"peak RSS {rss[0]} bytes: not converted from KiB?"
-    assert all(b >= a for a, b in zip(rss, rss[1:])), f"peak RSS decreased: {rss}"
+    assert all(b >= a for a, b in itertools.pairwise(rss)), f"peak RSS decreased: {rss}"
 
     with open(tmp_path / METRICS_FILE, encoding="utf-8") as f:
         rows = [json.loads(r) for r in f.read().splitlines()]
@@ -82,7 +83,7 @@ def test_memory_follows_new_optimizer_state(tmp_path):
     log = MetricsLog(tmp_path / METRICS_FILE, trainer.model, trainer.optimizer)
     m = trainer.train_step(batches.batch(0))
     first = log(trainer, m)["optimizer_bytes"]
-    name, slots = next(iter(trainer.optimizer.state.items()))
+    name = next(iter(trainer.optimizer.state))
     trainer.optimizer.state[name + ".extra"] = {"exp_avg": np.zeros(1000, np.float32)}
     assert log(trainer, m)["optimizer_bytes"] == first + 4000
     log.close()
@@ -148,3 +149,71 @@ def test_tensorboard_missing_names_the_install(tmp_path, monkeypatch):
     trainer, _ = W.build("lora", "float32")
     with pytest.raises(ModuleNotFoundError, match="pip install tensorboard"):
         MetricsLog(tmp_path / METRICS_FILE, trainer.model, trainer.optimizer, tensorboard_dir=tmp_path / "tb")
+
+
+# --- the figure ---------------------------------------------------------------------------------
+def _lines():
+    """Two methods of three steps each, and values a reader can check by eye."""
+    out = []
+    for method, tps, grad in (("lora", 1000.0, 2**20), ("full", 400.0, 2**24)):
+        for step in (1, 2, 3):
+            out.append({"method": method, "step": step, "tokens_per_s": tps * step, "peak_rss_bytes": (100 + step) * 2**20,
+                        "param_bytes": 2**25, "grad_bytes": grad, "optimizer_bytes": 2 * grad,
+                        "activation_bytes": step * 2**21})
+    out[4]["tokens_per_s"] = None  # a skipped step of full: a gap
+    return out
+
+
+def test_metrics_figure_draws_its_input(tmp_path, monkeypatch):
+    from spectral_peft.plots import metrics as metrics_plots
+
+    drawn = []
+    real_save = metrics_plots.save
+    monkeypatch.setattr(metrics_plots, "save", lambda fig, path: (drawn.append(fig), real_save(fig, path)))
+    lines = _lines()
+    path = tmp_path / "metrics.png"
+    metrics_plots.plot_metrics(lines, path)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    (fig,) = drawn
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == [p[1] for p in metrics_plots.PANELS]
+    for ax, (field, _, scale, _) in zip(axes, metrics_plots.PANELS):
+        got = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+        assert set(got) == {"LoRA", "full FT"}, got.keys()
+        for method, name in (("lora", "LoRA"), ("full", "full FT")):
+            rows = [r for r in lines if r["method"] == method]
+            want = [np.nan if r[field] is None else r[field] * scale for r in rows]
+            assert got[name][0] == [r["step"] for r in rows]
+            np.testing.assert_array_equal(got[name][1], want, err_msg=f"{field} of {method}")
+
+
+def test_lines_without_a_method_are_one_series():
+    from spectral_peft.plots.metrics import series
+
+    lines = [{k: v for k, v in ln.items() if k != "method"} for ln in _lines()]
+    assert list(series(lines)) == [""] and len(series(lines)[""]) == 6
+
+
+def test_figures_command_draws_metrics_beside_results(tmp_path, capsys):
+    """`spectral-peft figures` draws metrics.png when a metrics.jsonl is beside results.json, and
+    copies it with --out; without one it says the figure is not available."""
+    import shutil
+
+    from spectral_peft import cli
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / "run1"
+    run.mkdir()
+    shutil.copyfile(os.path.join(repo, "figures", "results.json"), run / "results.json")
+    assert cli.main(["figures", "--results", str(run), "--out", str(tmp_path / "a")]) == 0
+    assert "figure metrics.png: not available: no metrics.jsonl beside the results" in capsys.readouterr().out
+    assert not (tmp_path / "a" / "metrics.png").exists()
+
+    with open(run / METRICS_FILE, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(ln) + "\n" for ln in _lines())
+    assert cli.main(["figures", "--results", str(run), "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'b' / 'metrics.png'}" in out
+    assert (tmp_path / "b" / "metrics.png").stat().st_size > 1000
+    assert load_metrics(tmp_path / "b" / METRICS_FILE) == load_metrics(run / METRICS_FILE)

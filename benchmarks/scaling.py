@@ -112,7 +112,7 @@ def measure_allreduce(rounds: int, exact: list[int], n: int = 2, timeout: int = 
         out = os.path.join(d, "allreduce.json")
         cmd = MPIRUN + ["-n", str(n), sys.executable, HERE, "--worker", "allreduce", "--worker_out", out,
                         "--rounds", str(rounds), "--threads", "1", "--exact", ",".join(map(str, exact))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         with open(out, encoding="utf-8") as f:
@@ -202,7 +202,7 @@ def weak_scaling_end_to_end(n: int, steps: int = 12, timeout: int = 600) -> dict
                "--threads", "1"]
         if n > 1:
             cmd = MPIRUN + ["-n", str(n)] + cmd
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         with open(out, encoding="utf-8") as f:

@@ -34,14 +34,14 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from .commands.contract import check_folder_option, help_text
+from .monitor import METRICS_FILE, load_metrics
 from .plots import adalora as adalora_plots
 from .plots import dylora as dylora_plots
 from .plots import longlora as longlora_plots
+from .plots import metrics as metrics_plots
 from .plots import prune as prune_plots
 from .plots import quant as quant_plots
 from .plots import rosa as rosa_plots
-from .monitor import METRICS_FILE, load_metrics
-from .plots import metrics as metrics_plots
 from .plots import training as training_plots
 from .results import RESULTS_FILE, load_results, method_result
 

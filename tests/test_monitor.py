@@ -217,3 +217,26 @@ def test_figures_command_draws_metrics_beside_results(tmp_path, capsys):
     assert f"wrote {tmp_path / 'b' / 'metrics.png'}" in out
     assert (tmp_path / "b" / "metrics.png").stat().st_size > 1000
     assert load_metrics(tmp_path / "b" / METRICS_FILE) == load_metrics(run / METRICS_FILE)
+
+
+# --- --tensorboard DIR ----------------------------------------------------------------------------
+def _run_config(argv):
+    import argparse
+
+    from spectral_peft.commands.run_options import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_tensorboard_option(tmp_path, monkeypatch):
+    assert _run_config([]).tensorboard is None
+    assert _run_config(["--tensorboard", str(tmp_path / "tb")]).tensorboard == str(tmp_path / "tb")
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"--tensorboard .*pip install tensorboard"):
+        _run_config(["--tensorboard", str(tmp_path / "tb")])

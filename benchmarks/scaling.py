@@ -39,6 +39,7 @@ Run: python benchmarks/scaling.py [--repeats N] [--out figures/scaling.png] [--e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -336,7 +337,9 @@ def main(argv=None) -> int:
     print(f"wrote {args.out}")
 
     end_to_end = None
-    if args.end_to_end:
+    if args.end_to_end and importlib.util.find_spec("spectral_peft.distributed") is None:
+        print("end to end: not available: this spectral_peft has no distributed module")
+    elif args.end_to_end:
         end_to_end = [weak_scaling_end_to_end(n, args.steps) for n in (1, 2)]
         for rec in end_to_end:
             print(f"end to end, {rec['world_size']} rank(s): {rec['ms']:.1f} ms/step, {rec['tokens_per_s']:.0f} "

@@ -92,17 +92,23 @@ class MetricsLog:
                  fields: dict | None = None):
         self.path, self.model, self.optimizer, self.kv_cache = os.fspath(path), model, optimizer, kv_cache
         self.fields = dict(fields or {})
+        self.tensorboard_dir = None if tensorboard_dir is None else os.fspath(tensorboard_dir)
         self.writes = comm is None or comm.size == 1 or comm.rank == 0
         self._memory: dict | None = None
         self._memory_key = None
         self._file = self._tb = None
         if self.writes:
-            if tensorboard_dir is not None:
-                self._tb = _tensorboard_writer(os.fspath(tensorboard_dir))
-            folder = os.path.dirname(self.path)
-            if folder:
-                os.makedirs(folder, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            self._open()
+
+    def _open(self) -> None:
+        """Open the file for appending (and the TensorBoard writer): at construction, so a missing
+        package fails before any step, and again after close() when a later fit() writes on."""
+        if self.tensorboard_dir is not None:
+            self._tb = _tensorboard_writer(self.tensorboard_dir)
+        folder = os.path.dirname(self.path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
     def memory(self) -> dict:
         """{param_bytes, grad_bytes, optimizer_bytes}: memory_report's, recomputed only when the
@@ -129,6 +135,8 @@ class MetricsLog:
     def write(self, line: dict) -> None:
         """Append one line (flushed) and its numeric fields as TensorBoard scalars."""
         record = _json_value(line)
+        if self._file is None:
+            self._open()
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -139,7 +147,8 @@ class MetricsLog:
             self._tb.flush()
 
     def close(self) -> None:
-        """Close the file and the TensorBoard writer (a second call does nothing)."""
+        """Close the file and the TensorBoard writer (the Trainer's fit does, when it ends); a
+        second call does nothing, and a later step opens them again, appending."""
         if self._file is not None:
             self._file.close()
             self._file = None

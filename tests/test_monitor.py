@@ -240,3 +240,12 @@ def test_tensorboard_option(tmp_path, monkeypatch):
                         lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
     with pytest.raises(ValueError, match=r"--tensorboard .*pip install tensorboard"):
         _run_config(["--tensorboard", str(tmp_path / "tb")])
+
+
+def test_a_step_after_close_appends(tmp_path):
+    """fit() closes the log when it ends; a later fit (resume, more steps) appends to the same file."""
+    trainer, log, _ = run_logged(tmp_path, steps=2)
+    m = trainer.train_step(W.build("lora", "float32")[1].batch(2))
+    log(trainer, m)
+    log.close()
+    assert [r["step"] for r in load_metrics(tmp_path / METRICS_FILE)] == [1, 2, 3]

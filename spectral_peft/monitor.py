@@ -15,7 +15,9 @@ the fields it returns into them, and calls ``log.close()`` when ``fit`` ends. Th
 activation_bytes is the Trainer's own (what the caches held right after the forward). The three
 memory_report figures change only when arrays are allocated (gradients at the first zero_grad,
 AdamW's moments at the first step); the report is cached and recomputed when the optimiser's
-state grows, so a step costs a getrusage and one line of JSON.
+state grows, so a step costs a getrusage and one line of JSON: about 60 µs on the benchmark
+model (whose step takes 160 ms), where memory_report alone takes 0.7 ms. TensorBoard adds about
+0.1 ms per scalar (its writer's queue), 2 ms for a step's 20 scalars.
 
 Each line is the step's metrics plus these fields plus the log's constant ``fields`` (a run adds
 ``method``), written to ``path`` (``metrics.jsonl`` beside a run's results.json) and flushed, so

@@ -249,3 +249,39 @@ def test_a_step_after_close_appends(tmp_path):
     log(trainer, m)
     log.close()
     assert [r["step"] for r in load_metrics(tmp_path / METRICS_FILE)] == [1, 2, 3]
+
+
+# --- benchmarks/scaling.py's cost model ------------------------------------------------------------
+def _scaling():
+    import importlib.util
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, bench)  # scaling.py imports its neighbours _threads, _common and lora
+    try:
+        spec = importlib.util.spec_from_file_location("scaling_bench", os.path.join(bench, "scaling.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(bench)
+    return mod
+
+
+def test_ring_fit_recovers_alpha_and_beta():
+    """Times made by t = α + S/β (2 ranks), with ±5% multiplicative noise: the relative least
+    squares gives α and β back within 5%; a ring's 2(N−1)/N factor and the per-hop latency."""
+    sc = _scaling()
+    alpha, beta = 3e-6, 6e9
+    rng = np.random.default_rng(0)
+    sizes = [2**k for k in range(10, 27, 2)]
+    t32 = {s: (alpha + s / beta) * (1 + 0.05 * rng.uniform(-1, 1)) for s in sizes}
+    t64 = {s: (alpha + s / beta) * (1 + 0.05 * rng.uniform(-1, 1)) for s in sizes}
+    a, b = sc.fit_ring(t32, t64)
+    assert abs(a / alpha - 1) < 0.05 and abs(b / beta - 1) < 0.05, (a, b)
+    assert sc.ring_time(1, 1e6, alpha, beta) == 0.0
+    assert sc.ring_time(2, 1e6, alpha, beta) == pytest.approx(alpha + 1e6 / beta, rel=1e-12)
+    assert sc.ring_time(8, 1e6, alpha, beta) == pytest.approx(alpha + 2 * 7 / 8 * 1e6 / beta, rel=1e-12)
+    assert sc.ring_time(8, 1e6, alpha, beta, per_hop=True) == pytest.approx(7 * alpha + 2 * 7 / 8 * 1e6 / beta,
+                                                                              rel=1e-12)
+    pred = sc.predict(100.0, 10**6, alpha, beta)
+    assert pred[1]["efficiency"] == 1.0
+    assert pred[1024]["efficiency"] == pytest.approx(100.0 / (100.0 + 1e3 * (alpha + 2 * 1023 / 1024 * 1e6 / beta)))

@@ -285,3 +285,18 @@ def test_ring_fit_recovers_alpha_and_beta():
     pred = sc.predict(100.0, 10**6, alpha, beta)
     assert pred[1]["efficiency"] == 1.0
     assert pred[1024]["efficiency"] == pytest.approx(100.0 / (100.0 + 1e3 * (alpha + 2 * 1023 / 1024 * 1e6 / beta)))
+
+
+def test_device_bytes_reads_cupys_pool_on_a_gpu_backend(monkeypatch):
+    """On the GPU backend device_bytes is CuPy's default pool's used_bytes() (a stand-in cupy
+    module here: no GPU); the CPU and the emulated GPU have no pool."""
+    import types
+
+    from spectral_peft.monitor import device_bytes
+
+    fake = types.ModuleType("cupy")
+    fake.get_default_memory_pool = lambda: types.SimpleNamespace(used_bytes=lambda: 12345)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    assert device_bytes(types.SimpleNamespace(device="gpu")) == 12345
+    assert device_bytes(types.SimpleNamespace(device="gpu-emulated")) is None
+    assert device_bytes(types.SimpleNamespace(device="cpu")) is None

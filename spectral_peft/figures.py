@@ -18,6 +18,11 @@ draws it from the results alone, through the plotting modules in spectral_peft.p
 for every method; adalora.py, quant.py, rosa.py, dylora.py for one method each, drawing what that
 method's controller reported). A figure whose data is absent from the results (its method did not
 run) is skipped with a one-line reason, never faked.
+
+One figure comes from beside the results instead: ``metrics.png`` (plots/metrics.py: throughput and
+memory over the steps, one line per method) from the run's per-step ``metrics.jsonl``
+(spectral_peft.monitor), drawn when that file is in the folder of the results read; with
+``--out`` it is copied beside the figures like the results file.
 """
 from __future__ import annotations
 
@@ -29,9 +34,11 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from .commands.contract import check_folder_option, help_text
+from .monitor import METRICS_FILE, load_metrics
 from .plots import adalora as adalora_plots
 from .plots import dylora as dylora_plots
 from .plots import longlora as longlora_plots
+from .plots import metrics as metrics_plots
 from .plots import prune as prune_plots
 from .plots import quant as quant_plots
 from .plots import rosa as rosa_plots
@@ -183,14 +190,30 @@ FIGURES = (
 )
 
 
-def make_figures(results: dict, folder: str) -> tuple[list[str], list[str]]:
-    """Draw every figure of ``results`` into ``folder``. Returns (files written, one line per
-    figure skipped: "<file>: not available: <reason>")."""
+METRICS_FIGURE = "metrics.png"
+
+
+def fig_metrics(metrics_file: str, path) -> None:
+    if not os.path.exists(metrics_file):
+        raise FigureUnavailable(f"no {METRICS_FILE} beside the results")
+    lines = load_metrics(metrics_file)
+    if not lines:
+        raise FigureUnavailable(f"{metrics_file} holds no step")
+    metrics_plots.plot_metrics(lines, path)
+
+
+def make_figures(results: dict, folder: str, metrics_file: str | None = None) -> tuple[list[str], list[str]]:
+    """Draw every figure of ``results`` into ``folder``, and metrics.png from ``metrics_file``
+    (None: the metrics.jsonl in ``folder``, where a run writes it). Returns (files written, one
+    line per figure skipped: "<file>: not available: <reason>")."""
     os.makedirs(folder, exist_ok=True)
     written, skipped = [], []
-    for name, fn in FIGURES:
+    drawers = [(name, lambda path, fn=fn: fn(results, path)) for name, fn in FIGURES]
+    drawers.append((METRICS_FIGURE, lambda path: fig_metrics(metrics_file or os.path.join(folder, METRICS_FILE),
+                                                             path)))
+    for name, draw in drawers:
         try:
-            fn(results, os.path.join(folder, name))
+            draw(os.path.join(folder, name))
             written.append(name)
         except FigureUnavailable as exc:
             skipped.append(f"{name}: not available: {exc}")
@@ -234,11 +257,13 @@ def main(args) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"spectral-peft figures: error: {exc}", file=sys.stderr)
         return 2
-    written, skipped = make_figures(results, out)
-    dest = os.path.join(out, RESULTS_FILE)
-    if os.path.abspath(src_file) != os.path.abspath(dest):
-        shutil.copyfile(src_file, dest)  # the figures travel with the results they were drawn from
-        written.append(RESULTS_FILE)
+    metrics_file = os.path.join(os.path.dirname(src_file), METRICS_FILE)
+    written, skipped = make_figures(results, out, metrics_file)
+    for src, name in ((src_file, RESULTS_FILE), (metrics_file, METRICS_FILE)):
+        dest = os.path.join(out, name)
+        if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(dest):
+            shutil.copyfile(src, dest)  # the figures travel with the data they were drawn from
+            written.append(name)
     for name in written:
         print(f"wrote {os.path.join(out, name)}")
     for line in skipped:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass
 
@@ -96,6 +97,7 @@ class RunConfig:
     cache_dir: str | None = None  # None: $SPECTRAL_PEFT_CACHE or ~/.cache/spectral_peft
     figures: bool = True
     progress: bool = True
+    tensorboard: str | None = None  # a folder for TensorBoard event files of the per-step metrics; None: none
 
     def __post_init__(self):
         if self.target_modules is None and isinstance(self.arch, str) and self.arch in ARCH_TARGETS:  # an unknown arch: validate() says so
@@ -184,6 +186,9 @@ class RunConfig:
             raise ValueError(f"--longlora_context must be 0 (off) or an integer >= 2 with F·n_positions divisible by 8 "
                              f"(S2-Attn's G = T/4 must be even), got {F} with --n_positions {self.n_positions}")
         check_prune_options(self.prune, self.prune_method)
+        if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError(f"--tensorboard {self.tensorboard}: the tensorboard package is not installed; "
+                             "pip install tensorboard, or leave --tensorboard out")
         if self.init_r is not None and self.target_r is not None and self.target_r > self.init_r:
             raise ValueError(f"--target_r {self.target_r} exceeds --init_r {self.init_r}; target_r must be <= init_r")
 
@@ -281,6 +286,8 @@ _HELP = {
     "cache_dir": "where pretrained bases are cached",
     "figures": "draw the figures into the run folder",
     "progress": "progress bars on stderr",
+    "tensorboard": "also write the per-step metrics (metrics.jsonl) as TensorBoard event files into this folder "
+                   "(needs the tensorboard package)",
 }
 # What a None default (shown as "auto" on the command line) chooses.
 _AUTO = {
@@ -296,6 +303,7 @@ _AUTO = {
     "schedule": "'wl<10%% of --steps>'",
     "cache_dir": "$SPECTRAL_PEFT_CACHE, else ~/.cache/spectral_peft",
     "prune": "no pruned rows",
+    "tensorboard": "no event files",
 }
 
 

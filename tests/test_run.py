@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from spectral_peft import cli
+from spectral_peft.monitor import METRICS_FILE, load_metrics
 from spectral_peft.results import load_results
 from spectral_peft.commands.run_options import DEFAULT_METHODS, QUICK
 
@@ -106,8 +107,17 @@ def test_run_writes_table_json_and_figures(quick_run, first_run):
     # figures: every one listed exists and is a PNG
     expected = {"loss_curves.png", "memory.png", "speed_quality.png", "pretraining.png", "delta_singular_values.png",
                 "adalora_rank_heatmap.png", "adalora_budget.png", "adalora_singular_values.png",
-                "nf4_codebooks.png", "nf4_error.png", "rosa_density.png", "rosa_support.png", "dylora_rank_eval.png"}
+                "nf4_codebooks.png", "nf4_error.png", "rosa_density.png", "rosa_support.png", "dylora_rank_eval.png",
+                "metrics.png"}
     assert set(results["figures"]) == expected
+    # metrics.jsonl: one line per step of every method, its losses those of the train curves
+    lines = load_metrics(str(latest / METRICS_FILE))
+    for m in results["methods"]:
+        mine = [line for line in lines if line["method"] == m["method"]]
+        assert [line["step"] for line in mine] == m["train_curve"]["step"], m["method"]
+        assert [round(line["loss"], 5) for line in mine] == m["train_curve"]["loss"], m["method"]
+        assert all(line["peak_rss_bytes"] > 0 and line["param_bytes"] > 0 for line in mine), m["method"]
+    assert len(lines) == sum(len(m["train_curve"]["step"]) for m in results["methods"])
     for name in expected:
         with open(latest / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name

@@ -4,9 +4,13 @@ Shared by the run's own rows (commands/run.py) and the pruned-base rows (command
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from .. import distributed
 from ..adapters.peft_model import PeftModel, get_peft_model
+from ..monitor import METRICS_FILE, MetricsLog
 from ..optim import make_adamw
 from ..quant import frozen_weight_bytes, quantize_model
 from ..train import SeededBatches, Trainer
@@ -44,13 +48,27 @@ def _median_ms(times_ms: list[float]) -> float:
     return float(np.median(tail)) if tail else 0.0
 
 
-def train_method(recipe, model, cfg: RunConfig, train_tokens, eval_sets: list, window: int | None = None) -> dict:
+def metrics_log(cfg: RunConfig, folder: str | None, row: str, model, optimizer) -> MetricsLog | None:
+    """The per-step log of one row of the run: lines appended to ``<folder>/metrics.jsonl`` with
+    ``"method": row`` (and TensorBoard event files in ``<--tensorboard>/<row>``); None without a folder."""
+    if folder is None:
+        return None
+    tensorboard = None if cfg.tensorboard is None else os.path.join(cfg.tensorboard, row)
+    return MetricsLog(os.path.join(folder, METRICS_FILE), model, optimizer, comm=distributed.world(),
+                      tensorboard_dir=tensorboard, fields={"method": row})
+
+
+def train_method(recipe, model, cfg: RunConfig, train_tokens, eval_sets: list, window: int | None = None,
+                 folder: str | None = None, row: str | None = None) -> dict:
     """Fine-tune ``model`` for cfg.steps steps with the engine's Trainer (PEFT's call order),
     evaluating every cfg.eval_every steps; returns the measured record (MethodResult fields).
-    ``window``: the training windows' length, cfg.n_positions unless given (prefix / prompt tuning)."""
+    ``window``: the training windows' length, cfg.n_positions unless given (prefix / prompt tuning).
+    ``folder``: the run folder, whose metrics.jsonl receives every step's metrics under the method
+    name ``row`` (default: the recipe's name)."""
     opt, sched = make_adamw(model, getattr(cfg, recipe.lr_option), cfg.weight_decay, cfg.steps)
     trainer = Trainer(model, opt, sched, max_grad_norm=cfg.max_grad_norm, progress=cfg.progress,
-                      progress_desc=f"{recipe.name:>9}")
+                      progress_desc=f"{recipe.name:>9}",
+                      metrics_log=metrics_log(cfg, folder, row or recipe.name, model, opt))
     batches = SeededBatches(train_tokens, cfg.batch_size, window or cfg.n_positions, seed=cfg.seed + 2)  # same for all
     steps = trainer.fit(batches, cfg.steps, eval_batches=eval_sets, eval_every=cfg.eval_every)
     extras = model.report(lambda: trainer.evaluate(eval_sets)) if isinstance(model, PeftModel) else {}

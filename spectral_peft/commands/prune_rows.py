@@ -77,8 +77,9 @@ def pruned_rows(cfg, ctx: dict, results: dict, log) -> None:
                 results["unavailable"].append({"method": f"{name}+{tag}", "reason": str(exc)})
                 continue
             model, conf = build_method(recipe, cfg, ctx["base_folder"], ctx["backend"], size, prune=prune)
-            rec = train_method(recipe, model, cfg, ctx["train_tokens"], ctx["eval_sets"])
             row_name = f"{name}+{tag}"
+            rec = train_method(recipe, model, cfg, ctx["train_tokens"], ctx["eval_sets"], folder=ctx.get("folder"),
+                               row=row_name)
             settings = {**conf.to_json_dict(model), "base_pruning": {"method": tag, "score": score, "sparsity": s,
                                                                      "nm": list(nm) if nm else None}}
             results["methods"].append({"method": row_name, "settings": settings, **rec})

@@ -102,7 +102,7 @@ def _train_virtual(recipe, model, cfg: RunConfig, ctx: dict, P: int, window: int
     # the tokens every method's eval scores, the 2nd..last of each window: prompt tuning's logits at
     # its last virtual position would also predict the 1st (PEFT's labels), which the others never do
     eval_sets = [{"input_ids": w, "labels": np.where(np.arange(window) == 0, -100, w)} for w in windows]
-    rec = train_method(recipe, model, cfg, ctx["train_tokens"], eval_sets, window)
+    rec = train_method(recipe, model, cfg, ctx["train_tokens"], eval_sets, window, folder=ctx.get("folder"))
     base_eval = evaluate(load_base(ctx["base_folder"], ctx["backend"]), eval_sets)
     rec["extras"]["window"] = {"real_tokens": window, "virtual_tokens": P, "n_positions": cfg.n_positions,
                                "eval_windows": int(sum(w.shape[0] for w in windows)),
@@ -130,7 +130,7 @@ def run_method(name: str, cfg: RunConfig, ctx: dict, results: dict, log: Log) ->
             return
     model, conf = build_method(recipe, cfg, ctx["base_folder"], ctx["backend"], size)
     if window is None:
-        rec = train_method(recipe, model, cfg, ctx["train_tokens"], ctx["eval_sets"])
+        rec = train_method(recipe, model, cfg, ctx["train_tokens"], ctx["eval_sets"], folder=ctx.get("folder"))
     else:
         rec = _train_virtual(recipe, model, cfg, ctx, size, window, capped)
     seconds = time.perf_counter() - t0
@@ -291,6 +291,7 @@ def run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
         ctx.update(_data_phase(cfg, results, log))
         # after the data phase: an option the data refuses leaves nothing; rank 0 makes it
         folder = comm.bcast(_timestamp_folder(cfg.out) if comm.is_main else None, root=0)
+        ctx["folder"] = folder  # metrics.jsonl goes beside results.json
         ranks = f", data parallel over {comm.size} ranks (global batch {cfg.batch_size})" if comm.size > 1 else ""
         log(f"compute: {cfg.device} {cfg.dtype}, seed {cfg.seed}, BLAS threads "
             f"{cfg.threads if cfg.threads > 0 else 'as configured'}{ranks}; output in {folder}")
@@ -330,9 +331,12 @@ def precheck_targets(cfg: RunConfig) -> None:
 
 
 def precheck_paths(cfg: RunConfig) -> None:
-    """--out and --cache_dir: directories, or creatable under a writable one (nothing is created here)."""
+    """--out, --cache_dir and --tensorboard: directories, or creatable under a writable one
+    (nothing is created here)."""
     check_folder_option("--out", cfg.out)
     check_folder_option("--cache_dir", cfg.cache_dir or default_cache_dir())
+    if cfg.tensorboard is not None:
+        check_folder_option("--tensorboard", cfg.tensorboard)
 
 
 def main(args) -> int:

@@ -14,17 +14,18 @@ and it is computed without ever forming that dense product:
 
     dS_values[k] = Σ_n dy[n, rows[k]] · x[n, cols[k]]          k = 0 .. nnz-1
 
-Three implementations, tested equal:
+Implementations, tested equal:
 
 - :func:`sddmm` (canonical, readable): gather the needed columns of dy and x for a chunk of tokens,
   multiply, sum over tokens. Work nnz·N multiply-adds, memory O(chunk·nnz).
 - :func:`sddmm_dense` (the peer and the reference): the dense product, then read the support.
 - :func:`sddmm_planned` (fast, the default): a plan computed once per support (the support is
-  fixed for the whole of training) covers the entries that cluster in rows or columns with dense
-  blocks computed by BLAS (dy[:, R]ᵀ x[:, C], each at most half the matrix) and gathers the
-  scattered rest (see :class:`SddmmPlan`). It never forms the dense product.
-- :func:`sddmm_auto`: the same plan, or the dense product where the support is too dense for the
-  plan to pay (choosing the path per density).
+  fixed for the whole of training) picks one of three paths by a measured cost model
+  (see :class:`SddmmPlan`): dense blocks computed by BLAS where the entries cluster in rows or
+  columns (dy[:, R]ᵀ x[:, C], each at most half the matrix) with the scattered rest gathered; every
+  entry gathered (rows of the transposed operands); or the dense product, where the support has
+  too little structure for the others to pay, so that it is never slower than the dense product.
+- :func:`sddmm_auto`: the same (the name of ``sddmm_impl='auto'``).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import scipy.sparse
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from spectral_peft.backend import get_backend
+from spectral_peft.backend import blas_threads, get_backend
 from spectral_peft.sparse import (CSR, SddmmPlan, sddmm, sddmm_auto, sddmm_dense, sddmm_planned, sp_add, spmm,
                                   spmm_t)
 from spectral_peft.testing import assert_close
@@ -142,18 +142,21 @@ def test_planned_sddmm_equals_canonical(device, kind):
     assert_close(sddmm(dy, x, S), expected, f"sddmm[{kind}]", rtol=1e-12)
 
 
-def test_sddmm_plan_chooses_the_path_by_structure():
-    """The default plan's choice at d = 256: the dense product on a dense or a uniformly random 10 %
-    support, a gather on a random 0.1 % one, blocks on rows and columns that hold nearly all entries."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sddmm_plan_chooses_the_path_by_structure(threads):
+    """The default plan's choice at d = 256, under 1 and 2 BLAS threads: the dense product on a dense
+    or a uniformly random 10 % support, a gather on a random 0.1 % one, blocks on rows and columns
+    that hold all the entries."""
     rng = np.random.default_rng(0)
     shape = (256, 256)
-    assert SddmmPlan(CSR.from_mask(random_mask(rng, shape, 0.5))).path == "dense"
-    assert SddmmPlan(CSR.from_mask(random_mask(rng, shape, 0.1))).path == "dense"
-    assert SddmmPlan(CSR.from_mask(random_mask(rng, shape, 0.001))).path == "gather"
-    m = np.zeros(shape, dtype=bool)
-    m[:20, :30] = True  # 600 entries of 65536 (0.9 %), in 20 rows × 30 columns
-    plan = SddmmPlan(CSR.from_mask(m))
-    assert plan.path == "blocked" and plan.covered == 1.0
+    with blas_threads(threads):
+        assert SddmmPlan(CSR.from_mask(random_mask(rng, shape, 0.5))).path == "dense"
+        assert SddmmPlan(CSR.from_mask(random_mask(rng, shape, 0.1))).path == "dense"
+        assert SddmmPlan(CSR.from_mask(random_mask(rng, shape, 0.001))).path == "gather"
+        m = np.zeros(shape, dtype=bool)
+        m[:20, :30] = True  # 600 entries of 65536 (0.9 %), in 20 rows × 30 columns
+        plan = SddmmPlan(CSR.from_mask(m))
+        assert plan.path == "blocked" and plan.covered == 1.0
 
 
 @given(d_out=st.integers(1, 12), d_in=st.integers(1, 12), N=st.integers(1, 9),

@@ -117,6 +117,9 @@ def sddmm_dense(dy, x, S: CSR):
 #   a gathered entry, rows of the transposed operands       ≈ 0.41 ns per token  -> 40
 #   a gathered entry, chunks of tokens (the canonical way)  ≈ 2 ns per token     -> 200
 #   one block's fixed cost (Python, BLAS call set-up)       ≈ 20 µs -> 2000 per token at N ≈ 1024
+# Those are NumPy's single-threaded passes against a 2-thread BLAS: with t BLAS threads a dense
+# multiply-add costs 2/t times as much, so the plan scales them by t/2 (t from threadpoolctl).
+COST_BLAS_THREADS = 2
 COLUMN_COST = 60.0
 BLOCK_COST = 2000.0
 TRANSPOSE_COST = 110.0
@@ -145,7 +148,8 @@ class SddmmPlan:
     :func:`_gather_dots` (no transpose; dearer per entry, cheaper for a handful of entries).
 
     With ``path="auto"`` (the default) the path is the cheapest by the cost model above (dense
-    multiply-adds per token; the constants are measured, see COLUMN_COST ...): ``dense`` is taken
+    multiply-adds per token; the constants are measured, see COLUMN_COST ..., and scaled by the
+    number of BLAS threads at plan time): ``dense`` is taken
     whenever the cheapest of the others costs more than ``dense_margin`` × the dense product, so the
     planned SDDMM is not slower than the dense product on supports with no structure (uniformly
     random ones above ≈ 2 %), and much faster on the clustered, gradient-chosen supports RoSA trains.
@@ -163,6 +167,10 @@ class SddmmPlan:
             raise ValueError(f"SddmmPlan: rest_method must be None, 'transposed' or 'chunked', got {rest_method!r}")
         xp = get_xp(S.values)
         d_out, d_in = S.shape
+        if xp is np:  # the non-BLAS costs, in multiply-adds of this host's BLAS
+            f = blas_thread_count() / COST_BLAS_THREADS
+            gather_cost, chunk_gather_cost, column_cost, transpose_cost, block_cost = (
+                f * gather_cost, f * chunk_gather_cost, f * column_cost, f * transpose_cost, f * block_cost)
         rows = to_host(S.rows).astype(np.int64)
         cols = to_host(S.indices).astype(np.int64)
         nnz = rows.size
@@ -254,6 +262,14 @@ class SddmmPlan:
         block = (None if R is None else to_xp(R, xp), None if C is None else to_xp(C, xp),
                  to_xp(entries, xp), to_xp(flat, xp))
         return block, cost
+
+
+def blas_thread_count() -> int:
+    """The threads of NumPy's BLAS now (threadpoolctl), 1 when it reports none."""
+    from threadpoolctl import threadpool_info  # noqa: PLC0415
+
+    counts = [int(i.get("num_threads") or 1) for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(counts, default=1)
 
 
 def _best_prefix(major, minor, gather_cost: float, max_area: float):

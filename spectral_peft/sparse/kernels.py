@@ -116,12 +116,13 @@ def sddmm_dense(dy, x, S: CSR):
 #   a tiled transpose, per element of the columns it moves  ≈ 1.1 ns             -> 110
 #   a gathered entry, rows of the transposed operands       ≈ 0.41 ns per token  -> 40
 #   a gathered entry, chunks of tokens (the canonical way)  ≈ 2 ns per token     -> 200
-#   one block's fixed cost (Python, BLAS call set-up)       ≈ 20 µs -> 2000 per token at N ≈ 1024
+#   one block's fixed cost (Python, takes, BLAS set-up, the scatter of its entries): a 20 × 83
+#   block took ≈ 0.1 ms beyond its multiply-adds and column takes  -> 10000 per token at N ≈ 1024
 # Those are NumPy's single-threaded passes against a 2-thread BLAS: with t BLAS threads a dense
 # multiply-add costs 2/t times as much, so the plan scales them by t/2 (t from threadpoolctl).
 COST_BLAS_THREADS = 2
 COLUMN_COST = 60.0
-BLOCK_COST = 2000.0
+BLOCK_COST = 10000.0
 TRANSPOSE_COST = 110.0
 GATHER_COST = 40.0
 CHUNK_GATHER_COST = 200.0

@@ -21,10 +21,9 @@ def softmax_forward(x, axis: int = -1):
     xp = get_xp(x)
     y = x - x.max(axis=axis, keepdims=True)  # x - m, every entry <= 0
     xp.exp(y, out=y)
-    if axis in (-1, x.ndim - 1):
-        y /= (y @ xp.ones(y.shape[-1], dtype=y.dtype))[..., None]  # Σ_j as a BLAS gemv (3-6x faster)
-    else:
-        y /= y.sum(axis=axis, keepdims=True)
+    # Σ_j by NumPy, not a BLAS gemv: the gemv is faster alone, but a 2-thread gemv stalls on a
+    # shared machine (docs/performance_ops.md: 3.06 vs 0.74 ms under load)
+    y /= y.sum(axis=axis, keepdims=True)
     return y, (y, axis)
 
 

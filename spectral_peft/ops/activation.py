@@ -177,11 +177,14 @@ def swiglu_backward(dy, cache):
     # y = silu(g) u  =>  du = dy ⊙ silu(g)
     dup = gate * s
     dup *= dy
-    # y = g σ(g) u  =>  dg = dy ⊙ u ⊙ (σ + g σ (1 - σ))
+    # y = g σ(g) u  =>  dg = dy ⊙ u ⊙ (σ + g σ (1 - σ)), in one buffer (no dy ⊙ u temporary)
     ds = 1.0 - s
     ds *= s
-    dgate = _gated_backward(dy * up, gate, s, ds)
-    return dgate, dup
+    ds *= gate
+    ds += s  # σ + g σ (1 - σ)
+    ds *= dy
+    ds *= up
+    return ds, dup
 
 
 # --- ReLU, tanh ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from spectral_peft.ops import (attention_backward, attention_forward, cross_entr
                                embedding_forward, fanout_backward, gelu_backward, gelu_forward, layernorm_backward,
                                layernorm_forward, residual_forward, rmsnorm_backward, rmsnorm_forward,
                                softmax_backward, softmax_forward)
-from spectral_peft.ops.activation import GELU_C, GELU_K  # noqa: E402
+from spectral_peft.ops.activation import GELU_C, GELU_K, sigmoid, swiglu_backward, swiglu_forward  # noqa: E402
 from spectral_peft.ops.norm import _col_sum, _row_dot_mean, _row_mean  # noqa: E402
 
 B, T, C, H, V = 8, 128, 256, 4, 512
@@ -167,6 +167,20 @@ def _before_gelu_tanh_backward(dy, cache):
     return ds
 
 
+def _before_swiglu_backward(dy, cache):
+    gate, up = cache
+    s = sigmoid(gate)
+    dup = gate * s
+    dup *= dy
+    ds = 1.0 - s
+    ds *= s
+    d = dy * up  # the (N, F) temporary the new version avoids
+    ds *= gate
+    ds += s
+    ds *= d
+    return ds, dup
+
+
 def _before_dropout_forward(x, p, rng, training):
     keep = rng.random(x.shape, dtype=x.dtype) >= p
     scale = 1.0 / (1.0 - p)
@@ -193,6 +207,7 @@ def pass_cases():
     _, gelu_c = gelu_forward(h, "tanh")
     _, sm_c = softmax_forward(logits)
     _, drop_c = dropout_forward(h, 0.1, np.random.default_rng(0), True)
+    _, swi_c = swiglu_forward(h, dh)
 
     def ce_fwd():
         return cross_entropy_forward(logits, targets)
@@ -210,6 +225,8 @@ def pass_cases():
                     lambda: _before_rmsnorm_backward(dy, rms_c, w), lambda: rmsnorm_backward(dy, rms_c, w)),
         "gelu_tanh": (*same(lambda: gelu_forward(h, "tanh")),
                       lambda: _before_gelu_tanh_backward(dh, gelu_c), lambda: gelu_backward(dh, gelu_c)),
+        "swiglu": (*same(lambda: swiglu_forward(h, dh)),
+                   lambda: _before_swiglu_backward(dh, swi_c), lambda: swiglu_backward(dh, swi_c)),
         "softmax": (*same(lambda: softmax_forward(logits)),
                     lambda: _before_softmax_backward(dlog, sm_c), lambda: softmax_backward(dlog, sm_c)),
         "dropout": (lambda: _before_dropout_forward(h, 0.1, np.random.default_rng(0), True),

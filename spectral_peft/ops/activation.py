@@ -108,23 +108,24 @@ def gelu_backward(dy, cache):
     if approximate == "tanh":
         # s = ½(1 + th), th = tanh(u), u = k(x + c x³)  =>  s' = ½(1 - th²) · k (1 + 3c x²), so
         # dx = dy (s + x s') = ½ dy (1 + th) (1 + (1 - th) · x k (1 + 3c x²))   (1 - th² = (1 - th)(1 + th))
-        # 15 passes over (...) instead of 16 through s: th itself is recomputed, not s.
+        # 15 passes over (...) instead of 16 through s, in two (...) buffers instead of three:
+        # th itself is recomputed, not s, then turned into a = 1 - th and 1 + th = 2 - a in place.
         v = x * x  # x²
-        th = v * (GELU_C * GELU_K)
-        th += GELU_K
-        th *= x  # u = k x + c k x³
-        xp.tanh(th, out=th)
+        a = v * (GELU_C * GELU_K)
+        a += GELU_K
+        a *= x  # u = k x + c k x³
+        xp.tanh(a, out=a)  # th
+        xp.subtract(1.0, a, out=a)  # a = 1 - th
         v *= 3.0 * GELU_C * GELU_K
         v += GELU_K
         v *= x  # x k (1 + 3c x²)
-        a = xp.subtract(1.0, th, dtype=th.dtype)  # 1 - th
-        a *= v
-        a += 1.0  # 1 + (1 - th) x k (1 + 3c x²)
-        th += 1.0  # 1 + th
-        a *= th
-        a *= dy
-        a *= 0.5
-        return a
+        v *= a
+        v += 1.0  # 1 + (1 - th) x k (1 + 3c x²)
+        xp.subtract(2.0, a, out=a)  # 1 + th
+        v *= a
+        v *= dy
+        v *= 0.5
+        return v
     s = _gelu_gate(x, approximate)  # recomputed: the forward kept only x
     # s = Φ(x)  =>  s' = φ(x) = e^(-x²/2) / √(2π)
     ds = x * x  # x²

@@ -175,17 +175,17 @@ def swiglu_backward(dy, cache):
     """(dgate, dup) of y = silu(gate) ⊙ up."""
     gate, up = cache
     s = sigmoid(gate)  # σ(g), recomputed
-    # y = silu(g) u  =>  du = dy ⊙ silu(g)
-    dup = gate * s
-    dup *= dy
-    # y = g σ(g) u  =>  dg = dy ⊙ u ⊙ (σ + g σ (1 - σ)), in one buffer (no dy ⊙ u temporary)
+    # y = g σ(g) u  =>  dg = dy ⊙ u ⊙ (σ + g σ (1 - σ)) = dy ⊙ u ⊙ σ (1 + g (1 - σ))
     ds = 1.0 - s
-    ds *= s
     ds *= gate
-    ds += s  # σ + g σ (1 - σ)
+    ds += 1.0
+    ds *= s  # σ (1 + g (1 - σ))
     ds *= dy
     ds *= up
-    return ds, dup
+    # y = silu(g) u  =>  du = dy ⊙ silu(g), in σ's buffer: two (...) buffers, the two gradients
+    s *= gate
+    s *= dy
+    return ds, s
 
 
 # --- ReLU, tanh ------------------------------------------------------------------------------

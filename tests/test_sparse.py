@@ -159,6 +159,23 @@ def test_sddmm_plan_chooses_the_path_by_structure(threads):
         assert plan.path == "blocked" and plan.covered == 1.0
 
 
+def test_dense_path_workspace_is_reused_safely():
+    """The dense path keeps its product's buffer between calls: a second call with other inputs
+    (and another dtype) gives that call's values, and the first result is not overwritten."""
+    rng = np.random.default_rng(5)
+    mask = random_mask(rng, (16, 12), 0.5)
+    S = CSR.from_mask(mask)
+    plan = SddmmPlan(S, path="dense")
+    dy1, x1, dy2, x2 = (rng.standard_normal(shape) for shape in ((7, 16), (7, 12), (9, 16), (9, 12)))
+    got1 = sddmm_planned(dy1, x1, S, plan)
+    got2 = sddmm_planned(dy2, x2, S, plan)
+    assert_close(got1, masked_dense(dy1, x1, mask), "first call", rtol=1e-12)
+    assert_close(got2, masked_dense(dy2, x2, mask), "second call", rtol=1e-12)
+    got3 = sddmm_planned(dy1.astype(np.float32), x1.astype(np.float32), S, plan)
+    assert got3.dtype == np.float32
+    assert_close(got3, masked_dense(dy1, x1, mask), "float32 call", rtol=1e-5)
+
+
 @given(d_out=st.integers(1, 12), d_in=st.integers(1, 12), N=st.integers(1, 9),
        density=st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0)), seed=st.integers(0, 2**16),
        rows_only=st.booleans())

@@ -6,9 +6,11 @@ torch in turn, so load from other processes falls on both alike; medians after w
 The host allocator is left as it is; run with
   MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=0
 to see the ops without glibc's page-fault churn (it changes torch's times too).
-The last line is ONE JSON object: per op, engine ms, torch ms and their ratio.
+The last line is ONE JSON object: per op, engine ms, torch ms and their ratio; and under "passes"
+the element-wise ops' forward and backward alone, ms before and after issue #17's pass reduction
+(the versions before are kept below, in this file only, as the timing baseline), interleaved.
 
-Run: python benchmarks/ops.py [--repeats N]
+Run: python benchmarks/ops.py [--repeats N] [--skip-torch]
 """
 from __future__ import annotations
 
@@ -24,8 +26,11 @@ import numpy as np  # noqa: E402
 
 from spectral_peft.ops import (attention_backward, attention_forward, cross_entropy_backward,  # noqa: E402
                                cross_entropy_forward, dropout_backward, dropout_forward, embedding_backward,
-                               embedding_forward, gelu_backward, gelu_forward, layernorm_backward,
-                               layernorm_forward, softmax_backward, softmax_forward)
+                               embedding_forward, fanout_backward, gelu_backward, gelu_forward, layernorm_backward,
+                               layernorm_forward, residual_forward, rmsnorm_backward, rmsnorm_forward,
+                               softmax_backward, softmax_forward)
+from spectral_peft.ops.activation import GELU_C, GELU_K, sigmoid, swiglu_backward, swiglu_forward  # noqa: E402
+from spectral_peft.ops.norm import _col_sum, _row_dot_mean, _row_mean  # noqa: E402
 
 B, T, C, H, V = 8, 128, 256, 4, 512
 N, HD = B * T, C // H
@@ -106,12 +111,171 @@ def cases():
             "softmax": (softmax_ours, softmax_torch)}
 
 
+# --- the timing baseline: the versions before issue #17's pass reduction (not used by the engine) ---
+def _before_layernorm_backward(dy, cache, weight):
+    xhat, rstd = cache
+    dbias = _col_sum(dy)
+    t = dy * xhat
+    dweight = _col_sum(t)
+    g = dy * weight
+    mean_gx = _row_dot_mean(g, xhat)  # a row-wise einsum over g and x̂
+    g -= _row_mean(g)
+    np.multiply(xhat, mean_gx, out=t)
+    g -= t
+    g *= rstd
+    return g, dweight, dbias
+
+
+def _before_rmsnorm_backward(dy, cache, weight):
+    xhat, rstd = cache
+    t = dy * xhat
+    dweight = _col_sum(t)
+    g = dy * weight
+    mean_gx = _row_dot_mean(g, xhat)
+    np.multiply(xhat, mean_gx, out=t)
+    g -= t
+    g *= rstd
+    return g, dweight
+
+
+def _before_softmax_backward(dy, cache):
+    y, axis = cache
+    dx = dy * y
+    s = dx.sum(axis=axis, keepdims=True)
+    np.subtract(dy, s, out=dx)
+    dx *= y
+    return dx
+
+
+def _before_gelu_tanh_backward(dy, cache):
+    x, _ = cache
+    s = x * x
+    s *= GELU_C * GELU_K
+    s += GELU_K
+    s *= x
+    np.tanh(s, out=s)
+    s *= 0.5
+    s += 0.5
+    ds = x * x
+    ds *= 6.0 * GELU_C * GELU_K
+    ds += 2.0 * GELU_K
+    ds *= s
+    ds *= 1.0 - s
+    ds *= x
+    ds += s
+    ds *= dy
+    return ds
+
+
+def _before_swiglu_backward(dy, cache):
+    gate, up = cache
+    s = sigmoid(gate)
+    dup = gate * s
+    dup *= dy
+    ds = 1.0 - s
+    ds *= s
+    d = dy * up  # the (N, F) temporary the new version avoids
+    ds *= gate
+    ds += s
+    ds *= d
+    return ds, dup
+
+
+def _before_dropout_forward(x, p, rng, training):
+    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    scale = 1.0 / (1.0 - p)
+    y = x * scale
+    y *= keep
+    return y, (keep, scale)
+
+
+def pass_cases():
+    """op -> (forward before, forward after, backward before, backward after), each a thunk;
+    before is after where the op was not changed."""
+    rng = np.random.default_rng(1)
+    f32 = np.float32
+    x = rng.standard_normal((B, T, C)).astype(f32)
+    dy = rng.standard_normal((B, T, C)).astype(f32)
+    w, b = rng.standard_normal(C).astype(f32), rng.standard_normal(C).astype(f32)
+    h = rng.standard_normal((B, T, 4 * C)).astype(f32)
+    dh = rng.standard_normal((B, T, 4 * C)).astype(f32)
+    logits = rng.standard_normal((N, V)).astype(f32)
+    dlog = rng.standard_normal((N, V)).astype(f32)
+    targets = rng.integers(0, V, N)
+    _, ln_c = layernorm_forward(x, w, b, 1e-5)
+    _, rms_c = rmsnorm_forward(x, w, 1e-6)
+    _, gelu_c = gelu_forward(h, "tanh")
+    _, sm_c = softmax_forward(logits)
+    _, drop_c = dropout_forward(h, 0.1, np.random.default_rng(0), True)
+    _, swi_c = swiglu_forward(h, dh)
+
+    def ce_fwd():
+        return cross_entropy_forward(logits, targets)
+
+    def ce_bwd():  # the backward consumes its cache: a fresh forward's cache each time (timed apart below)
+        return cross_entropy_backward(1.0, CE_CACHE.pop())
+
+    def same(f):
+        return (f, f)
+
+    return {
+        "layernorm": (*same(lambda: layernorm_forward(x, w, b, 1e-5)),
+                      lambda: _before_layernorm_backward(dy, ln_c, w), lambda: layernorm_backward(dy, ln_c, w)),
+        "rmsnorm": (*same(lambda: rmsnorm_forward(x, w, 1e-6)),
+                    lambda: _before_rmsnorm_backward(dy, rms_c, w), lambda: rmsnorm_backward(dy, rms_c, w)),
+        "gelu_tanh": (*same(lambda: gelu_forward(h, "tanh")),
+                      lambda: _before_gelu_tanh_backward(dh, gelu_c), lambda: gelu_backward(dh, gelu_c)),
+        "swiglu": (*same(lambda: swiglu_forward(h, dh)),
+                   lambda: _before_swiglu_backward(dh, swi_c), lambda: swiglu_backward(dh, swi_c)),
+        "softmax": (*same(lambda: softmax_forward(logits)),
+                    lambda: _before_softmax_backward(dlog, sm_c), lambda: softmax_backward(dlog, sm_c)),
+        "dropout": (lambda: _before_dropout_forward(h, 0.1, np.random.default_rng(0), True),
+                    lambda: dropout_forward(h, 0.1, np.random.default_rng(0), True),
+                    *same(lambda: dropout_backward(dh, drop_c))),
+        "residual": (*same(lambda: residual_forward(x, dy)), *same(lambda: fanout_backward(x, dy))),
+        "cross_entropy": (*same(ce_fwd), *same(ce_bwd)),
+    }
+
+
+CE_CACHE: list = []
+
+
+def time_passes(repeats: int) -> dict:
+    """Medians (ms) of each op's forward and backward, before and after, interleaved per repeat."""
+    out = {}
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((N, V)).astype(np.float32)
+    targets = rng.integers(0, V, N)
+    print(f"\nelement-wise passes, float32, shapes of the benchmark model; median of {repeats} (ms)")
+    print(f"{'op':14s} {'fwd before':>10s} {'after':>8s} {'x':>5s}   {'bwd before':>10s} {'after':>8s} {'x':>5s}")
+    for name, fns in pass_cases().items():
+        times = [[] for _ in fns]
+        for rep in range(repeats + 2):
+            order = [0, 1, 2, 3] if rep % 2 else [1, 0, 3, 2]  # before/after alternate who runs first
+            for i in order:
+                f = fns[i]
+                if name == "cross_entropy" and i >= 2:
+                    CE_CACHE.append(cross_entropy_forward(logits, targets)[1])
+                t0 = time.perf_counter()
+                f()
+                if rep >= 2:
+                    times[i].append(time.perf_counter() - t0)
+        fb, fa, bb, ba = (1e3 * float(np.median(t)) for t in times)
+        changed = {"fwd": fns[0] is not fns[1], "bwd": fns[2] is not fns[3]}
+        print(f"{name:14s} {fb:10.3f} {fa:8.3f} {fb / fa:5.2f}   {bb:10.3f} {ba:8.3f} {bb / ba:5.2f}"
+              f"   {'' if any(changed.values()) else '(unchanged)'}")
+        out[name] = {"fwd_before_ms": round(fb, 4), "fwd_after_ms": round(fa, 4), "bwd_before_ms": round(bb, 4),
+                     "bwd_after_ms": round(ba, 4), "fwd_changed": changed["fwd"], "bwd_changed": changed["bwd"]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--skip-torch", action="store_true", help="only the before/after passes")
     args = parser.parse_args()
     result = {"benchmark": "ops", "shape": {"B": B, "T": T, "C": C, "H": H, "V": V}, "ops": {}}
-    for name, (ours, theirs) in cases().items():
+    for name, (ours, theirs) in ({} if args.skip_torch else cases()).items():
         for _ in range(3):
             ours(), theirs()
         t_ours, t_torch = [], []
@@ -126,6 +290,7 @@ def main() -> None:
         e, t = 1e3 * float(np.median(t_ours)), 1e3 * float(np.median(t_torch))
         print(f"{name:18s} engine {e:8.3f} ms   torch {t:8.3f} ms   ratio {e / t:5.2f}")
         result["ops"][name] = {"engine_ms": round(e, 4), "torch_ms": round(t, 4), "ratio": round(e / t, 3)}
+    result["passes"] = time_passes(max(args.repeats, 41))
     print(json.dumps(result))
 
 

@@ -1,15 +1,17 @@
 """RoSA benchmarks: SDDMM against the dense product, and a RoSA training step against LoRA's.
 
 Part 1. The gradient of the sparse values, dS = (dYᵀX) read on the support, at d_out = d_in = 1024,
-N = 1024 tokens, float32, densities 0.1% .. 10%, on two kinds of support:
+N = 1024 tokens, float32, densities 0.1% .. 30%, on two kinds of support:
   - gradient-chosen: top-k of mean(G²) over 4 batches, G = dYᵀX, with per-feature scales drawn
     log-normal (σ = 1) for X and dY, as activations and gradients of trained transformers have;
     such supports cluster in rows and columns (what RoSA actually trains);
   - uniformly random (no structure: the worst case for the planned SDDMM).
 Each density is timed for the dense product then the read on the support (the peer), the planned
-SDDMM (RosaLinear's default: never the dense product), 'auto' (the plan, or the dense product where
-the plan would not pay) and the canonical gather. The crossover is where the planned SDDMM's
-speedup falls through 1 (log-density interpolation).
+SDDMM (RosaLinear's default: dense, blocked or gathered, whichever its cost model says is cheapest;
+the chosen path is printed), the blocked and the gathered paths forced, and the canonical gather
+(at <= 1 %). The crossover is where a method's speedup falls through 1 (log-density interpolation);
+``min_speedup_over_densities`` is the planned SDDMM's smallest speedup over both kinds and every
+density (target >= 1: it never loses to the dense product).
 
 Part 2. The benchmark model of PERFORMANCE.md (GPT-2 shape, 4 layers, d_model 256, 4 heads, T 128,
 batch 8, vocab 512; targets c_attn, c_proj, c_fc; float32; AdamW lr 1e-3), one training step
@@ -77,9 +79,9 @@ def part1(repeats: int, densities) -> dict:
     d, N = 1024, 1024
     rng = np.random.default_rng(0)
     results = {}
-    print(f"SDDMM, d_out = d_in = {d}, N = {N}, float32, median of {repeats} (ms; speedup = dense / method)")
-    print(f"{'support':>9} {'density':>8} {'nnz':>7} {'dense':>7} {'planned':>8} {'x':>6} {'auto':>7} {'x':>6}"
-          f" {'gather':>7} {'x':>6} {'covered':>8}")
+    print(f"SDDMM, d_out = d_in = {d}, N = {N}, float32, median of {repeats} (ms; x = dense / method)")
+    print(f"{'support':>9} {'density':>8} {'nnz':>7} {'path':>8} {'dense':>7} {'planned':>8} {'x':>6} {'blocked':>8} {'x':>6}"
+          f" {'gather':>7} {'x':>6} {'canon':>7} {'x':>6} {'covered':>8}")
     for kind in ("gradient", "random"):
         rows = []
         for density in densities:
@@ -93,28 +95,29 @@ def part1(repeats: int, densities) -> dict:
             S = CSR.from_mask(mask, dtype=np.float32)
             x = (rng.standard_normal((N, d)) * sx).astype(np.float32)
             dy = (rng.standard_normal((N, d)) * sy).astype(np.float32)
-            plan = SddmmPlan(S)
-            auto_plan = SddmmPlan(S, dense_margin=0.8)  # 'auto': the dense product where the plan would not pay
+            plan = SddmmPlan(S)  # RosaLinear's default: the path chosen by the cost model
+            blocked, gathered = SddmmPlan(S, path="blocked"), SddmmPlan(S, path="gather")
             ref = sddmm_dense(dy, x, S)
             scale = float(np.abs(ref).max())
-            for name, got in (("planned", sddmm_planned(dy, x, S, plan)), ("auto", sddmm_planned(dy, x, S, auto_plan)),
-                              ("gather", sddmm(dy, x, S))):
+            for name, got in (("planned", sddmm_planned(dy, x, S, plan)), ("blocked", sddmm_planned(dy, x, S, blocked)),
+                              ("gather", sddmm_planned(dy, x, S, gathered)), ("canonical", sddmm(dy, x, S))):
                 err = float(np.abs(got - ref).max()) / scale
                 assert err < 1e-4, f"{name} differs from the dense product: rel err {err:.2e}"
             fns = {"dense": lambda: sddmm_dense(dy, x, S), "planned": lambda: sddmm_planned(dy, x, S, plan),
-                   "auto": lambda: sddmm_planned(dy, x, S, auto_plan)}
-            if density <= 0.03:  # the canonical gather is slow above a few percent: not timed there
-                fns["gather"] = lambda: sddmm(dy, x, S)
+                   "blocked": lambda: sddmm_planned(dy, x, S, blocked)}
+            if density <= 0.05:  # the forced gathers are slow above a few percent: not timed there
+                fns["gather"] = lambda: sddmm_planned(dy, x, S, gathered)
+            if density <= 0.01:
+                fns["canonical"] = lambda: sddmm(dy, x, S)
             ms = interleaved_ms(fns, repeats, key=(kind, density))
-            t_dense, t_plan, t_auto = ms["dense"], ms["planned"], ms["auto"]
-            t_gather = ms.get("gather", float("nan"))
-            row = dict(density=density, nnz=S.nnz, dense_ms=t_dense, planned_ms=t_plan, auto_ms=t_auto,
-                       gather_ms=t_gather, planned_x=t_dense / t_plan, auto_x=t_dense / t_auto,
-                       gather_x=t_dense / t_gather, covered=plan.covered, auto_uses_dense=auto_plan.use_dense)
+            t = {name: ms.get(name, float("nan")) for name in ("dense", "planned", "blocked", "gather", "canonical")}
+            row = dict(density=density, nnz=S.nnz, path=plan.path, covered=plan.covered,
+                       **{f"{name}_ms": v for name, v in t.items()},
+                       **{f"{name}_x": t["dense"] / v for name, v in t.items() if name != "dense"})
             rows.append(row)
-            print(f"{kind:>9} {100 * density:7.2f}% {S.nnz:7d} {t_dense:7.2f} {t_plan:8.2f} {row['planned_x']:6.2f}"
-                  f" {t_auto:7.2f} {row['auto_x']:6.2f} {t_gather:7.2f} {row['gather_x']:6.2f}"
-                  f" {100 * plan.covered:7.1f}%")
+            print(f"{kind:>9} {100 * density:7.2f}% {S.nnz:7d} {plan.path:>8} {t['dense']:7.2f} {t['planned']:8.2f}"
+                  f" {row['planned_x']:6.2f} {t['blocked']:8.2f} {row['blocked_x']:6.2f} {t['gather']:7.2f}"
+                  f" {row['gather_x']:6.2f} {t['canonical']:7.2f} {row['canonical_x']:6.2f} {100 * plan.covered:7.1f}%")
         results[kind] = rows
     return results
 
@@ -208,7 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="BLAS threads (default 2)")
     args = ap.parse_args(argv)
     repeats = 5 if args.quick else 15
-    densities = [0.001, 0.01, 0.1] if args.quick else [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
+    densities = [0.001, 0.01, 0.1, 0.3] if args.quick else [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3]
     p1 = part1(repeats, densities)
     p2 = {} if args.skip_model else part2(5 if args.quick else 15)
 
@@ -217,25 +220,39 @@ def main(argv=None) -> int:
         return round(rows[0][key], 3) if rows else None
 
     dens = [r["density"] for r in p1["gradient"]]
+    planned_x = [r["planned_x"] for kind in ("gradient", "random") for r in p1[kind]]
     result = {
         "benchmark": "rosa",
         "blas_threads": int(_THREADS),
         "sddmm_speedup_at_1pct": at("gradient", "planned_x"),
         "sddmm_speedup_at_1pct_random": at("random", "planned_x"),
+        "min_speedup_over_densities": round(min(planned_x), 3),
+        # the same from best-of-repeats times: where the plan takes the dense path too, planned and
+        # dense run the same BLAS call and their medians differ by the machine's noise alone
+        "min_speedup_over_densities_best_of": round(min(MINIMA[(kind, r["density"], "dense")]
+                                                        / MINIMA[(kind, r["density"], "planned")]
+                                                        for kind in ("gradient", "random") for r in p1[kind]), 3),
+        "planned_speedup_by_density": {kind: {str(r["density"]): round(r["planned_x"], 3) for r in p1[kind]}
+                                       for kind in ("gradient", "random")},
+        "planned_path_by_density": {kind: {str(r["density"]): r["path"] for r in p1[kind]}
+                                    for kind in ("gradient", "random")},
         "sddmm_gather_speedup_at_1pct_random": at("random", "gather_x"),
-        "sddmm_auto_speedup_at_1pct": at("gradient", "auto_x"),
+        "sddmm_blocked_speedup_at_1pct": at("gradient", "blocked_x"),
         "crossover_density": crossover(dens, [r["planned_x"] for r in p1["gradient"]]),
         "crossover_density_random": crossover(dens, [r["planned_x"] for r in p1["random"]]),
         "densities_tested": [min(dens), max(dens)],  # a null crossover: faster over the whole range
         "sddmm_speedup_at_1pct_best_of": (round(MINIMA[("gradient", 0.01, "dense")] / MINIMA[("gradient", 0.01, "planned")], 3)
                                           if ("gradient", 0.01, "planned") in MINIMA else None),
+        "sddmm_speedup_at_1pct_random_best_of": (round(MINIMA[("random", 0.01, "dense")] / MINIMA[("random", 0.01, "planned")], 3)
+                                                 if ("random", 0.01, "planned") in MINIMA else None),
         "dense_ms_at_1pct": at("gradient", "dense_ms"),
         "planned_ms_at_1pct": at("gradient", "planned_ms"),
         "rosa_ms": round(p2["rosa_ms"], 2) if p2 else None,
         "lora_ms": round(p2["lora_ms"], 2) if p2 else None,
         "ratio": round(p2["ratio"], 3) if p2 else None,
         "ratio_best_of": round(p2["ratio_best_of"], 3) if p2 else None,
-        "targets": {"sddmm_speedup_at_1pct": ">= 3", "ratio": "<= 1.25"},
+        "targets": {"sddmm_speedup_at_1pct": ">= 3", "sddmm_speedup_at_1pct_random": ">= 1.0",
+                    "min_speedup_over_densities": ">= 1.0", "ratio": "<= 1.25"},
     }
     print(json.dumps(result))
     return 0

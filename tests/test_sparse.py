@@ -9,7 +9,7 @@ import scipy.sparse
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from spectral_peft.backend import get_backend
+from spectral_peft.backend import blas_threads, get_backend
 from spectral_peft.sparse import (CSR, SddmmPlan, sddmm, sddmm_auto, sddmm_dense, sddmm_planned, sp_add, spmm,
                                   spmm_t)
 from spectral_peft.testing import assert_close
@@ -94,9 +94,20 @@ def test_sddmm_equals_masked_dense_product(d_out, d_in, N, density, seed):
     np.testing.assert_array_equal(x, x0)
 
 
+# every path of the planned SDDMM, forced: (path, rest_method); small costs so that tiny supports get blocks
+PATHS = [("dense", None), ("blocked", "transposed"), ("blocked", "chunked"), ("gather", "transposed"),
+         ("gather", "chunked"), ("auto", None)]
+
+
+def forced_plan(S, path, rest_method):
+    return SddmmPlan(S, path=path, rest_method=rest_method, gather_cost=8.0, chunk_gather_cost=8.0, block_cost=0.0,
+                     column_cost=0.0)
+
+
 @pytest.mark.parametrize("kind", ["clustered", "random", "dense"])
 def test_planned_sddmm_equals_canonical(device, kind):
-    """The fast SDDMM against the canonical one, on supports that exercise each of its paths."""
+    """The fast SDDMM's every path against the masked dense product, on supports that exercise
+    each of them (float64, rtol 1e-12: only the summation order differs)."""
     be = get_backend(device, "float64")
     rng = np.random.default_rng(3)
     shape, N = (64, 48), 40
@@ -110,26 +121,88 @@ def test_planned_sddmm_equals_canonical(device, kind):
     dy_h = rng.standard_normal((N, shape[0]))
     x_h = rng.standard_normal((N, shape[1]))
     dy, x = be.asarray(dy_h), be.asarray(x_h)
-    # a small gather cost, so that at this size the plan uses a row block, a column block and gathers
-    if kind == "clustered":
-        plan = SddmmPlan(S, gather_cost=8.0)
-        assert len(plan.blocks) == 2 and plan.rest.shape[0] > 0 and not plan.use_dense
-    elif kind == "random":
-        plan = SddmmPlan(S)
-        assert not plan.use_dense
-    else:
-        plan = SddmmPlan(S, dense_margin=0.8)  # the 'auto' choice: too dense, the dense product
-        assert plan.use_dense
-        default = SddmmPlan(S)  # the default plan never forms the dense product
-        assert not default.use_dense
-        for R, C, _, _ in default.blocks:  # None: the whole dimension
-            size = (shape[0] if R is None else len(R)) * (shape[1] if C is None else len(C))
-            assert size < shape[0] * shape[1] and (R is not None or C is not None)
-        assert_close(sddmm_planned(dy, x, S, default), masked_dense(dy_h, x_h, mask), "sddmm_planned[default]",
-                     rtol=1e-12)
     expected = masked_dense(dy_h, x_h, mask)
-    assert_close(sddmm_planned(dy, x, S, plan), expected, f"sddmm_planned[{kind}]", rtol=1e-12)
+    if kind == "clustered":  # a row block, a column block and gathers
+        plan = forced_plan(S, "blocked", None)
+        assert len(plan.blocks) == 2 and plan.rest.shape[0] > 0 and not plan.use_dense
+    for path, rest_method in PATHS:
+        plan = forced_plan(S, path, rest_method)
+        assert plan.path == path or path == "auto"
+        assert plan.use_dense == (plan.path == "dense")
+        if rest_method is not None and plan.rest.shape[0]:
+            assert plan.rest_method == rest_method
+        assert_close(sddmm_planned(dy, x, S, plan), expected, f"sddmm_planned[{kind}, {path}, {rest_method}]",
+                     rtol=1e-12)
+    never_dense = SddmmPlan(S, dense_margin=None)  # never forms the dense product
+    assert not never_dense.use_dense
+    for R, C, _, _ in never_dense.blocks:  # None: the whole dimension
+        size = (shape[0] if R is None else len(R)) * (shape[1] if C is None else len(C))
+        assert size < shape[0] * shape[1] and (R is not None or C is not None)
+    assert_close(sddmm_planned(dy, x, S, never_dense), expected, "sddmm_planned[never dense]", rtol=1e-12)
     assert_close(sddmm(dy, x, S), expected, f"sddmm[{kind}]", rtol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sddmm_plan_chooses_the_path_by_structure(threads):
+    """The default plan's choice at d = 256, under 1 and 2 BLAS threads: the dense product on a dense
+    or a uniformly random 10 % support, a gather on a random 0.1 % one, blocks on rows and columns
+    that hold all the entries."""
+    rng = np.random.default_rng(0)
+    shape = (256, 256)
+    with blas_threads(threads):
+        assert SddmmPlan(CSR.from_mask(random_mask(rng, shape, 0.5))).path == "dense"
+        assert SddmmPlan(CSR.from_mask(random_mask(rng, shape, 0.1))).path == "dense"
+        assert SddmmPlan(CSR.from_mask(random_mask(rng, shape, 0.001))).path == "gather"
+        m = np.zeros(shape, dtype=bool)
+        m[:20, :30] = True  # 600 entries of 65536 (0.9 %), in 20 rows × 30 columns
+        plan = SddmmPlan(CSR.from_mask(m))
+        assert plan.path == "blocked" and plan.covered == 1.0
+
+
+def test_dense_path_workspace_is_reused_safely():
+    """The dense path keeps its product's buffer between calls: a second call with other inputs
+    (and another dtype) gives that call's values, and the first result is not overwritten."""
+    rng = np.random.default_rng(5)
+    mask = random_mask(rng, (16, 12), 0.5)
+    S = CSR.from_mask(mask)
+    plan = SddmmPlan(S, path="dense")
+    dy1, x1, dy2, x2 = (rng.standard_normal(shape) for shape in ((7, 16), (7, 12), (9, 16), (9, 12)))
+    got1 = sddmm_planned(dy1, x1, S, plan)
+    got2 = sddmm_planned(dy2, x2, S, plan)
+    assert_close(got1, masked_dense(dy1, x1, mask), "first call", rtol=1e-12)
+    assert_close(got2, masked_dense(dy2, x2, mask), "second call", rtol=1e-12)
+    got3 = sddmm_planned(dy1.astype(np.float32), x1.astype(np.float32), S, plan)
+    assert got3.dtype == np.float32
+    assert_close(got3, masked_dense(dy1, x1, mask), "float32 call", rtol=1e-5)
+
+
+@given(d_out=st.integers(1, 12), d_in=st.integers(1, 12), N=st.integers(1, 9),
+       density=st.one_of(st.just(0.0), st.just(1.0), st.floats(0.0, 1.0)), seed=st.integers(0, 2**16),
+       rows_only=st.booleans())
+@example(d_out=5, d_in=4, N=3, density=0.0, seed=0, rows_only=False)
+@example(d_out=12, d_in=12, N=9, density=1.0, seed=0, rows_only=False)
+def test_every_sddmm_path_equals_masked_dense_on_any_support(d_out, d_in, N, density, seed, rows_only):
+    """Hypothesis on supports (random, or whole rows: clustered), every forced path, float64
+    (rtol 1e-12) and float32 (rtol 1e-5 of the largest |value|: the suite's float32 tolerance)."""
+    rng = np.random.default_rng(seed)
+    if rows_only:
+        mask = np.zeros((d_out, d_in), dtype=bool)
+        mask[rng.random(d_out) < density] = True
+    else:
+        mask = random_mask(rng, (d_out, d_in), density)
+    dy = rng.standard_normal((N, d_out))
+    x = rng.standard_normal((N, d_in))
+    expected = masked_dense(dy, x, mask)
+    for dtype, rtol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        S = CSR.from_mask(mask, dtype=dtype)
+        dyc, xc = dy.astype(dtype), x.astype(dtype)
+        for path, rest_method in PATHS:
+            got = sddmm_planned(dyc, xc, S, forced_plan(S, path, rest_method))
+            assert got.dtype == dtype and got.shape == (mask.sum(),)
+            assert_close(got, expected.astype(dtype), f"sddmm_planned[{path}, {rest_method}, {dtype.__name__}]",
+                         rtol=rtol, atol=rtol * max(1.0, float(np.abs(expected).max(initial=0.0))))
+        assert_close(sddmm_planned(dyc, xc, S), expected.astype(dtype), "sddmm_planned[default]", rtol=rtol,
+                     atol=rtol * max(1.0, float(np.abs(expected).max(initial=0.0))))
 
 
 @given(d_out=st.integers(1, 8), d_in=st.integers(1, 8), N=st.integers(1, 6),

@@ -8,6 +8,8 @@ the identity. The cache holds the boolean mask (1 byte per element) and the scal
 """
 from __future__ import annotations
 
+from ..backend import get_xp
+
 
 def dropout_forward(x, p: float, rng, training: bool):
     """y = x ⊙ m / (1 - p).  x (...) -> y (...); cache (mask (...) bool, 1/(1-p)), or None.
@@ -24,9 +26,11 @@ def dropout_forward(x, p: float, rng, training: bool):
         raise ValueError(f"dropout_forward: x must be a float array, got dtype {x.dtype}")
     if not training or p == 0:
         return x, None
-    keep = rng.random(x.shape, dtype=x.dtype) >= p  # (...) bool, True with probability 1 - p
+    u = rng.random(x.shape, dtype=x.dtype)  # (...) uniform in [0, 1)
+    keep = u >= p  # (...) bool, True with probability 1 - p
     scale = 1.0 / (1.0 - p)
-    y = x * scale
+    y = u  # the uniforms' buffer becomes y: no second (...) float array is allocated
+    get_xp(x).multiply(x, scale, out=y)
     y *= keep
     return y, (keep, scale)
 

@@ -26,6 +26,12 @@ def _row_dot_mean(a, b):
     return get_xp(a).einsum("...i,...i->...", a, b)[..., None] / a.shape[-1]
 
 
+def _row_mean_weighted(a, w):
+    """mean over the last axis of a ⊙ w for a weight vector w (C,): (..., C) -> (..., 1), as the
+    BLAS gemv (a @ w) / C (about 5x faster than a row-wise einsum of two (..., C) arrays)."""
+    return (a @ w)[..., None] / a.shape[-1]
+
+
 def _col_sum(a):
     """Σ over every leading axis, (..., C) -> (C,), as ones(N) @ a (BLAS gemv)."""
     a2 = a.reshape(-1, a.shape[-1])  # (N, C)
@@ -76,10 +82,11 @@ def layernorm_backward(dy, cache, weight):
     # y = x̂ w + b  =>  dw = Σ_N dy ⊙ x̂
     t = dy * xhat  # (..., C)
     dweight = _col_sum(t)
+    # mean(g ⊙ x̂) = mean((dy ⊙ x̂) ⊙ w) = (t @ w) / C: a BLAS gemv on t, no pass over g and x̂
+    mean_gx = _row_mean_weighted(t, weight)  # (..., 1)
     # y = x̂ w  =>  dx̂ = g = dy ⊙ w
     g = dy * weight  # (..., C), becomes dx in place
     # x̂ = (x - μ) r  =>  dx = r (g - mean(g) - x̂ mean(g ⊙ x̂))
-    mean_gx = _row_dot_mean(g, xhat)  # (..., 1)
     g -= _row_mean(g)
     xp.multiply(xhat, mean_gx, out=t)  # reuse the buffer
     g -= t
@@ -112,10 +119,11 @@ def rmsnorm_backward(dy, cache, weight):
     t = dy * xhat  # (..., C)
     # y = x̂ w  =>  dw = Σ_N dy ⊙ x̂
     dweight = _col_sum(t)
+    # mean(g ⊙ x̂) = (t @ w) / C, a gemv (see layernorm_backward)
+    mean_gx = _row_mean_weighted(t, weight)  # (..., 1)
     # y = x̂ w  =>  dx̂ = g = dy ⊙ w
     g = dy * weight
     # x̂ = x r, r = (mean(x²) + eps)^(-1/2)  =>  dx = r (g - x̂ mean(g ⊙ x̂))
-    mean_gx = _row_dot_mean(g, xhat)  # (..., 1)
     xp.multiply(xhat, mean_gx, out=t)  # reuse the buffer
     g -= t
     g *= rstd

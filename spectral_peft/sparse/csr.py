@@ -54,7 +54,6 @@ class CSR:
         # rows by nnz descending, ties by row index (a stable sort of -counts)
         self.row_idx = to_xp(np.argsort(-counts, kind="stable").astype(np.int32), xp)
         self._plan = None  # the SDDMM plans, built on first use (see kernels.SddmmPlan)
-        self._auto_plan = None
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod

@@ -60,8 +60,9 @@ class RosaConfig(AdapterConfig):
     loader), so ``fan_in_fan_out`` is recorded for the file only; parameters use the model's
     dtype, so ``rosa_dtype`` is recorded for the file only; ``spa_store_transpose`` (a GPU-kernel
     cache in peft-rosa) is likewise kept for the file. ``sddmm_impl`` is the engine's choice of
-    SDDMM ('planned', the default, never the dense product; 'auto'; 'gather'; 'dense'; all give
-    the same values).
+    SDDMM ('planned', the default: dense, blocked or gathered per support by a measured cost model,
+    so never slower than the dense product; 'auto', the same; 'gather'; 'dense'; all give the same
+    values).
     """
 
     peft_type: ClassVar[str] = "ROSA"

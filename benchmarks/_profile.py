@@ -19,10 +19,8 @@ Linear 2·N·d_in·d_out per product (backward: dX, plus dW when W is trainable)
 LM head 2·N·C·V forward, backward dh plus dE when the embedding is trainable.
 
 Use:
-    prof = StepProfile()
-    with prof.attach(model, optimizer):
-        for _ in range(steps): engine_step(model, optimizer, ids)
-    print(prof.table(steps))
+    text, rows = profile_steps(model, optimizer, lambda: engine_step(model, optimizer, ids), steps)
+    print(text)          # medians over the steps of each kind's ms; GFLOP/s from the summed FLOPs
 """
 from __future__ import annotations
 
@@ -195,11 +193,22 @@ class StepProfile:
 
 
 def profile_steps(model, optimizer, step_fn, steps: int, warmup: int = 1, title: str = "") -> tuple[str, list]:
-    """(table text, rows) of ``steps`` calls of ``step_fn()`` after ``warmup`` unprofiled ones."""
+    """(table text, rows) of ``steps`` calls of ``step_fn()`` after ``warmup`` unprofiled ones: each
+    (kind, phase) figure is the MEDIAN over the steps (a burst of load from another process on a
+    shared machine spoils one step, not the table)."""
+    import numpy as np  # noqa: PLC0415
+
     for _ in range(warmup):
         step_fn()
     prof = StepProfile()
+    per_step = []
     with prof.attach(model, optimizer):
         for _ in range(steps):
+            prof.seconds.clear()
             step_fn()
+            per_step.append(dict(prof.seconds))
+    keys = {k for d in per_step for k in d}
+    prof.seconds.clear()
+    for k in keys:  # median per step, scaled back to a sum over ``steps`` as rows()/table() expect
+        prof.seconds[k] = steps * float(np.median([d.get(k, 0.0) for d in per_step]))
     return prof.table(steps, title), prof.rows(steps)

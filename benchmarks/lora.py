@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                    "(head width 64)")
     p.add_argument("--sweep-repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="print the per-op-kind breakdown of both steps")
-    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--profile-steps", type=int, default=7)
     args = p.parse_args(argv)
     import torch  # noqa: PLC0415
 

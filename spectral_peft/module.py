@@ -217,7 +217,8 @@ class Linear(Module):
     (d_out,) or absent.
 
     The forward caches x only when W is trainable: dX = dY W needs W alone, so a frozen linear
-    (the base of every adapter) keeps no activations of its own and skips the dW product.
+    (the base of every adapter) keeps no activations of its own, skips the dW product, and (its
+    bias frozen too) the bias sum over dY.
     """
 
     def __init__(self, weight, bias=None):
@@ -260,10 +261,11 @@ class Linear(Module):
         return y
 
     def backward(self, dy):
-        dx, dW, db = linear_backward(dy, self.cache, self.effective_weight(), need_dW="weight" not in self.frozen)
+        dx, dW, db = linear_backward(dy, self.cache, self.effective_weight(), need_dW="weight" not in self.frozen,
+                                     need_db="bias" not in self.frozen)
         if dW is not None:
             self.accumulate("weight", dW)
-        if db is not None and "bias" not in self.frozen:
+        if db is not None:
             self.accumulate("bias", db)
         self.cache = None
         return dx

@@ -338,10 +338,11 @@ class LoraLinear(AdapterLayer):
         if self.merged:
             return self.base_layer.forward(x)
         p = self.params
-        y = self.base_layer.forward(x)  # (..., d_in) -> (..., d_out)
+        y = self.base_layer.forward(x)  # (..., d_in) -> (..., d_out), a fresh array
         xd, dcache = dropout_forward(x, self.lora_dropout, self.dropout_rng, self.training)
-        yb, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=A_KEY not in self.frozen)
-        y += yb  # y = base(x) + s · (drop(x) Aᵀ) Bᵀ
+        # y = base(x) + s · (drop(x) Aᵀ) Bᵀ: the branch is accumulated into the base's output (no temporary);
+        # its cache shares x (no copy) and keeps it only while A is trainable
+        y, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=A_KEY not in self.frozen, out=y)
         self.cache = (lcache, dcache)
         return y
 
@@ -350,14 +351,18 @@ class LoraLinear(AdapterLayer):
             return self.base_layer.backward(dy)
         lcache, dcache = self.cache
         p = self.params
+        dx = self.base_layer.backward(dy)  # y = base(x)  =>  dx = base'(dy), a fresh array
+        # branch input = drop(x)  =>  dx += drop'(dx_branch); without dropout the branch's dx_branch = dxa A
+        # is accumulated into dx by one in-place gemm
         dx_b, dA, dB = lowrank_backward(dy, lcache, p[A_KEY], p[B_KEY], self.scaling,
-                                        need_dA=A_KEY not in self.frozen, need_dB=B_KEY not in self.frozen)
+                                        need_dA=A_KEY not in self.frozen, need_dB=B_KEY not in self.frozen,
+                                        dx_out=dx if dcache is None else None)
+        if dcache is not None:
+            dx += dropout_backward(dx_b, dcache)
         if dA is not None:
             self.accumulate(A_KEY, dA)
         if dB is not None:
             self.accumulate(B_KEY, dB)
-        dx = self.base_layer.backward(dy)  # y = base(x)  =>  dx = base'(dy)
-        dx += dropout_backward(dx_b, dcache)  # branch input = drop(x)  =>  dx += drop'(dx_branch)
         self.cache = None
         return dx
 

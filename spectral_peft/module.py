@@ -261,9 +261,14 @@ class Linear(Module):
         return y
 
     def backward(self, dy):
-        dx, dW, db = linear_backward(dy, self.cache, self.effective_weight(), need_dW="weight" not in self.frozen,
-                                     need_db="bias" not in self.frozen)
-        if dW is not None:
+        need_dW = "weight" not in self.frozen
+        g = self.grads.get("weight") if need_dW else None
+        if g is not None and (g.shape != self.params["weight"].shape or g.dtype != self.params["weight"].dtype):
+            g = None
+        # grads["weight"] += dYᵀ x is taken by one in-place gemm once the accumulator exists
+        dx, dW, db = linear_backward(dy, self.cache, self.effective_weight(), need_dW=need_dW,
+                                     need_db="bias" not in self.frozen, dW_out=g)
+        if dW is not None and g is None:
             self.accumulate("weight", dW)
         if db is not None:
             self.accumulate("bias", db)

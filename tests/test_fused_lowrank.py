@@ -132,3 +132,20 @@ def test_lora_linear_equals_the_equations(dtype, freeze_a):
     else:
         assert_close(layer.grads[A_KEY], s * (n @ B64).T @ x64.reshape(-1, d_in), "dA", RTOL[dtype])
     assert layer.base_layer.grads == {}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trainable_linear_accumulates_dW_in_place(dtype):
+    rng = np.random.default_rng(6)
+    W, b = _rand(rng, (6, 5), dtype), _rand(rng, (6,), dtype)
+    lin = Linear(W, b)
+    x, dy = _rand(rng, (4, 5), dtype), _rand(rng, (4, 6), dtype)
+    lin.forward(x)
+    lin.backward(dy)  # first backward: the accumulator is allocated from dW
+    first = lin.grads["weight"]
+    assert_close(first, dy.astype(np.float64).T @ x, "dW", RTOL[dtype])
+    lin.forward(x)
+    lin.backward(dy)  # second: added into the same array
+    assert lin.grads["weight"] is first
+    assert_close(first, 2 * (dy.astype(np.float64).T @ x), "2 dW", RTOL[dtype])
+    assert_close(lin.grads["bias"], 2 * dy.astype(np.float64).sum(axis=0), "2 db", RTOL[dtype])

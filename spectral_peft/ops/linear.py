@@ -107,11 +107,13 @@ def linear_forward(x, W, b=None, keep_x: bool = True):
     return y, (x if keep_x else None, b is not None)
 
 
-def linear_backward(dy, cache, W, need_dW: bool = True, need_dx: bool = True, need_db: bool = True):
+def linear_backward(dy, cache, W, need_dW: bool = True, need_dx: bool = True, need_db: bool = True,
+                    dW_out=None):
     """Gradients of y = x Wᵀ + b: returns (dx, dW, db); each is None when not asked for/no bias.
 
     A frozen layer asks for dx alone (need_dW=False, need_db=False): one GEMM, no pass over dY for
-    the bias sum."""
+    the bias sum. With ``dW_out`` (d_out, d_in) (the gradient accumulator), dW is added into it by
+    one in-place gemm (matmul_add) and ``dW_out`` is returned as dW."""
     x, has_bias = cache
     d_out = dy.shape[-1]
     dy2 = dy.reshape(-1, d_out)  # (N, d_out)
@@ -120,7 +122,8 @@ def linear_backward(dy, cache, W, need_dW: bool = True, need_dx: bool = True, ne
         if x is None:
             raise RuntimeError("linear_backward: dW was asked for but the forward did not keep x")
         # y = x Wᵀ  =>  dW = dYᵀ x     (d_out, N) @ (N, d_in) -> (d_out, d_in)
-        dW = dy2.T @ x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dW = dy2.T @ x2 if dW_out is None else matmul_add(dW_out, dy2.T, x2)
     if has_bias and need_db:
         # y = ... + b  =>  db = Σ_N dY
         db = dy2.sum(axis=0)

@@ -26,6 +26,12 @@ lora_forward_over_full, lorafa_activation_ratio (LoRA-FA/LoRA, whole model), the
 ratio, bytes, losses, and ``widths`` (the same step figures at each d_model of ``--widths``).
 
 --profile prints a per-op-kind breakdown (benchmarks/_profile.py) of the LoRA and the full step.
+--fusion times, on the step's adapted shapes (N = B·T tokens, r 8), the ways of adding the branch to
+the frozen base (forward y = x Wᵀ + s·(x Aᵀ) Bᵀ, backward dX = dY W + (s·dY B) A), interleaved medians:
+"base" (the frozen product alone, the floor), "separate" (the branch as its own arrays, added),
+"accumulate" (the engine's path: the branch gemm'd into the base output, ops.linear.matmul_add),
+"stacked" (forward: one GEMM on the cached [W; A], then the B product accumulated into the strided
+y; backward: one GEMM of [dY, s·dY B] on [W; A]).
 
 Run: python benchmarks/lora.py [--repeats N] [--widths 256,512,1024] [--profile]
 """
@@ -133,6 +139,64 @@ def measure(C: int, H: int, ids, repeats: int, warmup: int = 2) -> dict:
             "min_ms": {k: round(v, 2) for k, v in mins.items()}}
 
 
+def fusion(widths, repeats: int) -> list[dict]:
+    """The --fusion table (module docstring): ms per variant per adapted shape, medians."""
+    from spectral_peft.ops.linear import matmul_add  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    N, s, out = B * T, ALPHA / R, []
+    print(f"fusion of the r={R} branch with the frozen base, N={N}, float32, {THREADS} threads, "
+          f"ms (median of {repeats}; min in brackets)")
+    for c in widths:
+        for d_in, d_out in ((c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)):
+            x = rng.standard_normal((N, d_in), dtype=np.float32)
+            dy = rng.standard_normal((N, d_out), dtype=np.float32)
+            W = rng.standard_normal((d_out, d_in), dtype=np.float32)
+            A = rng.standard_normal((R, d_in), dtype=np.float32)
+            Bm = rng.standard_normal((d_out, R), dtype=np.float32)
+            WA = np.concatenate([W, A])  # the cached stacked weight (d_out + r, d_in)
+
+            def separate_f():
+                y = x @ W.T
+                yb = (x @ A.T) @ Bm.T
+                yb *= s
+                y += yb
+
+            def accumulate_f():
+                matmul_add(x @ W.T, x @ A.T, Bm.T, s)
+
+            def stacked_f():
+                yc = x @ WA.T  # (N, d_out + r): [x Wᵀ | x Aᵀ]
+                matmul_add(yc[:, :d_out], yc[:, d_out:], Bm.T, s)
+
+            def separate_b():
+                dxa = dy @ Bm
+                dxa *= s
+                dx = dy @ W
+                dx += dxa @ A
+
+            def accumulate_b():
+                dxa = dy @ Bm
+                dxa *= s
+                matmul_add(dy @ W, dxa, A)
+
+            def stacked_b():
+                cat = np.empty((N, d_out + R), np.float32)
+                cat[:, :d_out] = dy
+                np.matmul(dy, Bm, out=cat[:, d_out:])
+                cat[:, d_out:] *= s
+                cat @ WA
+
+            fns = {"fwd base": lambda: x @ W.T, "fwd separate": separate_f, "fwd accumulate": accumulate_f,
+                   "fwd stacked": stacked_f, "bwd base": lambda: dy @ W, "bwd separate": separate_b,
+                   "bwd accumulate": accumulate_b, "bwd stacked": stacked_b}
+            ms, mins = interleaved_ms(fns, repeats, warmup=2)
+            row = {"d_in": d_in, "d_out": d_out, **{k.replace(" ", "_"): round(v, 3) for k, v in ms.items()}}
+            out.append(row)
+            print(f"  {d_in:>5}->{d_out:<5} " + "  ".join(f"{k} {v:.3f} ({mins[k]:.3f})" for k, v in ms.items()))
+    return out
+
+
 def profile(ids, steps: int) -> dict:
     """Print the per-op-kind breakdown of the LoRA and the full fine-tuning step; return the rows."""
     pm, opt, _, _ = make_pair()
@@ -140,7 +204,7 @@ def profile(ids, steps: int) -> dict:
     out = {}
     for name, model, o in (("lora", pm, opt), ("full", full, fopt)):
         text, rows = profile_steps(model, o, lambda m=model, o=o: engine_step(m, o, ids), steps, warmup=2,
-                                   title=f"profile: {name} step, d_model {C}, mean of {steps} steps")
+                                   title=f"profile: {name} step, d_model {C}, median of {steps} steps")
         print(text)
         out[name] = rows
     return out
@@ -155,7 +219,12 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="print the per-op-kind breakdown of both steps")
     p.add_argument("--profile-steps", type=int, default=7)
+    p.add_argument("--fusion", action="store_true", help="time the ways of adding the branch to the base, then stop")
     args = p.parse_args(argv)
+    if args.fusion:
+        ws = [int(v) for v in args.widths.split(",") if v.strip()] or [C]
+        print(json.dumps({"benchmark": "lora_fusion", "threads": THREADS, "rows": fusion(ws, args.repeats)}))
+        return 0
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(THREADS)

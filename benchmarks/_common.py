@@ -3,12 +3,22 @@
 Timing: each repeat times every contender once, in turn, so that load from other processes on a shared
 machine falls on all of them alike; the reported figure is the median over repeats. The minima
 come back too: on a contended machine the minimum estimates the uncontended cost.
+
+Allocator: importing this module calls spectral_peft.allocator.keep_freed_memory() (glibc keeps
+freed activation memory for the next step instead of page-faulting fresh pages), unless the
+environment sets SPECTRAL_PEFT_SYSTEM_MALLOC=1; ``KEEP_FREED_MEMORY`` says which ran, and the
+benchmarks write it into their JSON line.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
+
+from spectral_peft.allocator import keep_freed_memory
+
+KEEP_FREED_MEMORY = os.environ.get("SPECTRAL_PEFT_SYSTEM_MALLOC") != "1" and keep_freed_memory()
 
 
 def interleaved_ms(fns: dict, repeats: int, warmup: int = 1) -> tuple[dict, dict]:

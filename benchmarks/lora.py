@@ -47,6 +47,7 @@ from _threads import THREADS  # noqa: E402,F401  (benchmarks/_threads.py: before
 
 import numpy as np  # noqa: E402
 from _common import KEEP_FREED_MEMORY, engine_step, interleaved_ms, optimizers, torch_step  # noqa: E402  (benchmarks/_common.py)
+import _common  # noqa: E402
 from _profile import profile_steps  # noqa: E402  (benchmarks/_profile.py)
 
 from spectral_peft.adapters.lora import LoraConfig  # noqa: E402
@@ -219,8 +220,12 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="print the per-op-kind breakdown of both steps")
     p.add_argument("--profile-steps", type=int, default=7)
+    p.add_argument("--cpu-time", action="store_true", help="time with process CPU time, not the wall clock "
+                   "(a loaded machine; use with --threads 1), see _common.set_cpu_clock")
     p.add_argument("--fusion", action="store_true", help="time the ways of adding the branch to the base, then stop")
     args = p.parse_args(argv)
+    if args.cpu_time:
+        _common.set_cpu_clock()
     if args.fusion:
         ws = [int(v) for v in args.widths.split(",") if v.strip()] or [C]
         print(json.dumps({"benchmark": "lora_fusion", "threads": THREADS, "rows": fusion(ws, args.repeats)}))
@@ -265,7 +270,7 @@ def main(argv=None) -> int:
         "lorafa_adapter_activation_ratio": round(fa_adapter / lora_adapter, 4),
         "lora_activation_bytes": lora_total, "lorafa_activation_bytes": fa_total,
         "loss_engine": m["loss_engine"], "loss_peft": m["loss_peft"], "repeats": args.repeats, "threads": THREADS,
-        "keep_freed_memory": KEEP_FREED_MEMORY, "widths": [{k: v for k, v in w.items() if k != "min_ms"} for w in widths],
+        "keep_freed_memory": KEEP_FREED_MEMORY, "clock": "cpu" if args.cpu_time else "wall", "widths": [{k: v for k, v in w.items() if k != "min_ms"} for w in widths],
     }
     if prof is not None:
         record["profile"] = prof

@@ -234,8 +234,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(THREADS)
     ids = np.random.default_rng(1).integers(0, V, (B, T))
+    m = measure(C, H, ids, args.repeats)  # fresh models: the first losses are compared on the same weights
     prof = profile(ids, args.profile_steps) if args.profile else None
-    m = measure(C, H, ids, args.repeats)
     engine_ms, peft_ms, ratio = m["engine_ms"], m["peft_ms"], m["ratio"]
     print(f"LoRA r={R} alpha={ALPHA} on {TARGETS}, GPT-2 L={L} C={C} H={H} T={T} B={B} V={V}, float32, "
           f"{THREADS} threads, {args.repeats} repeats")

@@ -105,12 +105,12 @@ def main(argv=None) -> int:
     ids = np.random.default_rng(1).integers(0, V, (B, T))
 
     model, opt, tm, topt = make_pair(256, 4)
+    ms, _, loss_e, loss_t = time_pair(model, opt, tm, topt, ids, args.repeats)  # first: same weights, same loss
     prof = None
     if args.profile:
-        text, prof = profile_steps(model, opt, lambda: engine_step(model, opt, ids), args.profile_steps, warmup=2,
+        text, prof = profile_steps(model, opt, lambda: engine_step(model, opt, ids), args.profile_steps, warmup=1,
                                    title=f"profile: full fine-tuning step, d_model 256, median of {args.profile_steps} steps")
         print(text)
-    ms, _, loss_e, loss_t = time_pair(model, opt, tm, topt, ids, args.repeats)
     engine_ms, torch_ms = ms["engine"], ms["torch"]
     rate = gemm_rate(256, args.repeats)
     flops = model_flops(256)

@@ -149,3 +149,70 @@ def test_trainable_linear_accumulates_dW_in_place(dtype):
     assert lin.grads["weight"] is first
     assert_close(first, 2 * (dy.astype(np.float64).T @ x), "2 dW", RTOL[dtype])
     assert_close(lin.grads["bias"], 2 * dy.astype(np.float64).sum(axis=0), "2 db", RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stacked_forward_equals_base_plus_branch(dtype):
+    from spectral_peft.ops.linear import linear_forward
+    from spectral_peft.ops.lowrank import stacked_lowrank_forward
+
+    rng = np.random.default_rng(7)
+    d_in, d_out, r, s = 11, 8, 3, 0.75
+    x = _rand(rng, (2, 6, d_in), dtype)
+    W, b, A, B = (_rand(rng, sh, dtype) for sh in ((d_out, d_in), (d_out,), (r, d_in), (d_out, r)))
+    y0, _ = linear_forward(x, W, b, keep_x=False)
+    yb, (_, xa) = lowrank_forward(x, A, B, s)
+    y, (xc, xa_s) = stacked_lowrank_forward(x, np.concatenate([W, A]), b, B, s)
+    assert xc is x
+    assert_close(y, y0.astype(np.float64) + yb, "stacked y", RTOL[dtype])
+    assert_close(xa_s, xa, "x Aᵀ from the stacked GEMM", RTOL[dtype])
+
+
+def test_lora_stacked_path_sees_updates_of_A_and_W():
+    rng = np.random.default_rng(8)
+    d_in, d_out, r = 10, 7, 2
+    W, bias = rng.standard_normal((d_out, d_in)), rng.standard_normal(d_out)
+    layer = LoraLinear(Linear(W.copy(), bias), r=r, lora_alpha=4.0, init_lora_weights=False, rng=np.random.default_rng(1))
+    layer.base_layer.freeze()
+    x = rng.standard_normal((5, d_in))
+
+    def expected():
+        Wn, A, B = layer.base_layer.params["weight"], layer.params[A_KEY], layer.params[B_KEY]
+        return x @ Wn.T + bias + layer.scaling * (x @ A.T) @ B.T
+
+    assert_close(layer.forward(x), expected(), "first", RTOL["float64"])
+    assert layer.cache[2]  # the stacked path ran
+    layer.params[A_KEY] -= 0.1  # an optimizer step, in place
+    layer.base_layer.params["weight"] += 0.01  # Delta-LoRA's in-place update of W
+    assert_close(layer.forward(x), expected(), "after in-place updates", RTOL["float64"])
+    layer.base_layer.params["weight"] = rng.standard_normal((d_out, d_in))  # W replaced (a load)
+    layer.params[A_KEY] = rng.standard_normal((r, d_in))
+    assert_close(layer.forward(x), expected(), "after replacement", RTOL["float64"])
+    layer.merge()
+    merged = layer.forward(x)
+    layer.unmerge()
+    assert_close(merged, expected(), "merged", RTOL["float64"])
+    assert_close(layer.forward(x), expected(), "unmerged", RTOL["float64"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_stacked_path_equals_the_unstacked_one(dtype):
+    """The same layer computed with the stacked forward and with the base + accumulate path (forced by
+    giving the base a trainable bias, which the stacked path refuses), same dy."""
+    rng = np.random.default_rng(9)
+    d_in, d_out, r = 12, 10, 4
+    W, bias = _rand(rng, (d_out, d_in), dtype), _rand(rng, (d_out,), dtype)
+    x, dy = _rand(rng, (3, d_in), dtype), _rand(rng, (3, d_out), dtype)
+    out = {}
+    for stacked in (True, False):
+        layer = LoraLinear(Linear(W.copy(), bias.copy()), r=r, lora_alpha=8.0, init_lora_weights=False,
+                           rng=np.random.default_rng(2))
+        layer.base_layer.freeze("weight")
+        if stacked:
+            layer.base_layer.freeze("bias")
+        y = layer.forward(x)
+        assert layer.cache[2] is stacked
+        dx = layer.backward(dy)
+        out[stacked] = (y, dx, layer.grads[A_KEY], layer.grads[B_KEY])
+    for name, a, b in zip(("y", "dx", "dA", "dB"), out[True], out[False]):
+        assert_close(a, b.astype(np.float64), name, RTOL[dtype])

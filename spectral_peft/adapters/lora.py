@@ -36,8 +36,7 @@ from .. import validation as V
 from ..backend import to_host
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
-from ..ops.linear import fast_gemm_available, linear_backward
-from ..ops.lowrank import lowrank_backward, lowrank_forward, stacked_lowrank_forward
+from ..ops.lowrank import lowrank_backward, lowrank_forward
 from .base import AdapterConfig, AdapterLayer, Recipe, adapter_layers, pattern_value
 from .lora_init import check_loftq_config, residual_init, residual_kind
 
@@ -334,61 +333,25 @@ class LoraLinear(AdapterLayer):
         if x.shape[-1] != self.d_in:
             raise ValueError(f"{type(self).__name__} expects inputs (..., {self.d_in}), got {x.shape}")
 
-    # --- the stacked [W; A] forward ---------------------------------------------------------------
-    def _can_stack(self, x, dcache) -> bool:
-        """The stacked forward applies to a dense, wholly frozen base on NumPy without branch dropout
-        (the branch input is then x itself), where matmul_add takes its one-gemm path."""
-        base = self.base_layer
-        return (dcache is None and type(base) is Linear and "weight" in base.frozen
-                and ("bias" not in base.params or "bias" in base.frozen)
-                and isinstance(x, np.ndarray) and isinstance(base.params["weight"], np.ndarray)
-                and x.dtype == base.params["weight"].dtype and fast_gemm_available(x.dtype))
-
-    def stacked_weight(self):
-        """WA = [W; A] (d_out + r, d_in), cached. The base's weight IS its first d_out rows (the base's
-        params["weight"] is replaced, once, by that contiguous view), so in-place changes of W (merge,
-        Delta-LoRA's update) are seen without a copy; the buffer is rebuilt when the base's weight array
-        is replaced. A's r rows are copied in on every call (A changes after each optimizer step)."""
-        base = self.base_layer
-        W, A = base.params["weight"], self.params[A_KEY]
-        st = getattr(self, "_stacked", None)
-        if st is None or W is not st[1] or W.base is not st[0] or st[0].shape[0] != W.shape[0] + A.shape[0]:
-            buf = np.empty((W.shape[0] + A.shape[0], W.shape[1]), dtype=W.dtype)
-            buf[:W.shape[0]] = W
-            base.params["weight"] = buf[:W.shape[0]]  # (d_out, d_in), C-contiguous: the same values
-            st = self._stacked = (buf, base.params["weight"])
-        st[0][W.shape[0]:] = A
-        return st[0]
-
     def forward(self, x):
         self._check_input(x)
         if self.merged:
             return self.base_layer.forward(x)
         p = self.params
-        xd, dcache = dropout_forward(x, self.lora_dropout, self.dropout_rng, self.training)
-        if self._can_stack(x, dcache):
-            # y = x Wᵀ + b + s · (x Aᵀ) Bᵀ, base and x Aᵀ in one GEMM on [W; A]; the base keeps no cache
-            y, lcache = stacked_lowrank_forward(x, self.stacked_weight(), self.base_layer.params.get("bias"),
-                                                p[B_KEY], self.scaling, keep_x=A_KEY not in self.frozen)
-            self.cache = (lcache, None, True)
-            return y
         y = self.base_layer.forward(x)  # (..., d_in) -> (..., d_out), a fresh array
+        xd, dcache = dropout_forward(x, self.lora_dropout, self.dropout_rng, self.training)
         # y = base(x) + s · (drop(x) Aᵀ) Bᵀ: the branch is accumulated into the base's output (no temporary);
         # its cache shares x (no copy) and keeps it only while A is trainable
         y, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=A_KEY not in self.frozen, out=y)
-        self.cache = (lcache, dcache, False)
+        self.cache = (lcache, dcache)
         return y
 
     def backward(self, dy):
         if self.merged:
             return self.base_layer.backward(dy)
-        lcache, dcache, stacked = self.cache
+        lcache, dcache = self.cache
         p = self.params
-        if stacked:  # y = x Wᵀ + b (frozen)  =>  dx = dY W, the base's own backward op (its cache is empty)
-            dx, _, _ = linear_backward(dy, (None, False), self.base_layer.effective_weight(), need_dW=False,
-                                       need_db=False)
-        else:
-            dx = self.base_layer.backward(dy)  # y = base(x)  =>  dx = base'(dy), a fresh array
+        dx = self.base_layer.backward(dy)  # y = base(x)  =>  dx = base'(dy), a fresh array
         # branch input = drop(x)  =>  dx += drop'(dx_branch); without dropout the branch's dx_branch = dxa A
         # is accumulated into dx by one in-place gemm
         dx_b, dA, dB = lowrank_backward(dy, lcache, p[A_KEY], p[B_KEY], self.scaling,

@@ -48,11 +48,6 @@ def _cblas_gemm(dtype):
     return _CBLAS[char]
 
 
-def fast_gemm_available(dtype) -> bool:
-    """Whether :func:`matmul_add` takes its one-gemm path for NumPy arrays of ``dtype``."""
-    return _cblas_gemm(dtype) is not None
-
-
 def _row_major_operand(m):
     """(array, CBLAS transpose flag, leading dimension) of a 2-D NumPy matrix for a row-major gemm,
     without a copy when its rows or its columns are contiguous."""

@@ -6,14 +6,12 @@ instead of forming the (d_out, d_in) matrix.
 
 Fused with the base: given ``out`` (the base's output y₀ = x Wᵀ, forward) or ``dx_out`` (the base's
 dX₀ = dY W, backward), the branch is ADDED into it by one in-place gemm (ops.linear.matmul_add):
-y = y₀ + s · xa Bᵀ and dX = dX₀ + dxa A, with no (N, d_out) or (N, d_in) temporary.
-
-Stacked forward (:func:`stacked_lowrank_forward`): with the weights stacked as WA = [W; A]
-(d_out + r, d_in), x WAᵀ = [x Wᵀ | x Aᵀ] is ONE GEMM, then y = that's first d_out columns (a view,
-rows strided by d_out + r) + b + s · xa Bᵀ accumulated in place. Timed on the step's shapes
-(benchmarks/lora.py --fusion, docs/performance.md) it beats the separate x Aᵀ product in the
-forward on every shape; in the backward the stacked product [dY, s·dY B] WA needs a copy of dY
-and lost on 2 of 3 shapes, so the backward keeps dX = dY W, then += dxa A in place.
+y = y₀ + s · xa Bᵀ and dX = dX₀ + dxa A, with no (N, d_out) or (N, d_in) temporary. Stacking the
+weights instead (forward: one GEMM x [W; A]ᵀ; backward: [dY, s·dY B] [W; A]) was timed
+(benchmarks/lora.py --fusion, docs/performance.md): within noise of this path on most of the
+step's shapes, ~0.4 ms better on the 256 -> 1024 forward, at the price of a second copy of W (or
+of W and A aliased into one buffer that every path replacing a parameter would have to keep) and
+of a strided y; so the branch keeps its own x Aᵀ and dY B products (N, r).
 """
 from __future__ import annotations
 
@@ -54,23 +52,6 @@ def lowrank_forward(x, A, B, scale: float, keep_x: bool = True, out=None):
         y = out
         _add_into(out, xa, B.T, scale)
     return y, (x if keep_x else None, xa)
-
-
-def stacked_lowrank_forward(x, WA, bias, B, scale: float, keep_x: bool = True):
-    """y = x Wᵀ + b + s · (x Aᵀ) Bᵀ with WA = [W; A] (d_out + r, d_in) stacked: ONE GEMM for the base
-    and the branch's x Aᵀ.  x (..., d_in) -> y (..., d_out), a view of the (N, d_out + r) product.
-
-    Returns (y, cache) with :func:`lowrank_forward`'s cache layout (x or None, xa (N, r), a view);
-    the frozen base needs nothing cached, and its dX = dY W comes from ops.linear.linear_backward.
-    """
-    d_out = B.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
-    yc = x2 @ WA.T  # (N, d_in) @ (d_in, d_out + r) -> (N, d_out + r) = [x Wᵀ | x Aᵀ]
-    y, xa = yc[:, :d_out], yc[:, d_out:]  # views: (N, d_out), (N, r)
-    if bias is not None:
-        y += bias
-    matmul_add(y, xa, B.T, scale)  # y = x Wᵀ + b + s · xa Bᵀ, in place
-    return y.reshape(*x.shape[:-1], d_out), (x if keep_x else None, xa)
 
 
 def lowrank_backward(dy, cache, A, B, scale: float, need_dA: bool = True, need_dB: bool = True,

@@ -6,12 +6,12 @@ instead of forming the (d_out, d_in) matrix.
 
 Fused with the base: given ``out`` (the base's output y₀ = x Wᵀ, forward) or ``dx_out`` (the base's
 dX₀ = dY W, backward), the branch is ADDED into it by one in-place gemm (ops.linear.matmul_add):
-y = y₀ + s · xa Bᵀ and dX = dX₀ + dxa A, with no (N, d_out) or (N, d_in) temporary. Stacking the
-weights instead (forward: one GEMM x [W; A]ᵀ; backward: [dY, s·dY B] [W; A]) was timed
-(benchmarks/lora.py --fusion, docs/performance.md): within noise of this path on most of the
-step's shapes, ~0.4 ms better on the 256 -> 1024 forward, at the price of a second copy of W (or
-of W and A aliased into one buffer that every path replacing a parameter would have to keep) and
-of a strided y; so the branch keeps its own x Aᵀ and dY B products (N, r).
+y = y₀ + s · xa Bᵀ and dX = dX₀ + dxa A, with no (N, d_out) or (N, d_in) temporary. The stacked
+alternative (forward: one GEMM x [W; A]ᵀ, y a strided view of it; backward: [dY, s·dY B] [W; A])
+was implemented and measured (docs/performance.md, "Fused [W; A] or not"): alone it wins
+0.04–0.4 ms per layer in the forward (benchmarks/lora.py --fusion) but it lost 5–10 ms on the
+whole LoRA step, where the strided y slows the ops downstream; so the branch keeps its own x Aᵀ
+and dY B products (N, r).
 """
 from __future__ import annotations
 

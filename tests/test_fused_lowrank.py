@@ -149,3 +149,33 @@ def test_trainable_linear_accumulates_dW_in_place(dtype):
     assert lin.grads["weight"] is first
     assert_close(first, 2 * (dy.astype(np.float64).T @ x), "2 dW", RTOL[dtype])
     assert_close(lin.grads["bias"], 2 * dy.astype(np.float64).sum(axis=0), "2 db", RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_folded_branch_plus_accumulated_base_equals_canonical(dtype):
+    """The LoRA forward's order: s·xa Bᵀ + b in one (N, r+1) product, then x Wᵀ accumulated onto it,
+    against linear_forward + lowrank_forward as separate arrays."""
+    from spectral_peft.ops.linear import linear_forward
+
+    rng = np.random.default_rng(10)
+    d_in, d_out, r, s = 9, 6, 3, 1.25
+    x = _rand(rng, (2, 4, d_in), dtype)
+    W, b, A, B = (_rand(rng, sh, dtype) for sh in ((d_out, d_in), (d_out,), (r, d_in), (d_out, r)))
+    y0, _ = linear_forward(x, W, b, keep_x=False)
+    yb, (_, xa) = lowrank_forward(x, A, B, s)
+    y, (xk, xa_f) = lowrank_forward(x, A, B, s, bias=b)
+    assert xk is x
+    np.testing.assert_array_equal(xa_f, xa.reshape(xa_f.shape))  # x Aᵀ: the same product, written into [xa | 1]
+    y, cache = linear_forward(x, W, None, keep_x=False, out=y)
+    assert cache == (None, False)
+    assert_close(y, y0.astype(np.float64) + yb, "b + branch + x Wᵀ", RTOL[dtype])
+
+
+def test_lora_forward_takes_the_folded_path_for_a_frozen_dense_base():
+    rng = np.random.default_rng(11)
+    layer = LoraLinear(Linear(rng.standard_normal((5, 4)), rng.standard_normal(5)), r=2, init_lora_weights=False,
+                       rng=np.random.default_rng(0))
+    layer.base_layer.freeze()
+    layer.forward(rng.standard_normal((3, 4)))
+    assert layer.base_layer.cache == (None, True)  # set as the base's own frozen forward sets it
+    assert layer.cache[0][1].shape == (3, 2)  # xa, a view of [xa | 1]

@@ -48,6 +48,11 @@ def _cblas_gemm(dtype):
     return _CBLAS[char]
 
 
+def fast_gemm_available(dtype) -> bool:
+    """Whether :func:`matmul_add` takes its one-gemm path for NumPy arrays of ``dtype``."""
+    return _cblas_gemm(dtype) is not None
+
+
 def _row_major_operand(m):
     """(array, CBLAS transpose flag, leading dimension) of a 2-D NumPy matrix for a row-major gemm,
     without a copy when its rows or its columns are contiguous."""
@@ -94,12 +99,23 @@ def matmul_add(out, a, b, alpha: float = 1.0):
     return out
 
 
-def linear_forward(x, W, b=None, keep_x: bool = True):
-    """y = x Wᵀ + b.  (..., d_in) -> (..., d_out).
+def linear_forward(x, W, b=None, keep_x: bool = True, out=None):
+    """y = x Wᵀ + b.  (..., d_in) -> (..., d_out). With ``out`` (..., d_out): y = out + x Wᵀ + b,
+    accumulated into ``out`` (one gemm with β = 1, matmul_add) and ``out`` returned as y.
 
     The cache holds x only when ``keep_x`` (it is needed for dW alone; dX needs only W, which
     the caller passes to the backward: parameters are never counted as cached activations).
     """
+    if out is not None:
+        if out.shape != (*x.shape[:-1], W.shape[0]):
+            raise ValueError(f"linear_forward: out must have shape {(*x.shape[:-1], W.shape[0])}, got {out.shape}")
+        if out.flags.c_contiguous:
+            matmul_add(out.reshape(-1, W.shape[0]), x.reshape(-1, x.shape[-1]), W.T)
+        else:
+            out += (x.reshape(-1, x.shape[-1]) @ W.T).reshape(out.shape)
+        if b is not None:
+            out += b
+        return out, (x if keep_x else None, b is not None)
     # One GEMM over all tokens: NumPy runs a 3-D (B, T, d_in) @ 2-D product as B small ones (~4x slower).
     y = (x.reshape(-1, x.shape[-1]) @ W.T).reshape(*x.shape[:-1], W.shape[0])  # (N, d_in) -> (N, d_out)
     if b is not None:

@@ -15,6 +15,7 @@ and dY B products (N, r).
 """
 from __future__ import annotations
 
+from ..backend import get_xp
 from .linear import matmul_add
 
 
@@ -32,15 +33,30 @@ def _add_into(out, a, b, alpha: float):
     return out
 
 
-def lowrank_forward(x, A, B, scale: float, keep_x: bool = True, out=None):
+def lowrank_forward(x, A, B, scale: float, keep_x: bool = True, out=None, bias=None):
     """y = s · (x Aᵀ) Bᵀ.  (..., d_in) -> (..., d_out); with ``out`` (..., d_out): out += y in place,
-    and ``out`` is returned as y.
+    and ``out`` is returned as y. With ``bias`` (d_out,) (and no ``out``): y = s · (x Aᵀ) Bᵀ + bias,
+    the bias folded into the second product as [xa | 1] [s·Bᵀ; bias] (N, r+1) @ (r+1, d_out), so
+    adding it costs no pass over y (a frozen base's bias, for its product to be accumulated onto y).
 
     The cache keeps xa = x Aᵀ (N, r), needed for dB, and x only when ``keep_x`` (needed for dA
     alone: LoRA-FA freezes A and so keeps only the (N, r) product, its memory saving). x is kept
     as given (the caller's array, no copy).
     """
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in): one GEMM over all tokens
+    if bias is not None:
+        if out is not None:
+            raise ValueError("lowrank_forward: give out or bias, not both")
+        r, d_out = A.shape[0], B.shape[0]
+        xp = get_xp(x)
+        aug = xp.empty((x2.shape[0], r + 1), dtype=x2.dtype)  # [xa | 1]  (N, r + 1)
+        xp.matmul(x2, A.T, out=aug[:, :r])  # xa = x Aᵀ, a view of aug (rows r + 1 apart)
+        aug[:, r] = 1
+        Bb = xp.empty((r + 1, d_out), dtype=B.dtype)  # [s·Bᵀ; bias]  (r + 1, d_out)
+        xp.multiply(B.T, scale, out=Bb[:r])
+        Bb[r] = bias
+        y = (aug @ Bb).reshape(*x.shape[:-1], d_out)  # s · xa Bᵀ + bias
+        return y, (x if keep_x else None, aug[:, :r])
     xa = x2 @ A.T  # (N, d_in) @ (d_in, r) -> (N, r)
     if out is None:
         y = (xa @ B.T).reshape(*x.shape[:-1], B.shape[0])  # (N, r) @ (r, d_out) -> (..., d_out)

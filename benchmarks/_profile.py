@@ -2,8 +2,9 @@
 
 Nothing inside the ops times itself: :class:`StepProfile` replaces the ``forward`` and ``backward``
 of each module INSTANCE of a model by a timed wrapper (an instance attribute, found before the class
-method), and the tied head / loss functions in ``spectral_peft.model.gpt2``'s namespace by timed
-ones, for as long as the ``with`` block lasts. Each wrapper charges its own (exclusive) time to its
+method), and the tied head / loss functions in ``spectral_peft.model.gpt2``'s namespace and the
+frozen base's product that LoRA's forward calls (``linear_forward`` in ``adapters/lora.py``'s
+namespace) by timed ones, for as long as the ``with`` block lasts. Each wrapper charges its own (exclusive) time to its
 op kind: a call's wall time minus the time of the wrapped calls it made, so a LoRA layer's figure is
 its branch alone (its base Linear is charged to "linear base GEMM"), an attention module's is the
 softmax/QK/PV core (its projections are Linears), a block's is the residual adds.
@@ -66,7 +67,7 @@ def _flops(module, kind: str, phase: str, args, shapes: dict) -> float:
             n = args[0].size // args[0].shape[-1]
             shapes[key] = n
             return 2.0 * n * module.d_in * module.d_out
-        n = shapes.get(key, 0)
+        n = args[0].size // args[0].shape[-1]  # dy (N, d_out)
         return 2.0 * n * module.d_in * module.d_out * (1 + ("weight" not in module.frozen))
     if kind == "LoRA branch" and hasattr(module, "r"):
         if getattr(module, "merged", False):
@@ -138,6 +139,17 @@ class StepProfile:
         originals = {name: getattr(gpt2, name) for name in patched}
         for name, (kind, phase, fl) in patched.items():
             setattr(gpt2, name, self._timed(originals[name], kind, phase, fl))
+        # LoRA's forward calls the frozen base's product itself (linear_forward(x, W, out=y), accumulated
+        # onto the branch): charge it to the base GEMM kind, as the base module's own forward would be
+        from spectral_peft.adapters import lora as lora_mod  # noqa: PLC0415
+
+        lora_linear = lora_mod.linear_forward
+
+        def base_flops(args):
+            x, W = args[0], args[1]
+            return 2.0 * (x.size // x.shape[-1]) * W.shape[0] * W.shape[1]
+
+        lora_mod.linear_forward = self._timed(lora_linear, "linear base GEMM", "forward", base_flops)
         if optimizer is not None:
             for name in ("step", "zero_grad"):
                 setattr(optimizer, name, self._timed(getattr(optimizer, name), "optimizer", "step"))
@@ -148,6 +160,7 @@ class StepProfile:
                 del m.__dict__[phase]
             for name, fn in originals.items():
                 setattr(gpt2, name, fn)
+            lora_mod.linear_forward = lora_linear
             if optimizer is not None:
                 for name in ("step", "zero_grad"):
                     del optimizer.__dict__[name]

@@ -173,9 +173,11 @@ def test_bias_folded_branch_plus_accumulated_base_equals_canonical(dtype):
 
 def test_lora_forward_takes_the_folded_path_for_a_frozen_dense_base():
     rng = np.random.default_rng(11)
-    layer = LoraLinear(Linear(rng.standard_normal((5, 4)), rng.standard_normal(5)), r=2, init_lora_weights=False,
-                       rng=np.random.default_rng(0))
+    f32 = np.float32
+    layer = LoraLinear(Linear(rng.standard_normal((5, 4)).astype(f32), rng.standard_normal(5).astype(f32)), r=2,
+                       init_lora_weights=False, rng=np.random.default_rng(0))
     layer.base_layer.freeze()
-    layer.forward(rng.standard_normal((3, 4)))
+    layer.forward(rng.standard_normal((3, 4)).astype(f32))
     assert layer.base_layer.cache == (None, True)  # set as the base's own frozen forward sets it
-    assert layer.cache[0][1].shape == (3, 2)  # xa, a view of [xa | 1]
+    xa = layer.cache[0][1]
+    assert xa.shape == (3, 2) and xa.strides == (3 * 4, 4)  # xa, a view of [xa | 1] (rows r + 1 apart)

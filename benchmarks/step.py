@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     ms, _, loss_e, loss_t = time_pair(model, opt, tm, topt, ids, args.repeats)  # first: same weights, same loss
     prof = None
     if args.profile:
-        text, prof = profile_steps(model, opt, lambda: engine_step(model, opt, ids), args.profile_steps, warmup=1,
+        text, prof = profile_steps(model, opt, lambda m=model, o=opt: engine_step(m, o, ids), args.profile_steps, warmup=1,
                                    title=f"profile: full fine-tuning step, d_model 256, median of {args.profile_steps} steps")
         print(text)
     engine_ms, torch_ms = ms["engine"], ms["torch"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 _CBLAS: dict = {}  # dtype char -> NumPy's own cblas ?gemm (ctypes), or None where it cannot be found
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enum values
 

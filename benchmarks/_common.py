@@ -3,25 +3,46 @@
 Timing: each repeat times every contender once, in turn, so that load from other processes on a shared
 machine falls on all of them alike; the reported figure is the median over repeats. The minima
 come back too: on a contended machine the minimum estimates the uncontended cost.
+
+Allocator: importing this module calls spectral_peft.allocator.keep_freed_memory() (glibc keeps
+freed activation memory for the next step instead of page-faulting fresh pages), unless the
+environment sets SPECTRAL_PEFT_SYSTEM_MALLOC=1; ``KEEP_FREED_MEMORY`` says which ran, and the
+benchmarks write it into their JSON line.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
+from spectral_peft.allocator import keep_freed_memory
+
+KEEP_FREED_MEMORY = os.environ.get("SPECTRAL_PEFT_SYSTEM_MALLOC") != "1" and keep_freed_memory()
+
+
+CLOCK = time.perf_counter  # wall clock; set_cpu_clock() switches to the process's CPU time
+
+
+def set_cpu_clock() -> None:
+    """Time with process CPU time (user + system, every thread) instead of the wall clock: on a
+    machine other processes load, CPU time does not count the time this process waits for a core
+    (with 1 BLAS thread it is the work done; with more it also counts BLAS threads spinning)."""
+    global CLOCK
+    CLOCK = time.process_time
+
 
 def interleaved_ms(fns: dict, repeats: int, warmup: int = 1) -> tuple[dict, dict]:
-    """({name: median ms}, {name: min ms}) of each zero-argument function in ``fns``."""
+    """({name: median ms}, {name: min ms}) of each zero-argument function in ``fns`` (``CLOCK``)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     ts = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             f()
-            ts[k].append(time.perf_counter() - t0)
+            ts[k].append(CLOCK() - t0)
     medians = {k: 1e3 * float(np.median(v)) for k, v in ts.items()}
     minima = {k: 1e3 * float(np.min(v)) for k, v in ts.items()}
     return medians, minima

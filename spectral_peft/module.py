@@ -217,7 +217,8 @@ class Linear(Module):
     (d_out,) or absent.
 
     The forward caches x only when W is trainable: dX = dY W needs W alone, so a frozen linear
-    (the base of every adapter) keeps no activations of its own and skips the dW product.
+    (the base of every adapter) keeps no activations of its own, skips the dW product, and (its
+    bias frozen too) the bias sum over dY.
     """
 
     def __init__(self, weight, bias=None):
@@ -260,10 +261,16 @@ class Linear(Module):
         return y
 
     def backward(self, dy):
-        dx, dW, db = linear_backward(dy, self.cache, self.effective_weight(), need_dW="weight" not in self.frozen)
-        if dW is not None:
+        need_dW = "weight" not in self.frozen
+        g = self.grads.get("weight") if need_dW else None
+        if g is not None and (g.shape != self.params["weight"].shape or g.dtype != self.params["weight"].dtype):
+            g = None
+        # grads["weight"] += dYᵀ x is taken by one in-place gemm once the accumulator exists
+        dx, dW, db = linear_backward(dy, self.cache, self.effective_weight(), need_dW=need_dW,
+                                     need_db="bias" not in self.frozen, dW_out=g)
+        if dW is not None and g is None:
             self.accumulate("weight", dW)
-        if db is not None and "bias" not in self.frozen:
+        if db is not None:
             self.accumulate("bias", db)
         self.cache = None
         return dx

@@ -36,6 +36,7 @@ from .. import validation as V
 from ..backend import to_host
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
+from ..ops.linear import fast_gemm_available, linear_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
 from .base import AdapterConfig, AdapterLayer, Recipe, adapter_layers, pattern_value
 from .lora_init import check_loftq_config, residual_init, residual_kind
@@ -338,10 +339,22 @@ class LoraLinear(AdapterLayer):
         if self.merged:
             return self.base_layer.forward(x)
         p = self.params
-        y = self.base_layer.forward(x)  # (..., d_in) -> (..., d_out)
+        base = self.base_layer
         xd, dcache = dropout_forward(x, self.lora_dropout, self.dropout_rng, self.training)
-        yb, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=A_KEY not in self.frozen)
-        y += yb  # y = base(x) + s · (drop(x) Aᵀ) Bᵀ
+        keep_x = A_KEY not in self.frozen  # the branch's cache shares x (no copy) only while A is trainable
+        if type(base) is Linear and "weight" in base.frozen and isinstance(x, np.ndarray) \
+                and isinstance(base.params["weight"], np.ndarray) and fast_gemm_available(x.dtype):
+            # y = (s · (drop(x) Aᵀ) Bᵀ + b) + x Wᵀ: the small product first, the base's bias folded into it,
+            # then the frozen base's product accumulated onto it by one gemm (no pass over y for either
+            # addition); the base's cache is what its own forward keeps for a frozen W (no x)
+            bias = base.params.get("bias")
+            y, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=keep_x, bias=bias)
+            y, base.cache = linear_forward(x, base.params["weight"], None, keep_x=False, out=y)
+            base.cache = (None, bias is not None)
+        else:
+            y = base.forward(x)  # (..., d_in) -> (..., d_out), a fresh array
+            # y = base(x) + s · (drop(x) Aᵀ) Bᵀ: the branch accumulated into the base's output (no temporary)
+            y, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=keep_x, out=y)
         self.cache = (lcache, dcache)
         return y
 
@@ -350,14 +363,18 @@ class LoraLinear(AdapterLayer):
             return self.base_layer.backward(dy)
         lcache, dcache = self.cache
         p = self.params
+        dx = self.base_layer.backward(dy)  # y = base(x)  =>  dx = base'(dy), a fresh array
+        # branch input = drop(x)  =>  dx += drop'(dx_branch); without dropout the branch's dx_branch = dxa A
+        # is accumulated into dx by one in-place gemm
         dx_b, dA, dB = lowrank_backward(dy, lcache, p[A_KEY], p[B_KEY], self.scaling,
-                                        need_dA=A_KEY not in self.frozen, need_dB=B_KEY not in self.frozen)
+                                        need_dA=A_KEY not in self.frozen, need_dB=B_KEY not in self.frozen,
+                                        dx_out=dx if dcache is None else None)
+        if dcache is not None:
+            dx += dropout_backward(dx_b, dcache)
         if dA is not None:
             self.accumulate(A_KEY, dA)
         if dB is not None:
             self.accumulate(B_KEY, dB)
-        dx = self.base_layer.backward(dy)  # y = base(x)  =>  dx = base'(dy)
-        dx += dropout_backward(dx_b, dcache)  # branch input = drop(x)  =>  dx += drop'(dx_branch)
         self.cache = None
         return dx
 

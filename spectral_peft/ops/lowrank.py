@@ -3,26 +3,79 @@
 Shapes: x (..., d_in); A (r, d_in); B (d_out, r); s a float scale; y (..., d_out).
 The product is taken as (x Aᵀ) Bᵀ, never as x (B A)ᵀ: two skinny products of cost 2·N·r·(d_in + d_out)
 instead of forming the (d_out, d_in) matrix.
+
+Fused with the base: given ``out`` (the base's output y₀ = x Wᵀ, forward) or ``dx_out`` (the base's
+dX₀ = dY W, backward), the branch is ADDED into it by one in-place gemm (ops.linear.matmul_add):
+y = y₀ + s · xa Bᵀ and dX = dX₀ + dxa A, with no (N, d_out) or (N, d_in) temporary. The stacked
+alternative (forward: one GEMM x [W; A]ᵀ, y a strided view of it; backward: [dY, s·dY B] [W; A])
+was implemented and measured (docs/performance.md, "Fused [W; A] or not"): alone it wins
+0.04–0.4 ms per layer in the forward (benchmarks/lora.py --fusion) but it lost 5–10 ms on the
+whole LoRA step, where the strided y slows the ops downstream; so the branch keeps its own x Aᵀ
+and dY B products (N, r).
 """
 from __future__ import annotations
 
+from ..backend import get_xp
+from .linear import matmul_add
 
-def lowrank_forward(x, A, B, scale: float, keep_x: bool = True):
-    """y = s · (x Aᵀ) Bᵀ.  (..., d_in) -> (..., d_out).
+
+def _add_into(out, a, b, alpha: float):
+    """out (..., n) += α · a (N, k) @ b (k, n), in place; returns ``out``. A C-contiguous ``out``
+    flattens to (N, n) as a view and takes the product by one gemm (matmul_add); a strided one
+    takes it as out += α · (a b) reshaped."""
+    n = out.shape[-1]
+    if out.flags.c_contiguous:
+        matmul_add(out.reshape(-1, n), a, b, alpha)
+    else:
+        prod = a @ b
+        prod *= alpha
+        out += prod.reshape(out.shape)
+    return out
+
+
+def lowrank_forward(x, A, B, scale: float, keep_x: bool = True, out=None, bias=None):
+    """y = s · (x Aᵀ) Bᵀ.  (..., d_in) -> (..., d_out); with ``out`` (..., d_out): out += y in place,
+    and ``out`` is returned as y. With ``bias`` (d_out,) (and no ``out``): y = s · (x Aᵀ) Bᵀ + bias,
+    the bias folded into the second product as [xa | 1] [s·Bᵀ; bias] (N, r+1) @ (r+1, d_out), so
+    adding it costs no pass over y (a frozen base's bias, for its product to be accumulated onto y).
 
     The cache keeps xa = x Aᵀ (N, r), needed for dB, and x only when ``keep_x`` (needed for dA
-    alone: LoRA-FA freezes A and so keeps only the (N, r) product, its memory saving).
+    alone: LoRA-FA freezes A and so keeps only the (N, r) product, its memory saving). x is kept
+    as given (the caller's array, no copy).
     """
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in): one GEMM over all tokens
+    if bias is not None:
+        if out is not None:
+            raise ValueError("lowrank_forward: give out or bias, not both")
+        r, d_out = A.shape[0], B.shape[0]
+        xp = get_xp(x)
+        aug = xp.empty((x2.shape[0], r + 1), dtype=x2.dtype)  # [xa | 1]  (N, r + 1)
+        xp.matmul(x2, A.T, out=aug[:, :r])  # xa = x Aᵀ, a view of aug (rows r + 1 apart)
+        aug[:, r] = 1
+        Bb = xp.empty((r + 1, d_out), dtype=B.dtype)  # [s·Bᵀ; bias]  (r + 1, d_out)
+        xp.multiply(B.T, scale, out=Bb[:r])
+        Bb[r] = bias
+        y = (aug @ Bb).reshape(*x.shape[:-1], d_out)  # s · xa Bᵀ + bias
+        return y, (x if keep_x else None, aug[:, :r])
     xa = x2 @ A.T  # (N, d_in) @ (d_in, r) -> (N, r)
-    y = (xa @ B.T).reshape(*x.shape[:-1], B.shape[0])  # (N, r) @ (r, d_out) -> (..., d_out)
-    y *= scale
+    if out is None:
+        y = (xa @ B.T).reshape(*x.shape[:-1], B.shape[0])  # (N, r) @ (r, d_out) -> (..., d_out)
+        y *= scale
+    else:
+        if out.shape != (*x.shape[:-1], B.shape[0]):
+            raise ValueError(f"lowrank_forward: out must have shape {(*x.shape[:-1], B.shape[0])}, got {out.shape}")
+        # y = out + s · xa Bᵀ, accumulated into out
+        y = out
+        _add_into(out, xa, B.T, scale)
     return y, (x if keep_x else None, xa)
 
 
 def lowrank_backward(dy, cache, A, B, scale: float, need_dA: bool = True, need_dB: bool = True,
-                     need_dx: bool = True):
-    """Gradients of y = s · (x Aᵀ) Bᵀ: returns (dx, dA, dB), None for those not asked for."""
+                     need_dx: bool = True, dx_out=None):
+    """Gradients of y = s · (x Aᵀ) Bᵀ: returns (dx, dA, dB), None for those not asked for.
+
+    With ``dx_out`` (..., d_in) (and need_dx), the branch's dx is added into it in place and
+    ``dx_out`` is returned as dx."""
     x, xa = cache
     r = A.shape[0]
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
@@ -44,5 +97,11 @@ def lowrank_backward(dy, cache, A, B, scale: float, need_dA: bool = True, need_d
         dA = dxa.T @ x.reshape(-1, x.shape[-1])
     if need_dx:
         # xa = x Aᵀ  =>  dx = dxa A              (N, r) @ (r, d_in) -> (N, d_in)
-        dx = (dxa @ A).reshape(*dy.shape[:-1], A.shape[1])
+        if dx_out is None:
+            dx = (dxa @ A).reshape(*dy.shape[:-1], A.shape[1])
+        else:
+            if dx_out.shape != (*dy.shape[:-1], A.shape[1]):
+                raise ValueError(f"lowrank_backward: dx_out must have shape {(*dy.shape[:-1], A.shape[1])}, "
+                                 f"got {dx_out.shape}")
+            dx = _add_into(dx_out, dxa, A, 1.0)  # dx = dx_out + dxa A, in place
     return dx, dA, dB

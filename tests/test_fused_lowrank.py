@@ -1,0 +1,183 @@
+"""The frozen-base fast paths (issue #17) against the canonical computations they replace.
+
+- ops.linear.matmul_add (out += α · a b by one in-place gemm) against out + α · (a b) written in
+  float64 NumPy here, on contiguous, column-sliced and Fortran-ordered operands, and its fallback;
+- the low-rank branch accumulated into the base's output / input gradient (lowrank_forward out=,
+  lowrank_backward dx_out=) against the same function's separate-array path;
+- a frozen Linear: no dW, no bias sum, no cached x; dx bit-identical to dY W;
+- LoraLinear's whole forward/backward against the equations written out in float64 NumPy.
+
+Tolerances: testing.RTOL (float64 1e-10, float32 1e-4): the fused gemm applies α to the sum and
+adds in one kernel, so it rounds differently from "product, scale, add". dA and dB take the same
+products in the same order on both paths and are compared bit for bit.
+"""
+import numpy as np
+import pytest
+
+from spectral_peft.adapters.lora import A_KEY, B_KEY, LoraLinear
+from spectral_peft.module import Linear
+from spectral_peft.ops.linear import matmul_add
+from spectral_peft.ops.lowrank import lowrank_backward, lowrank_forward
+from spectral_peft.testing import RTOL, assert_close
+
+DTYPES = ["float32", "float64"]
+
+
+def _rand(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(7, 3, 5), (64, 8, 48), (1, 1, 1), (5, 1, 3)])
+@pytest.mark.parametrize("order", ["CC", "FC", "CF", "FF"])
+def test_matmul_add_equals_out_plus_product(dtype, mkn, order):
+    m, k, n = mkn
+    rng = np.random.default_rng(0)
+    a, b, out = _rand(rng, (m, k), dtype), _rand(rng, (k, n), dtype), _rand(rng, (m, n), dtype)
+    expected = out.astype(np.float64) + 2.5 * (a.astype(np.float64) @ b.astype(np.float64))
+    a_in = np.asfortranarray(a) if order[0] == "F" else a
+    b_in = np.asfortranarray(b) if order[1] == "F" else b
+    got = out.copy()
+    ret = matmul_add(got, a_in, b_in, 2.5)
+    assert ret is got  # in place
+    assert_close(got, expected, "out += 2.5 a b", RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_add_into_column_slice_leaves_the_rest(dtype):
+    rng = np.random.default_rng(1)
+    a, b = _rand(rng, (16, 4), dtype), _rand(rng, (4, 6), dtype)
+    wide = _rand(rng, (16, 9), dtype)
+    before = wide.copy()
+    matmul_add(wide[:, :6], a, b.T.copy().T, -0.5)  # rows of out strided by 9, b Fortran-ordered
+    expected = before[:, :6].astype(np.float64) - 0.5 * (a.astype(np.float64) @ b.astype(np.float64))
+    assert_close(wide[:, :6], expected, "slice += -0.5 a b", RTOL[dtype])
+    np.testing.assert_array_equal(wide[:, 6:], before[:, 6:])
+
+
+def test_matmul_add_fallback_for_strided_columns():
+    rng = np.random.default_rng(2)
+    a, b = _rand(rng, (8, 3), "float64"), _rand(rng, (3, 5), "float64")
+    wide = _rand(rng, (8, 10), "float64")
+    before = wide.copy()
+    matmul_add(wide[:, ::2], a, b)  # columns not contiguous: the out += a @ b path
+    assert_close(wide[:, ::2], before[:, ::2] + a @ b, "strided out", RTOL["float64"])
+    np.testing.assert_array_equal(wide[:, 1::2], before[:, 1::2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(12,), (3, 4)])
+def test_lowrank_accumulated_equals_separate_branch(dtype, lead):
+    rng = np.random.default_rng(3)
+    d_in, d_out, r, s = 10, 7, 3, 1.75
+    x = _rand(rng, (*lead, d_in), dtype)
+    A, B = _rand(rng, (r, d_in), dtype), _rand(rng, (d_out, r), dtype)
+    y0, dy, dx0 = _rand(rng, (*lead, d_out), dtype), _rand(rng, (*lead, d_out), dtype), _rand(rng, (*lead, d_in), dtype)
+
+    yb, cache = lowrank_forward(x, A, B, s)  # canonical: the branch as its own array
+    out = y0.copy()
+    y, cache_f = lowrank_forward(x, A, B, s, out=out)
+    assert y is out
+    assert_close(y, y0.astype(np.float64) + yb, "y0 + branch", RTOL[dtype])
+    assert cache_f[0] is x  # the branch input is shared, not copied
+    np.testing.assert_array_equal(cache_f[1], cache[1])  # xa = x Aᵀ, the same product
+
+    dxb, dA, dB = lowrank_backward(dy, cache, A, B, s)
+    d_acc = dx0.copy()
+    dx, dA_f, dB_f = lowrank_backward(dy, cache_f, A, B, s, dx_out=d_acc)
+    assert dx is d_acc
+    assert_close(dx, dx0.astype(np.float64) + dxb, "dx0 + branch dx", RTOL[dtype])
+    np.testing.assert_array_equal(dA_f, dA)
+    np.testing.assert_array_equal(dB_f, dB)
+
+
+def test_frozen_linear_keeps_nothing_and_computes_dx_only():
+    rng = np.random.default_rng(4)
+    W, b = rng.standard_normal((6, 5)), rng.standard_normal(6)
+    lin = Linear(W, b)
+    lin.freeze()
+    x, dy = rng.standard_normal((2, 3, 5)), rng.standard_normal((2, 3, 6))
+    y = lin.forward(x)
+    assert lin.cache[0] is None  # no x cached: only dW would need it
+    assert_close(y, x @ W.T + b, "y", RTOL["float64"])
+    dx = lin.backward(dy)
+    np.testing.assert_array_equal(dx, (dy.reshape(-1, 6) @ W).reshape(2, 3, 5))  # the same single product
+    assert lin.grads == {}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_lora_linear_equals_the_equations(dtype, freeze_a):
+    rng = np.random.default_rng(5)
+    d_in, d_out, r, alpha = 12, 9, 4, 6.0
+    W, bias = _rand(rng, (d_out, d_in), dtype), _rand(rng, (d_out,), dtype)
+    layer = LoraLinear(Linear(W, bias), r=r, lora_alpha=alpha, init_lora_weights=False, rng=np.random.default_rng(0))
+    layer.base_layer.freeze()
+    if freeze_a:
+        layer.freeze(A_KEY)  # LoRA-FA's case: x is not kept
+    A, B = layer.params[A_KEY], layer.params[B_KEY]
+    s = alpha / r
+    x, dy = _rand(rng, (2, 5, d_in), dtype), _rand(rng, (2, 5, d_out), dtype)
+    f = [a.astype(np.float64) for a in (W, bias, A, B, x, dy)]
+    W64, b64, A64, B64, x64, dy64 = f
+    y = layer.forward(x)
+    assert (layer.cache[0][0] is x) != freeze_a  # x shared with the branch, only while A trains
+    assert_close(y, x64 @ W64.T + b64 + s * (x64 @ A64.T) @ B64.T, "y", RTOL[dtype])
+    dx = layer.backward(dy)
+    n = dy64.reshape(-1, d_out)
+    assert_close(dx, dy64 @ W64 + s * (dy64 @ B64) @ A64, "dx", RTOL[dtype])
+    assert_close(layer.grads[B_KEY], s * n.T @ (x64.reshape(-1, d_in) @ A64.T), "dB", RTOL[dtype])
+    if freeze_a:
+        assert A_KEY not in layer.grads
+    else:
+        assert_close(layer.grads[A_KEY], s * (n @ B64).T @ x64.reshape(-1, d_in), "dA", RTOL[dtype])
+    assert layer.base_layer.grads == {}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trainable_linear_accumulates_dW_in_place(dtype):
+    rng = np.random.default_rng(6)
+    W, b = _rand(rng, (6, 5), dtype), _rand(rng, (6,), dtype)
+    lin = Linear(W, b)
+    x, dy = _rand(rng, (4, 5), dtype), _rand(rng, (4, 6), dtype)
+    lin.forward(x)
+    lin.backward(dy)  # first backward: the accumulator is allocated from dW
+    first = lin.grads["weight"]
+    assert_close(first, dy.astype(np.float64).T @ x, "dW", RTOL[dtype])
+    lin.forward(x)
+    lin.backward(dy)  # second: added into the same array
+    assert lin.grads["weight"] is first
+    assert_close(first, 2 * (dy.astype(np.float64).T @ x), "2 dW", RTOL[dtype])
+    assert_close(lin.grads["bias"], 2 * dy.astype(np.float64).sum(axis=0), "2 db", RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_folded_branch_plus_accumulated_base_equals_canonical(dtype):
+    """The LoRA forward's order: s·xa Bᵀ + b in one (N, r+1) product, then x Wᵀ accumulated onto it,
+    against linear_forward + lowrank_forward as separate arrays."""
+    from spectral_peft.ops.linear import linear_forward
+
+    rng = np.random.default_rng(10)
+    d_in, d_out, r, s = 9, 6, 3, 1.25
+    x = _rand(rng, (2, 4, d_in), dtype)
+    W, b, A, B = (_rand(rng, sh, dtype) for sh in ((d_out, d_in), (d_out,), (r, d_in), (d_out, r)))
+    y0, _ = linear_forward(x, W, b, keep_x=False)
+    yb, (_, xa) = lowrank_forward(x, A, B, s)
+    y, (xk, xa_f) = lowrank_forward(x, A, B, s, bias=b)
+    assert xk is x
+    np.testing.assert_array_equal(xa_f, xa.reshape(xa_f.shape))  # x Aᵀ: the same product, written into [xa | 1]
+    y, cache = linear_forward(x, W, None, keep_x=False, out=y)
+    assert cache == (None, False)
+    assert_close(y, y0.astype(np.float64) + yb, "b + branch + x Wᵀ", RTOL[dtype])
+
+
+def test_lora_forward_takes_the_folded_path_for_a_frozen_dense_base():
+    rng = np.random.default_rng(11)
+    f32 = np.float32
+    layer = LoraLinear(Linear(rng.standard_normal((5, 4)).astype(f32), rng.standard_normal(5).astype(f32)), r=2,
+                       init_lora_weights=False, rng=np.random.default_rng(0))
+    layer.base_layer.freeze()
+    layer.forward(rng.standard_normal((3, 4)).astype(f32))
+    assert layer.base_layer.cache == (None, True)  # set as the base's own frozen forward sets it
+    xa = layer.cache[0][1]
+    assert xa.shape == (3, 2) and xa.strides == (3 * 4, 4)  # xa, a view of [xa | 1] (rows r + 1 apart)

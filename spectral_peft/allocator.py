@@ -16,6 +16,9 @@ library is not glibc.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 MMAP_THRESHOLD = 32 * 2**20  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = 2**31 - 1  # the largest int mallopt takes: in effect, never hand the heap top back
@@ -30,9 +33,6 @@ def keep_freed_memory() -> bool:
     if _done is None:
         _done = False
         try:
-            import ctypes  # noqa: PLC0415
-            import ctypes.util  # noqa: PLC0415
-
             name = ctypes.util.find_library("c")
             libc = ctypes.CDLL(name) if name else None
             mallopt = getattr(libc, "mallopt", None)

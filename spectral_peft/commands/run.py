@@ -34,6 +34,7 @@ import numpy as np
 from .. import data as data_mod
 from .. import distributed
 from ..adapters.peft_model import adapted_shapes
+from ..allocator import keep_freed_memory
 from ..adapters.registry import recipe as get_recipe
 from ..backend import ShapeBackend, blas_threads, get_backend
 from ..budget import BudgetUnreachable, match_budget
@@ -279,6 +280,7 @@ def run(cfg: RunConfig, log: Log | None = None) -> tuple[dict, str]:
     """The whole job; returns (results, run folder)."""
     comm = distributed.world()
     log = log or Log(quiet=not comm.is_main)
+    keep_freed_memory()  # the steps reuse their freed activation memory instead of faulting in fresh pages
     with blas_threads(cfg.threads):
         t_start = time.perf_counter()
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -15,7 +15,7 @@ Memory: ``model.activation_bytes()`` right after the forward (every array the ca
 counted once), for LoRA and for LoRA-FA at the same configuration, and the part held by the
 adapter layers alone.
 
-Engine against engine (issue #17): the same model fine-tuned in full (AdamW on every parameter) and
+Engine against engine: the same model fine-tuned in full (AdamW on every parameter) and
 with LoRA, timed interleaved in a loop of their own (no torch step in it): ``lora_over_full``
 (LoRA step / full step; a frozen base needs no weight gradients, so the FLOP floor is ~0.69) and
 ``lora_forward_over_full`` (LoRA training forward / full training forward; the r = 8 branches add

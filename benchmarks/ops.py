@@ -7,7 +7,7 @@ The host allocator is left as it is; run with
   MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=0
 to see the ops without glibc's page-fault churn (it changes torch's times too).
 The last line is ONE JSON object: per op, engine ms, torch ms and their ratio; and under "passes"
-the element-wise ops' forward and backward alone, ms before and after issue #17's pass reduction
+the element-wise ops' forward and backward alone, ms before and after the pass reduction
 (the versions before are kept below, in this file only, as the timing baseline), interleaved.
 
 Run: python benchmarks/ops.py [--repeats N] [--skip-torch]
@@ -111,7 +111,7 @@ def cases():
             "softmax": (softmax_ours, softmax_torch)}
 
 
-# --- the timing baseline: the versions before issue #17's pass reduction (not used by the engine) ---
+# --- the timing baseline: the versions before the pass reduction (not used by the engine) ---
 def _before_layernorm_backward(dy, cache, weight):
     xhat, rstd = cache
     dbias = _col_sum(dy)

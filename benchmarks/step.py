@@ -1,6 +1,6 @@
 """One full fine-tuning step of GPT-2: the engine (NumPy float32) against transformers (torch CPU).
 
-The benchmark model of PERFORMANCE.md / issue #2: GPT-2 shape, 4 layers, d_model 256, 4 heads,
+The benchmark model: GPT-2 shape, 4 layers, d_model 256, 4 heads,
 T 128, batch 8, vocab 512; full fine-tuning with AdamW (lr 1e-4, weight decay 0.01); dropout off;
 both on 2 threads (OPENBLAS_NUM_THREADS / torch.set_num_threads). The same weights (the engine's
 model saved with save_pretrained and loaded by transformers) and the same batch.

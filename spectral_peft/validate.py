@@ -11,7 +11,7 @@ column is the quantity that verdict uses, max over elements of |a − e| / (S + 
 exactly when it is <= rtol. (An elementwise |a − e| / |e| is not shown: near-zero entries make it
 large on rows that pass.) A row covers all tensors of a check (output and every gradient) and
 shows the worst of them. Tolerances: float64 against an independent float64 peer rtol 1e-10 (the
-engine's promise); MiniLM in float32 rtol 1e-5 (issue #7); 4-bit codes must be identical.
+engine's promise); MiniLM in float32 rtol 1e-5; 4-bit codes must be identical.
 
 A peer that is not installed is listed ("missing") rather than crashed on. Exit status: 0 when
 every check that ran passed, 1 when one failed, 2 for bad arguments and when nothing was checked

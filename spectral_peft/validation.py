@@ -1,4 +1,4 @@
-"""Field checkers shared by every config dataclass (issue #8: every field range-checked at construction).
+"""Field checkers shared by every config dataclass (every field range-checked at construction).
 
 Each checker takes the owner (the config's class name, e.g. ``"LoraConfig"``), the field name and
 the value, and either returns the value or raises :class:`ConfigError` with a message naming all

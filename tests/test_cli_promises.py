@@ -1,4 +1,4 @@
-"""The command line's promises (issue #19): every user mistake is one line on stderr, exit status
+"""The command line's promises: every user mistake is one line on stderr, exit status
 2, and nothing left behind; `validate` fails when it checked nothing; `figures` writes only where
 it says; `reference` refuses non-finite weights by key, labels that keep no token, a directory as
 --out, and a config.json whose shapes disagree with the file before allocating what it implies;

@@ -1,4 +1,4 @@
-"""The frozen-base fast paths (issue #17) against the canonical computations they replace.
+"""The frozen-base fast paths against the canonical computations they replace.
 
 - ops.linear.matmul_add (out += α · a b by one in-place gemm) against out + α · (a b) written in
   float64 NumPy here, on contiguous, column-sliced and Fortran-ordered operands, and its fallback;

@@ -22,7 +22,7 @@ def softmax_forward(x, axis: int = -1):
     y = x - x.max(axis=axis, keepdims=True)  # x - m, every entry <= 0
     xp.exp(y, out=y)
     # Σ_j by NumPy, not a BLAS gemv: the gemv is faster alone, but a 2-thread gemv stalls on a
-    # shared machine (docs/performance_ops.md: 3.06 vs 0.74 ms under load)
+    # shared machine (docs/performance.md: 3.06 vs 0.74 ms under load)
     y /= y.sum(axis=axis, keepdims=True)
     return y, (y, axis)
 

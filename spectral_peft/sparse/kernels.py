@@ -110,7 +110,7 @@ def sddmm_dense(dy, x, S: CSR):
 
 
 # Relative costs of the SDDMM paths, in dense multiply-adds per token (the dense product dyᵀx costs
-# d_out·d_in of them). Measured on the 2-core CPU of docs/performance_ops.md, float32, d = N = 1024,
+# d_out·d_in of them). Measured on the 2-core CPU of docs/performance.md, float32, d = N = 1024,
 # where the dense product runs at ≈ 97 multiply-adds/ns (≈ 11 ms):
 #   np.take(dy, R, axis=1), one column for a block         ≈ 0.6 ns per element  -> 60
 #   a tiled transpose, per element of the columns it moves  ≈ 1.1 ns             -> 110

@@ -8,6 +8,7 @@ key_padding_mask (B, Tk).
 Forward:
     S = q kᵀ / √hd                                   (B, H, T, T)
     S[i, j] = -∞ where j is masked for query i:      causal (j > i), or key j is padding
+                                                     (added in place as a -∞/0 bias)
     P = softmax_j(S)                                 (B, H, T, T)
     out = P v                                        (B, H, T, hd)
 Backward (D_i = Σ_j P_ij dP_ij = dout_i · out_i, the FlashAttention identity):
@@ -185,7 +186,11 @@ def _sdpa_forward(q, k, v, masked, may_be_fully_masked: bool, dropout_p: float =
     # S = (q / √hd) kᵀ: the scale goes on q, (B, H, T, hd), not on S, (B, H, T, T): a smaller pass
     P = (q * scale) @ k.swapaxes(-1, -2)  # (B, H, T, hd) @ (B, H, hd, T) -> (B, H, T, T)
     if masked is not None:
-        xp.copyto(P, -math.inf, where=masked)
+        # S + bias, bias = -∞ where a score is removed and 0 elsewhere, shaped like ``masked``
+        # (at most (B, 1, T, T), H times smaller than S): one add in place, 0.05 ms at (8, 4, 128,
+        # 128) float32 against 0.14 ms for copyto(S, -∞, where=masked) (docs/performance.md); the
+        # same S for finite scores (S + 0 = S, S + -∞ = -∞), which q kᵀ of finite q, k always is
+        P += xp.where(masked, -math.inf, 0.0).astype(P.dtype, copy=False)
     # P = softmax_j(S), max-subtracted; a fully masked row has max -∞: use 0 there, so that
     # every exponent is e^(-∞) = 0 and the row sums to 0; dividing by 1 then leaves P = 0.
     m = P.max(axis=-1, keepdims=True)  # (B, H, T, 1)

@@ -8,6 +8,14 @@ Allocator: importing this module calls spectral_peft.allocator.keep_freed_memory
 freed activation memory for the next step instead of page-faulting fresh pages), unless the
 environment sets SPECTRAL_PEFT_SYSTEM_MALLOC=1; ``KEEP_FREED_MEMORY`` says which ran, and the
 benchmarks write it into their JSON line.
+
+Peer timing: importing this module sets OMP_WAIT_POLICY=PASSIVE (unless the environment already
+sets it) before any benchmark imports torch. With the default (active) policy torch's OpenMP
+threads spin for a while after each parallel region, so on a 2-core machine the engine step timed
+right after the torch step ran against two spinning threads and read ~5–15% slow (time_pair, the
+`ratio` and `gemm_fraction`). Passive threads sleep at once; torch's own step is timed both ways
+in docs/performance.md. ``OMP_WAIT_POLICY`` says which ran; the benchmarks write it into their
+JSON line. Run with OMP_WAIT_POLICY=ACTIVE to reproduce the old, biased pairing.
 """
 from __future__ import annotations
 
@@ -17,6 +25,9 @@ import time
 import numpy as np
 
 from spectral_peft.allocator import keep_freed_memory
+
+# before torch is imported (every benchmark imports it lazily, after this module): see the docstring
+OMP_WAIT_POLICY = os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 KEEP_FREED_MEMORY = os.environ.get("SPECTRAL_PEFT_SYSTEM_MALLOC") != "1" and keep_freed_memory()
 

@@ -35,7 +35,7 @@ import tempfile
 from _threads import THREADS  # noqa: E402,F401  (benchmarks/_threads.py: before NumPy loads BLAS)
 
 import numpy as np  # noqa: E402
-from _common import optimizers, time_pair  # noqa: E402  (benchmarks/_common.py)
+from _common import OMP_WAIT_POLICY, optimizers, time_pair  # noqa: E402  (benchmarks/_common.py)
 
 from spectral_peft.adapters.lora import LoraConfig  # noqa: E402
 from spectral_peft.adapters.peft_model import get_peft_model, save_adapter  # noqa: E402
@@ -107,7 +107,8 @@ def main(argv=None) -> int:
         "bench": "llama_lora_step", "engine_s": round(engine_s, 5), "peer_s": round(peer_s, 5),
         "ratio": round(ratio, 4), "target": TARGET_RATIO, "engine_min_s": round(mins["engine"] / 1e3, 5),
         "peer_min_s": round(mins["torch"] / 1e3, 5), "peer_attn_implementation": attn_impl,
-        "loss_engine": loss_e, "loss_peft": loss_t, "repeats": args.repeats, "threads": THREADS, **generation,
+        "loss_engine": loss_e, "loss_peft": loss_t, "repeats": args.repeats, "threads": THREADS,
+        "omp_wait_policy": OMP_WAIT_POLICY, **generation,
     }))
     return 0
 

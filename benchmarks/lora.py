@@ -46,7 +46,7 @@ import tempfile
 from _threads import THREADS  # noqa: E402,F401  (benchmarks/_threads.py: before NumPy loads BLAS)
 
 import numpy as np  # noqa: E402
-from _common import KEEP_FREED_MEMORY, engine_step, interleaved_ms, optimizers, torch_step  # noqa: E402  (benchmarks/_common.py)
+from _common import KEEP_FREED_MEMORY, OMP_WAIT_POLICY, engine_step, interleaved_ms, optimizers, torch_step  # noqa: E402  (benchmarks/_common.py)
 import _common  # noqa: E402
 from _profile import profile_steps  # noqa: E402  (benchmarks/_profile.py)
 
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
         "lorafa_adapter_activation_ratio": round(fa_adapter / lora_adapter, 4),
         "lora_activation_bytes": lora_total, "lorafa_activation_bytes": fa_total,
         "loss_engine": m["loss_engine"], "loss_peft": m["loss_peft"], "repeats": args.repeats, "threads": THREADS,
-        "keep_freed_memory": KEEP_FREED_MEMORY, "clock": "cpu" if args.cpu_time else "wall", "widths": [{k: v for k, v in w.items() if k != "min_ms"} for w in widths],
+        "keep_freed_memory": KEEP_FREED_MEMORY, "omp_wait_policy": OMP_WAIT_POLICY, "clock": "cpu" if args.cpu_time else "wall", "widths": [{k: v for k, v in w.items() if k != "min_ms"} for w in widths],
     }
     if prof is not None:
         record["profile"] = prof

@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MKL_NUM_THREADS", "2")
 
 import numpy as np  # noqa: E402
-from _common import KEEP_FREED_MEMORY, engine_step, time_pair  # noqa: E402  (benchmarks/_common.py, beside this script)
+from _common import KEEP_FREED_MEMORY, OMP_WAIT_POLICY, engine_step, time_pair  # noqa: E402  (benchmarks/_common.py, beside this script)
 from _profile import profile_steps  # noqa: E402  (benchmarks/_profile.py)
 
 from spectral_peft.backend import get_backend  # noqa: E402
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
                       "ratio": round(engine_ms / torch_ms, 4), "gemm_fraction": round(gemm_fraction, 4),
                       "gemm_gflops": round(rate / 1e9, 1), "engine_gflops": round(engine_rate / 1e9, 1),
                       "loss_engine": loss_e, "loss_torch": loss_t, "losses_agree": bool(losses_agree),
-                      "threads": THREADS, "keep_freed_memory": KEEP_FREED_MEMORY, "sweep": sweep, **({"profile": prof} if prof is not None else {})}))
+                      "threads": THREADS, "keep_freed_memory": KEEP_FREED_MEMORY, "omp_wait_policy": OMP_WAIT_POLICY, "sweep": sweep, **({"profile": prof} if prof is not None else {})}))
     return 0 if losses_agree else 1
 
 

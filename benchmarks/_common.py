@@ -10,12 +10,14 @@ environment sets SPECTRAL_PEFT_SYSTEM_MALLOC=1; ``KEEP_FREED_MEMORY`` says which
 benchmarks write it into their JSON line.
 
 Peer timing: importing this module sets OMP_WAIT_POLICY=PASSIVE (unless the environment already
-sets it) before any benchmark imports torch. With the default (active) policy torch's OpenMP
-threads spin for a while after each parallel region, so on a 2-core machine the engine step timed
-right after the torch step ran against two spinning threads and read ~5–15% slow (time_pair, the
-`ratio` and `gemm_fraction`). Passive threads sleep at once; torch's own step is timed both ways
-in docs/performance.md. ``OMP_WAIT_POLICY`` says which ran; the benchmarks write it into their
-JSON line. Run with OMP_WAIT_POLICY=ACTIVE to reproduce the old, biased pairing.
+sets it) before any benchmark imports torch. Under libgomp's default policy torch's OpenMP threads
+spin for a while after each parallel region, so on a 2-core machine the engine step timed right
+after the torch step shared the cores with them: the LoRA step read 147.0 ms after a torch step
+against 134.1 ms after an engine step (+10%; PASSIVE: 133.3 and 133.7), which biased time_pair's
+`ratio` and `gemm_fraction`. Passive threads sleep at once; torch's own step is not slowed (226.8
+ms passive, 227.4 ms default; docs/performance.md). ``OMP_WAIT_POLICY`` says which ran; the
+benchmarks write it into their JSON line. OMP_WAIT_POLICY= (empty: libgomp warns and keeps its
+default) reproduces the old pairing; ACTIVE (spin without end) slows every engine step ~3x.
 """
 from __future__ import annotations
 

@@ -126,8 +126,9 @@ def measure(C: int, H: int, ids, repeats: int, warmup: int = 2) -> dict:
     loss_t = torch_step(pm_t, topt, ids_t)
     loss_f = engine_step(full, fopt, ids)
     # Two interleaved groups: engine against PEFT (``ratio``), and engine against engine without torch in
-    # the loop (torch's threads, still spinning after its step, slowed whichever engine step came next:
-    # the full step measured 183 ms after a torch step and 166 ms in an engine-only loop).
+    # the loop (under libgomp's default wait policy torch's threads, still spinning after its step, slowed
+    # whichever engine step came next: the full step measured 183 ms after a torch step and 166 ms in an
+    # engine-only loop; _common sets OMP_WAIT_POLICY=PASSIVE against it, the engine-only loop stays).
     ms, mins = interleaved_ms({"engine": lambda: engine_step(pm, opt, ids),
                                "torch": lambda: torch_step(pm_t, topt, ids_t)}, repeats, warmup=warmup - 1)
     fns = {"lora": lambda: engine_step(pm, opt, ids), "full": lambda: engine_step(full, fopt, ids),

@@ -521,8 +521,12 @@ class Trainer:
                     self.eval_history.append((self.step, self.evaluate(eval_batches)))
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", ms=f"{m['ms']:.0f}", tok_s=f"{m['tokens_per_s']:.0f}",
-                                    comm_ms=f"{m['ms_comm']:.2f}")
+                    shown = {"loss": f"{m['loss']:.4f}", "ms": f"{m['ms']:.0f}", "tok_s": f"{m['tokens_per_s']:.0f}"}
+                    if self.comm.size > 1:
+                        shown["comm_ms"] = f"{m['ms_comm']:.2f}"
+                    if "peak_rss_bytes" in m:  # a metrics_log's field
+                        shown["rss_MiB"] = f"{m['peak_rss_bytes'] / 2**20:.0f}"
+                    bar.set_postfix(shown)
                 if self.checkpoint_every is not None and self.step % self.checkpoint_every == 0:
                     self.save_checkpoint()
                 if any(getattr(c, "should_stop", False) for c in self.controllers):

@@ -19,7 +19,6 @@ from spectral_peft.adapters.adalora import (
 )
 from spectral_peft.backend import to_host
 from spectral_peft.module import Linear
-from tests._nets import Bag
 from spectral_peft.testing import RTOL, assert_close, check_module_gradients, numerical_gradient
 
 

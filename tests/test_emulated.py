@@ -44,7 +44,7 @@ def test_numpy_conversion_raises_like_cupy():
 @pytest.mark.parametrize("op", ["x + h", "h + x", "x * h", "xp.matmul(x, h)", "xp.concatenate([x, h])",
                                 "xp.where(x > 0, x, h)"])
 def test_a_numpy_array_in_a_device_operation_raises(op):
-    x, h = dev(np.ones(3)), np.ones(3)
+    x, h = dev(np.ones(3)), np.ones(3)  # noqa: F841 - read by eval(op)
     with pytest.raises(TypeError, match="Unsupported type"):
         eval(op)
 

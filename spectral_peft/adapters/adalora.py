@@ -33,7 +33,7 @@ from ..backend import get_xp, to_host
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.lowrank import lowrank_backward, lowrank_forward
-from .adalora_allocator import PARAM_KEYS, RankAllocator, budget_schedule
+from .adalora_allocator import RankAllocator, budget_schedule
 from .base import AdapterConfig, AdapterLayer, Controller, Recipe, model_relative
 RANKNUM_EPS = 1e-5  # PEFT: ranknum + 1e-5 in the denominator of the scale
 ORTH_FORMS = ("peft", "paper")

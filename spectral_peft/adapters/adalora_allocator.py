@@ -9,9 +9,14 @@ Shape legend: per layer A (r, d_in), E (r, 1), B (d_out, r); n layers; b(t) trip
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..backend import get_xp
 from ..budget import threshold_mask_le, topk_mask
 from .base import model_relative
+
+if TYPE_CHECKING:  # the annotation only: adalora.py imports this module
+    from .adalora import AdaLoraConfig
 
 PARAM_KEYS = ("lora_A", "lora_E", "lora_B")  # PEFT's ParameterDict names; file keys drop the adapter name
 

@@ -43,7 +43,6 @@ Run: python benchmarks/scaling.py [--repeats N] [--out figures/scaling.png] [--e
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -342,9 +341,7 @@ def main(argv=None) -> int:
     print(f"wrote {args.out}")
 
     end_to_end = None
-    if args.end_to_end and importlib.util.find_spec("spectral_peft.distributed") is None:
-        print("end to end: not available: this spectral_peft has no distributed module")
-    elif args.end_to_end:
+    if args.end_to_end:
         end_to_end = [weak_scaling_end_to_end(n, args.steps) for n in (1, 2)]
         for rec in end_to_end:
             print(f"end to end, {rec['world_size']} rank(s): {rec['ms']:.1f} ms/step, {rec['tokens_per_s']:.0f} "
@@ -354,6 +351,15 @@ def main(argv=None) -> int:
         return {str(n): {"step_ms": round(v["step_ms"], 3), "efficiency": round(v["efficiency"], 5)}
                 for n, v in predictions[(name, link)].items()}
 
+    def kind_record(kind: str) -> dict:
+        """The JSON fields of one kind of training (LoRA or full fine-tuning)."""
+        step, size = steps[kind], steps[kind]["grad_bytes"]
+        return {"step_ms": step["ms"], "step_min_ms": step["min_ms"], "grad_bytes": size,
+                "allreduce_2rank_s": exact[size], "allreduce_2rank_min_s": exact_min[size],
+                "compute_ms_for_90pct_at_1024": need[(kind, "measured")],
+                "efficiency": per_n(kind, "measured"), "efficiency_per_hop": per_n(kind, "measured, per-hop"),
+                "efficiency_100gbps": per_n(kind, "100 Gb/s link")}
+
     print(json.dumps({
         "benchmark": "scaling", "alpha_s": alpha, "beta_bytes_per_s": beta,
         "alpha_s_float32": fit32[0], "beta_bytes_per_s_float32": fit32[1],
@@ -362,18 +368,7 @@ def main(argv=None) -> int:
         "fit_max_rel_error": max(rel), "alpha_s_minima": fit_min[0], "beta_bytes_per_s_minima": fit_min[1],
         "allreduce_2rank_min_s": {dt: {str(s): v for s, v in m.items()} for dt, m in minima.items()},
         "allreduce_rounds": args.rounds,
-        "lora": {"step_ms": steps["lora"]["ms"], "step_min_ms": steps["lora"]["min_ms"], "grad_bytes": steps["lora"]["grad_bytes"],
-                 "allreduce_2rank_s": exact[steps["lora"]["grad_bytes"]],
-                 "allreduce_2rank_min_s": exact_min[steps["lora"]["grad_bytes"]],
-                 "compute_ms_for_90pct_at_1024": need[("lora", "measured")],
-                 "efficiency": per_n("lora", "measured"), "efficiency_per_hop": per_n("lora", "measured, per-hop"),
-                 "efficiency_100gbps": per_n("lora", "100 Gb/s link")},
-        "full": {"step_ms": steps["full"]["ms"], "step_min_ms": steps["full"]["min_ms"], "grad_bytes": steps["full"]["grad_bytes"],
-                 "allreduce_2rank_s": exact[steps["full"]["grad_bytes"]],
-                 "allreduce_2rank_min_s": exact_min[steps["full"]["grad_bytes"]],
-                 "compute_ms_for_90pct_at_1024": need[("full", "measured")],
-                 "efficiency": per_n("full", "measured"), "efficiency_per_hop": per_n("full", "measured, per-hop"),
-                 "efficiency_100gbps": per_n("full", "100 Gb/s link")},
+        "lora": kind_record("lora"), "full": kind_record("full"),
         "network_assumed": NETWORK, "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0], "end_to_end": end_to_end, "threads": THREADS, "repeats": args.repeats,
     }))
     return 0

@@ -6,6 +6,10 @@ Shapes: x (N, d_in) or (..., d_in); W (d_out, d_in); b (d_out,); y (..., d_out).
 """
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
+
 import numpy as np
 
 _CBLAS: dict = {}  # dtype char -> NumPy's own cblas ?gemm (ctypes), or None where it cannot be found
@@ -16,10 +20,6 @@ def _numpy_cblas_gemm(char: str):
     """The ILP64 cblas_sgemm of the OpenBLAS NumPy itself runs on (its wheels bundle it in
     numpy.libs), through ctypes, or None. NumPy's own library, not SciPy's: two OpenBLAS thread pools
     spinning side by side on 2 cores made every step several times slower (measured)."""
-    import ctypes  # noqa: PLC0415
-    import glob  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
     # float32 only: float64 is the suite's reference precision, where host and device (CuPy, gpu-emulated)
     # runs are compared to 1e-12 and must take the same NumPy sequence (out += α·(a @ b))
     name = {"f": "sgemm"}.get(char)

@@ -10,7 +10,10 @@ The last line is ONE JSON object: per op, engine ms, torch ms and their ratio; a
 the element-wise ops' forward and backward alone, ms before and after the pass reduction
 (the versions before are kept below, in this file only, as the timing baseline), interleaved.
 
-Run: python benchmarks/ops.py [--repeats N] [--skip-torch]
+Under "query_blocks": causal attention forward + backward at T 128-1024, one block against the
+blocked path (ops/attention.py, causal_query_blocks), engine against itself.
+
+Run: python benchmarks/ops.py [--repeats N] [--skip-torch] [--query-blocks]
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from spectral_peft.ops import (attention_backward, attention_forward, cross_entr
                                embedding_forward, fanout_backward, gelu_backward, gelu_forward, layernorm_backward,
                                layernorm_forward, residual_forward, rmsnorm_backward, rmsnorm_forward,
                                softmax_backward, softmax_forward)
+from spectral_peft.ops import attention as attention_module  # noqa: E402
 from spectral_peft.ops.activation import GELU_C, GELU_K, sigmoid, swiglu_backward, swiglu_forward  # noqa: E402
 from spectral_peft.ops.norm import _col_sum, _row_dot_mean, _row_mean  # noqa: E402
 
@@ -269,11 +273,43 @@ def time_passes(repeats: int) -> dict:
     return out
 
 
+def time_query_blocks(repeats: int) -> dict:
+    """Causal attention forward + backward at T 128-1024 (B·T = 1024 tokens, H 4, hd 64, float32):
+    one block (every query against every key) against the blocked path (QUERY_BLOCK queries per
+    block, the removed upper triangle skipped), interleaved per repeat; medians (ms)."""
+    out = {}
+    block = attention_module.QUERY_BLOCK
+    print(f"\ncausal attention by query blocks of {block}, forward + backward, float32; median of {repeats} (ms)")
+    print(f"{'T':>6s} {'one block':>10s} {'blocked':>9s} {'x':>6s}")
+    for T_ in (128, 256, 512, 1024):
+        rng = np.random.default_rng(T_)
+        q, k, v, g = (rng.standard_normal((N // T_, H, T_, HD)).astype(np.float32) for _ in range(4))
+        times = {"one": [], "blocked": []}
+        for rep in range(repeats + 2):
+            for name in (("one", "blocked") if rep % 2 else ("blocked", "one")):
+                attention_module.QUERY_BLOCK = 10 ** 9 if name == "one" else block
+                t0 = time.perf_counter()
+                _, c = attention_forward(q, k, v, True)
+                attention_backward(g, c)
+                if rep >= 2:
+                    times[name].append(time.perf_counter() - t0)
+        attention_module.QUERY_BLOCK = block
+        one, blocked = (1e3 * float(np.median(times[n])) for n in ("one", "blocked"))
+        print(f"{T_:6d} {one:10.3f} {blocked:9.3f} {one / blocked:6.2f}")
+        out[str(T_)] = {"one_block_ms": round(one, 4), "blocked_ms": round(blocked, 4),
+                        "speedup": round(one / blocked, 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--skip-torch", action="store_true", help="only the before/after passes")
+    parser.add_argument("--query-blocks", action="store_true", help="only the causal attention by query blocks")
     args = parser.parse_args()
+    if args.query_blocks:
+        print(json.dumps({"benchmark": "ops", "query_blocks": time_query_blocks(args.repeats)}))
+        return
     result = {"benchmark": "ops", "shape": {"B": B, "T": T, "C": C, "H": H, "V": V}, "ops": {}}
     for name, (ours, theirs) in ({} if args.skip_torch else cases()).items():
         for _ in range(3):
@@ -291,6 +327,7 @@ def main() -> None:
         print(f"{name:18s} engine {e:8.3f} ms   torch {t:8.3f} ms   ratio {e / t:5.2f}")
         result["ops"][name] = {"engine_ms": round(e, 4), "torch_ms": round(t, 4), "ratio": round(e / t, 3)}
     result["passes"] = time_passes(max(args.repeats, 41))
+    result["query_blocks"] = time_query_blocks(args.repeats)
     print(json.dumps(result))
 
 

@@ -134,6 +134,71 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None, shift_group:
         raise ValueError(f"attention_forward: causal attention needs Tq <= Tk (queries are the last Tq keys), got Tq = {Tq}, Tk = {Tk}")
     if sliding_window is not None and (not causal or type(sliding_window) is not int or sliding_window < 1):
         raise ValueError(f"attention_forward: sliding_window must be a positive int with causal=True, got {sliding_window!r}")
+    bounds = causal_query_blocks(Tq, Tk, causal, dropout_p)
+    if bounds is not None:
+        return _blocked_forward(q, k, v, bounds, key_padding_mask, sliding_window)
+    return _dense_attention(q, k, v, causal, key_padding_mask, dropout_p, rng, sliding_window)
+
+
+# --- causal attention by query blocks ----------------------------------------------------------
+# Under the causal mask the queries of block [a, e) see only keys [0, e): the scores of the later keys
+# are all removed. A training forward (Tq = Tk = T, no dropout) is therefore taken block by block, each
+# block a cached-decoding attention of e - a queries against the first e keys, and the removed upper
+# triangle beyond each block's last key is never computed: in blocks of 128 the six per-head products
+# and the softmax's passes cover 3/4 of the T x T scores at T = 256, 0.56 at T = 1024 (T <= 128 is one
+# block, the one-block path unchanged). The rows are
+# the same functions of the same visible scores: equal to the one-block path within rounding (the row
+# sums and P v skip the removed zeros, so their summation order differs; tests/test_ops_attention_blocks.py).
+# Attention dropout keeps the one-block path, so a seed draws the same (B, H, T, T) mask as before.
+QUERY_BLOCK = 128  # query rows per block (measured: 128 beats 64 and 256 at T 256-1024, docs/performance.md)
+
+
+def causal_query_blocks(Tq: int, Tk: int, causal: bool, dropout_p: float = 0.0, block: int | None = None):
+    """[(a, e), ...] query blocks of a causal training forward (queries a..e-1 see keys 0..e-1), or
+    None where attention is taken in one block (not causal, cached decoding Tq != Tk, attention
+    dropout, or T <= block); ``block`` rows per block, QUERY_BLOCK by default."""
+    block = QUERY_BLOCK if block is None else block
+    if not causal or Tq != Tk or dropout_p > 0 or Tq <= block:
+        return None
+    return [(a, min(a + block, Tq)) for a in range(0, Tq, block)]
+
+
+def _blocked_forward(q, k, v, bounds, key_padding_mask, sliding_window):
+    """out (B, H, T, hd) of causal attention, block by block: out[a:e] = attention(q[a:e], k[:e], v[:e]).
+    Cache ("blocks", [(a, e, block cache), ...])."""
+    xp = get_xp(q)
+    out = xp.empty(q.shape, dtype=q.dtype)
+    caches = []
+    for a, e in bounds:
+        pad = None if key_padding_mask is None else key_padding_mask[:, :e]
+        out_b, cache_b = _dense_attention(q[:, :, a:e], k[:, :, :e], v[:, :, :e], True, pad, 0.0, None, sliding_window)
+        out[:, :, a:e] = out_b
+        caches.append((a, e, cache_b))
+    return out, ("blocks", caches)
+
+
+def _blocked_backward(dout, caches):
+    """(dq, dk, dv) of :func:`_blocked_forward`: each block's backward, dq written per block, dk and dv
+    summed over the blocks that read each key (out[a:e] = f(q[a:e], k[:e], v[:e]) => dk[:e] += dk_block)."""
+    xp = get_xp(dout)
+    dq = xp.empty(dout.shape, dtype=dout.dtype)
+    dk = dv = None
+    for a, e, cache_b in reversed(caches):  # the last block reads every key: its dk, dv start the sums
+        dq_b, dk_b, dv_b = attention_backward(xp.ascontiguousarray(dout[:, :, a:e]), cache_b)
+        dq[:, :, a:e] = dq_b
+        if dk is None:
+            dk, dv = dk_b, dv_b
+        else:
+            dk[:, :, :e] += dk_b
+            dv[:, :, :e] += dv_b
+    return dq, dk, dv
+
+
+def _dense_attention(q, k, v, causal: bool, key_padding_mask, dropout_p: float, rng, sliding_window):
+    """attention_forward's one-block path (arguments checked there): every query against every key,
+    the removed scores masked. -> out (B, H, Tq, hd), cache ("full", core)."""
+    B, H, Tq, hd = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
     xp = get_xp(q)
     G = H // Hkv
     masked = attention_mask(Tq, Tk, causal, key_padding_mask, sliding_window, xp)
@@ -151,6 +216,8 @@ def attention_backward(dout, cache):
     kind, core = cache
     if kind == "s2":
         return s2_attention_backward(dout, cache)
+    if kind == "blocks":
+        return _blocked_backward(dout, core)
     B, H, Tq, hd = dout.shape
     Hkv = core[1].shape[1]
     if H % Hkv or core[0].shape[2] * Hkv != H * Tq:

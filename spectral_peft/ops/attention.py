@@ -124,8 +124,7 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None, shift_group:
     """
     _check_qkv(q, k, v, key_padding_mask)
     _check_dropout(dropout_p, rng)
-    B, H, Tq, hd = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Tq, Tk = q.shape[2], k.shape[2]
     if shift_group is not None:
         if Tq != Tk:
             raise ValueError("attention_forward: shift_group (S2-Attn) needs Tq = Tk (no KV cache: training only)")

@@ -31,7 +31,10 @@ the frozen base (forward y = x Wᵀ + s·(x Aᵀ) Bᵀ, backward dX = dY W + (s�
 "base" (the frozen product alone, the floor), "separate" (the branch as its own arrays, added),
 "accumulate" (the engine's path: the branch gemm'd into the base output, ops.linear.matmul_add),
 "stacked" (forward: one GEMM on the cached [W; A], then the B product accumulated into the strided
-y; backward: one GEMM of [dY, s·dY B] on [W; A]).
+y; backward: one GEMM of [dY, s·dY B] on [W; A]); and, with the base's bias b, "base+bias" (full
+fine-tuning's y = x Wᵀ, then y += b), "folded" (LoraLinear's float32 path where d_out <= d_in:
+[xa | 1] [s·Bᵀ; b], then x Wᵀ accumulated onto it) and "k-stacked" (its path where d_out > d_in:
+one GEMM [x | xa | 1] [Wᵀ; s·Bᵀ; b]).
 
 Run: python benchmarks/lora.py [--repeats N] [--widths 256,512,1024] [--profile]
 """
@@ -149,7 +152,8 @@ def measure(C: int, H: int, ids, repeats: int, warmup: int = 2) -> dict:
 
 def fusion(widths, repeats: int) -> list[dict]:
     """The --fusion table (module docstring): ms per variant per adapted shape, medians."""
-    from spectral_peft.ops.linear import matmul_add  # noqa: PLC0415
+    from spectral_peft.ops.linear import linear_forward, matmul_add  # noqa: PLC0415
+    from spectral_peft.ops.lowrank import lowrank_forward, lowrank_stacked_forward  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     N, s, out = B * T, ALPHA / R, []
@@ -163,6 +167,8 @@ def fusion(widths, repeats: int) -> list[dict]:
             A = rng.standard_normal((R, d_in), dtype=np.float32)
             Bm = rng.standard_normal((d_out, R), dtype=np.float32)
             WA = np.concatenate([W, A])  # the cached stacked weight (d_out + r, d_in)
+            bias = rng.standard_normal(d_out, dtype=np.float32)
+            V = np.concatenate([W.T, np.zeros((R, d_out), np.float32), bias[None]])  # [Wᵀ; s·Bᵀ; b], s·Bᵀ written per call
 
             def separate_f():
                 y = x @ W.T
@@ -195,8 +201,20 @@ def fusion(widths, repeats: int) -> list[dict]:
                 cat[:, d_out:] *= s
                 cat @ WA
 
+            def base_bias_f():
+                y = x @ W.T
+                y += bias
+
+            def folded_f():  # LoraLinear's path where d_out <= d_in: s·xa Bᵀ + b, then x Wᵀ accumulated onto it
+                y, _ = lowrank_forward(x, A, Bm, s, keep_x=False, bias=bias)
+                linear_forward(x, W, None, keep_x=False, out=y)
+
+            def kstacked_f():  # LoraLinear's path where d_out > d_in: [x | xa | 1] @ [Wᵀ; s·Bᵀ; b]
+                lowrank_stacked_forward(x, x, A, Bm, s, V, keep_x=False)
+
             fns = {"fwd base": lambda: x @ W.T, "fwd separate": separate_f, "fwd accumulate": accumulate_f,
-                   "fwd stacked": stacked_f, "bwd base": lambda: dy @ W, "bwd separate": separate_b,
+                   "fwd stacked": stacked_f, "fwd base+bias": base_bias_f, "fwd folded": folded_f,
+                   "fwd k-stacked": kstacked_f, "bwd base": lambda: dy @ W, "bwd separate": separate_b,
                    "bwd accumulate": accumulate_b, "bwd stacked": stacked_b}
             ms, mins = interleaved_ms(fns, repeats, warmup=2)
             row = {"d_in": d_in, "d_out": d_out, **{k.replace(" ", "_"): round(v, 3) for k, v in ms.items()}}

@@ -5,6 +5,9 @@
 - the low-rank branch accumulated into the base's output / input gradient (lowrank_forward out=,
   lowrank_backward dx_out=) against the same function's separate-array path;
 - a frozen Linear: no dW, no bias sum, no cached x; dx bit-identical to dY W;
+- the stacked forward y = [x | xa | 1] [Wᵀ; s·Bᵀ; b] (lowrank_stacked_forward; LoraLinear's float32
+  path where d_out > d_in) against linear_forward + lowrank_forward, and the base weight it turns
+  into a view of the stacked weight (merge, Delta-LoRA's in-place update, a replaced weight);
 - LoraLinear's whole forward/backward against the equations written out in float64 NumPy.
 
 Tolerances: testing.RTOL (float64 1e-10, float32 1e-4): the fused gemm applies α to the sum and
@@ -17,7 +20,7 @@ import pytest
 from spectral_peft.adapters.lora import A_KEY, B_KEY, LoraLinear
 from spectral_peft.module import Linear
 from spectral_peft.ops.linear import matmul_add
-from spectral_peft.ops.lowrank import lowrank_backward, lowrank_forward
+from spectral_peft.ops.lowrank import lowrank_backward, lowrank_forward, lowrank_stacked_forward
 from spectral_peft.testing import RTOL, assert_close
 
 DTYPES = ["float32", "float64"]
@@ -107,9 +110,10 @@ def test_frozen_linear_keeps_nothing_and_computes_dx_only():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("freeze_a", [False, True])
-def test_lora_linear_equals_the_equations(dtype, freeze_a):
+@pytest.mark.parametrize("d_in,d_out", [(12, 9), (9, 12)])  # float32: the folded path, then the stacked one
+def test_lora_linear_equals_the_equations(dtype, freeze_a, d_in, d_out):
     rng = np.random.default_rng(5)
-    d_in, d_out, r, alpha = 12, 9, 4, 6.0
+    r, alpha = 4, 6.0
     W, bias = _rand(rng, (d_out, d_in), dtype), _rand(rng, (d_out,), dtype)
     layer = LoraLinear(Linear(W, bias), r=r, lora_alpha=alpha, init_lora_weights=False, rng=np.random.default_rng(0))
     layer.base_layer.freeze()
@@ -174,10 +178,85 @@ def test_bias_folded_branch_plus_accumulated_base_equals_canonical(dtype):
 def test_lora_forward_takes_the_folded_path_for_a_frozen_dense_base():
     rng = np.random.default_rng(11)
     f32 = np.float32
-    layer = LoraLinear(Linear(rng.standard_normal((5, 4)).astype(f32), rng.standard_normal(5).astype(f32)), r=2,
-                       init_lora_weights=False, rng=np.random.default_rng(0))
+    layer = LoraLinear(Linear(rng.standard_normal((4, 5)).astype(f32), rng.standard_normal(4).astype(f32)), r=2,
+                       init_lora_weights=False, rng=np.random.default_rng(0))  # d_out 4 <= d_in 5
     layer.base_layer.freeze()
-    layer.forward(rng.standard_normal((3, 4)).astype(f32))
+    layer.forward(rng.standard_normal((3, 5)).astype(f32))
+    assert getattr(layer, "_stack", None) is None  # not the stacked path
     assert layer.base_layer.cache == (None, True)  # set as the base's own frozen forward sets it
     xa = layer.cache[0][1]
     assert xa.shape == (3, 2) and xa.strides == (3 * 4, 4)  # xa, a view of [xa | 1] (rows r + 1 apart)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_stacked_forward_equals_canonical(dtype, has_bias):
+    rng = np.random.default_rng(12)
+    d_in, d_out, r, s = 5, 11, 3, 1.5
+    x, xd = _rand(rng, (2, 4, d_in), dtype), _rand(rng, (2, 4, d_in), dtype)  # xd: the branch's (dropped) input
+    W, b, A, B = (_rand(rng, sh, dtype) for sh in ((d_out, d_in), (d_out,), (r, d_in), (d_out, r)))
+    V = np.full((d_in + r + 1, d_out), np.nan, dtype=dtype)
+    V[:d_in] = W.T
+    V[-1] = b if has_bias else 0
+    y, (xk, xa) = lowrank_stacked_forward(x, xd, A, B, s, V)
+    assert xk is xd and xa.flags.c_contiguous and xa.base is None  # xa its own (N, r) array, not a view of [x | xa | 1]
+    np.testing.assert_array_equal(xa, xd.reshape(-1, d_in) @ A.T)  # the same product as lowrank_forward's
+    f = [a.astype(np.float64) for a in (x, xd, W, b, A, B)]
+    x64, xd64, W64, b64, A64, B64 = f
+    want = x64 @ W64.T + (b64 if has_bias else 0) + s * (xd64 @ A64.T) @ B64.T
+    assert y.shape == (2, 4, d_out) and y.dtype == dtype and y.flags.c_contiguous
+    assert_close(y, want, "[x | xa | 1] @ [Wᵀ; s·Bᵀ; b]", RTOL[dtype])
+    np.testing.assert_array_equal(V[d_in:d_in + r], (B.T * s).astype(dtype))  # s·Bᵀ written into its rows
+    _, (xk, _) = lowrank_stacked_forward(x, xd, A, B, s, V, keep_x=False)
+    assert xk is None
+
+
+def _stacked_layer(rng):
+    f32 = np.float32
+    layer = LoraLinear(Linear(rng.standard_normal((7, 3)).astype(f32), rng.standard_normal(7).astype(f32)), r=2,
+                       init_lora_weights="gaussian", rng=np.random.default_rng(0))  # d_out 7 > d_in 3
+    layer.base_layer.freeze()
+    return layer
+
+
+def _layer_equations(layer, x):
+    W, b = (layer.base_layer.params[k].astype(np.float64) for k in ("weight", "bias"))
+    A, B = (layer.params[k].astype(np.float64) for k in (A_KEY, B_KEY))
+    x64 = x.astype(np.float64)
+    return x64 @ W.T + b + layer.scaling * (x64 @ A.T) @ B.T
+
+
+def test_lora_forward_takes_the_stacked_path_and_holds_the_weight_once():
+    rng = np.random.default_rng(13)
+    layer = _stacked_layer(rng)
+    W0 = layer.base_layer.params["weight"].copy()
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    y = layer.forward(x)
+    W = layer.base_layer.params["weight"]
+    assert layer._stack.shape == (3 + 2 + 1, 7)
+    assert W.base is layer._stack and np.shares_memory(W, layer._stack)  # the base weight is a view of the stack
+    np.testing.assert_array_equal(W, W0)  # the same values
+    assert layer.base_layer.cache == (None, True)
+    assert_close(y, _layer_equations(layer, x), "stacked y", RTOL["float32"])
+    dx = layer.backward(rng.standard_normal((4, 7)).astype(np.float32))
+    assert dx.shape == (4, 3) and set(layer.grads) == {A_KEY, B_KEY}
+
+
+def test_stacked_weight_follows_merge_in_place_updates_and_a_replaced_weight():
+    rng = np.random.default_rng(14)
+    layer = _stacked_layer(rng)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    layer.forward(x)
+    stack = layer._stack
+    layer.merge()  # W += s·B A in the view: the stack's Wᵀ rows change with it
+    assert_close(stack[:3].T, layer.base_layer.params["weight"].astype(np.float64), "merged stack", 0.0)
+    layer.unmerge()
+    layer.base_layer.params["weight"] += np.float32(0.5)  # an in-place update (Delta-LoRA's)
+    assert_close(layer.forward(x), _layer_equations(layer, x), "after an in-place update", RTOL["float32"])
+    assert layer._stack is stack
+    new = rng.standard_normal((7, 3)).astype(np.float32)
+    layer.base_layer.params["weight"] = new  # another array installed: the stack is rebuilt from it
+    y = layer.forward(x)
+    assert layer._stack is not stack and layer.base_layer.params["weight"].base is layer._stack
+    np.testing.assert_array_equal(layer.base_layer.params["weight"], new)
+    assert_close(y, _layer_equations(layer, x), "after a replaced weight", RTOL["float32"])

@@ -37,7 +37,7 @@ from ..backend import to_host
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.linear import fast_gemm_available, linear_forward
-from ..ops.lowrank import lowrank_backward, lowrank_forward
+from ..ops.lowrank import lowrank_backward, lowrank_forward, lowrank_stacked_forward
 from .base import AdapterConfig, AdapterLayer, Recipe, adapter_layers, pattern_value
 from .lora_init import check_loftq_config, residual_init, residual_kind
 
@@ -348,8 +348,14 @@ class LoraLinear(AdapterLayer):
             # then the frozen base's product accumulated onto it by one gemm (no pass over y for either
             # addition); the base's cache is what its own forward keeps for a frozen W (no x)
             bias = base.params.get("bias")
-            y, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=keep_x, bias=bias)
-            y, base.cache = linear_forward(x, base.params["weight"], None, keep_x=False, out=y)
+            if self.d_out > self.d_in:
+                # y = [x | drop(x) Aᵀ | 1] @ [Wᵀ; s·Bᵀ; b]: one GEMM over the stacked weight (where d_out > d_in
+                # it beats the two products below, docs/performance.md); W is a view of that weight
+                y, lcache = lowrank_stacked_forward(x, xd, p[A_KEY], p[B_KEY], self.scaling, self._stacked_weight(),
+                                                    keep_x=keep_x)
+            else:
+                y, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=keep_x, bias=bias)
+                y, base.cache = linear_forward(x, base.params["weight"], None, keep_x=False, out=y)
             base.cache = (None, bias is not None)
         else:
             y = base.forward(x)  # (..., d_in) -> (..., d_out), a fresh array
@@ -357,6 +363,24 @@ class LoraLinear(AdapterLayer):
             y, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=keep_x, out=y)
         self.cache = (lcache, dcache)
         return y
+
+    def _stacked_weight(self):
+        """V = [Wᵀ; s·Bᵀ; b] (d_in + r + 1, d_out) for :func:`lowrank_stacked_forward`, whose first d_in
+        rows ARE the frozen base weight: on first use Wᵀ is copied in and the base's ``weight`` becomes
+        the view ``V[:d_in].T`` (the same values, F-ordered), so the frozen W is not held twice and
+        what changes it in place (merge, Delta-LoRA) changes V. Should anything install another weight
+        array, V is rebuilt from it. The bias row is refreshed every call (d_out values); the s·Bᵀ
+        rows are written by the forward itself."""
+        base = self.base_layer
+        W, bias = base.params["weight"], base.params.get("bias")
+        V = getattr(self, "_stack", None)
+        if V is None or W is not self._stack_view:
+            V = np.empty((self.d_in + self.r + 1, self.d_out), dtype=W.dtype)
+            V[:self.d_in] = W.T
+            self._stack = V
+            self._stack_view = base.params["weight"] = V[:self.d_in].T  # (d_out, d_in), a view of V
+        V[-1] = 0 if bias is None else bias
+        return V
 
     def backward(self, dy):
         if self.merged:

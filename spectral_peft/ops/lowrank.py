@@ -11,7 +11,9 @@ alternative (forward: one GEMM x [W; A]ᵀ, y a strided view of it; backward: [d
 was implemented and measured (docs/performance.md, "Fused [W; A] or not"): alone it wins
 0.04–0.4 ms per layer in the forward (benchmarks/lora.py --fusion) but it lost 5–10 ms on the
 whole LoRA step, where the strided y slows the ops downstream; so the branch keeps its own x Aᵀ
-and dY B products (N, r).
+and dY B products (N, r). Concatenated along the contraction instead (lowrank_stacked_forward),
+y = [x | xa | 1] [Wᵀ; s·Bᵀ; b] is one GEMM whose y is an ordinary C-contiguous array: LoRA's float32
+forward takes it where d_out > d_in (docs/performance.md, "One GEMM over [x | xa | 1]").
 """
 from __future__ import annotations
 
@@ -68,6 +70,32 @@ def lowrank_forward(x, A, B, scale: float, keep_x: bool = True, out=None, bias=N
         y = out
         _add_into(out, xa, B.T, scale)
     return y, (x if keep_x else None, xa)
+
+
+def lowrank_stacked_forward(x, xd, A, B, scale: float, V, keep_x: bool = True):
+    """y = x Wᵀ + s · (xd Aᵀ) Bᵀ + b as ONE GEMM over operands concatenated along the contraction:
+
+        y = [x | xd Aᵀ | 1] @ V,   V = [Wᵀ; s·Bᵀ; bᵀ]        (N, d_in + r + 1) @ (d_in + r + 1, d_out)
+
+    x (..., d_in) the base's input, xd (..., d_in) the branch's (x, or x under dropout); V (d_in + r + 1,
+    d_out) float32 holds Wᵀ in its first d_in rows and b (or 0) in its last, both kept there by the
+    caller; the r rows between are written here with s·Bᵀ. -> y (..., d_out), a fresh C-contiguous
+    array written once, and the cache of :func:`lowrank_forward` (x when ``keep_x``, xa (N, r) its own
+    array: the (N, d_in + r + 1) operand is not kept). Where d_out > d_in this is cheaper than the
+    small product plus the base's accumulating gemm (both write y; the copy of x here is smaller than
+    y): docs/performance.md, "One GEMM over [x | xa | 1]".
+    """
+    xp = get_xp(x)
+    d_in, r = A.shape[1], A.shape[0]
+    x2 = x.reshape(-1, d_in)
+    xs = xp.empty((x2.shape[0], d_in + r + 1), dtype=x2.dtype)  # [x | xa | 1]  (N, d_in + r + 1)
+    xs[:, :d_in] = x2
+    xa = xd.reshape(-1, d_in) @ A.T  # xa = xd Aᵀ  (N, r), kept by the cache
+    xs[:, d_in:d_in + r] = xa
+    xs[:, d_in + r] = 1
+    xp.multiply(B.T, scale, out=V[d_in:d_in + r])  # s·Bᵀ  (r, d_out)
+    y = (xs @ V).reshape(*x.shape[:-1], V.shape[1])  # x Wᵀ + s · xa Bᵀ + b
+    return y, (xd if keep_x else None, xa)
 
 
 def lowrank_backward(dy, cache, A, B, scale: float, need_dA: bool = True, need_dB: bool = True,

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from spectral_peft.adapters.lora import A_KEY, B_KEY, LoraLinear
+from spectral_peft.model.layers import LayerNorm, RMSNorm
 from spectral_peft.module import Linear
 from spectral_peft.ops.linear import matmul_add
+from spectral_peft.ops.norm import layernorm_backward, layernorm_forward
 from spectral_peft.ops.lowrank import lowrank_backward, lowrank_forward, lowrank_stacked_forward
 from spectral_peft.testing import RTOL, assert_close
 
@@ -260,3 +262,28 @@ def test_stacked_weight_follows_merge_in_place_updates_and_a_replaced_weight():
     assert layer._stack is not stack and layer.base_layer.params["weight"].base is layer._stack
     np.testing.assert_array_equal(layer.base_layer.params["weight"], new)
     assert_close(y, _layer_equations(layer, x), "after a replaced weight", RTOL["float32"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_frozen_norm_computes_dx_only_and_the_same_dx(dtype, kind):
+    """A frozen norm (LoRA's base) skips the column sums of dweight/dbias; its dx is the trainable
+    norm's bit for bit (the same operations in the same order)."""
+    rng = np.random.default_rng(15)
+    C = 6
+    w, b = _rand(rng, (C,), dtype), _rand(rng, (C,), dtype)
+    x, dy = _rand(rng, (2, 3, C), dtype), _rand(rng, (2, 3, C), dtype)
+
+    def make():
+        return LayerNorm(w.copy(), b.copy(), 1e-5) if kind == "layernorm" else RMSNorm(w.copy(), 1e-6)
+
+    trained, frozen = make(), make()
+    frozen.freeze()
+    dx_t = (trained.forward(x), trained.backward(dy))[1]
+    dx_f = (frozen.forward(x), frozen.backward(dy))[1]
+    np.testing.assert_array_equal(dx_f, dx_t)
+    assert frozen.grads == {} and set(trained.grads) == ({"weight", "bias"} if kind == "layernorm" else {"weight"})
+    _, cache = layernorm_forward(x, w, b)
+    dx, dw, db = layernorm_backward(dy, cache, w, need_dparams=False)
+    assert dw is None and db is None
+    np.testing.assert_array_equal(dx, layernorm_backward(dy, cache, w)[0])

@@ -63,7 +63,9 @@ class LayerNorm(Module):
         return y
 
     def backward(self, dy):
-        dx, dw, db = layernorm_backward(dy, self.cache, self.params["weight"])
+        # a frozen norm (LoRA's base) asks for dx alone: no column sums for gradients it would drop
+        need = "weight" not in self.frozen or "bias" not in self.frozen
+        dx, dw, db = layernorm_backward(dy, self.cache, self.params["weight"], need_dparams=need)
         if "weight" not in self.frozen:
             self.accumulate("weight", dw)
         if "bias" not in self.frozen:
@@ -85,7 +87,7 @@ class RMSNorm(Module):
         return y
 
     def backward(self, dy):
-        dx, dw = rmsnorm_backward(dy, self.cache, self.params["weight"])
+        dx, dw = rmsnorm_backward(dy, self.cache, self.params["weight"], need_dparams="weight" not in self.frozen)
         if "weight" not in self.frozen:
             self.accumulate("weight", dw)
         self.cache = None

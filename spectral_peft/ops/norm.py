@@ -68,8 +68,9 @@ def layernorm_forward(x, weight, bias, eps: float = 1e-5):
     return y, (xhat, rstd)
 
 
-def layernorm_backward(dy, cache, weight):
-    """Gradients of y = x̂ ⊙ w + b: returns (dx (..., C), dweight (C,), dbias (C,)).
+def layernorm_backward(dy, cache, weight, need_dparams: bool = True):
+    """Gradients of y = x̂ ⊙ w + b: returns (dx (..., C), dweight (C,), dbias (C,)); dweight and dbias
+    are None when not ``need_dparams`` (a frozen norm: two column sums fewer, dx unchanged bit for bit).
 
     dx = r · (g - mean(g) - x̂ · mean(g ⊙ x̂))  with g = dy ⊙ w   (docs/ops.md derives it).
     """
@@ -78,10 +79,10 @@ def layernorm_backward(dy, cache, weight):
         raise ValueError(f"layernorm_backward: dy must have the forward's shape {tuple(xhat.shape)}, got {tuple(dy.shape)}")
     xp = get_xp(dy)
     # y = x̂ w + b  =>  db = Σ_N dy
-    dbias = _col_sum(dy)
+    dbias = _col_sum(dy) if need_dparams else None
     # y = x̂ w + b  =>  dw = Σ_N dy ⊙ x̂
     t = dy * xhat  # (..., C)
-    dweight = _col_sum(t)
+    dweight = _col_sum(t) if need_dparams else None
     # mean(g ⊙ x̂) = mean((dy ⊙ x̂) ⊙ w) = (t @ w) / C: a BLAS gemv on t, no pass over g and x̂
     mean_gx = _row_mean_weighted(t, weight)  # (..., 1)
     # y = x̂ w  =>  dx̂ = g = dy ⊙ w
@@ -107,8 +108,9 @@ def rmsnorm_forward(x, weight, eps: float = 1e-6):
     return y, (xhat, rstd)
 
 
-def rmsnorm_backward(dy, cache, weight):
-    """Gradients of y = x̂ ⊙ w, x̂ = x r: returns (dx (..., C), dweight (C,)).
+def rmsnorm_backward(dy, cache, weight, need_dparams: bool = True):
+    """Gradients of y = x̂ ⊙ w, x̂ = x r: returns (dx (..., C), dweight (C,)); dweight is None when
+    not ``need_dparams`` (a frozen norm).
 
     dx = r · (g - x̂ · mean(g ⊙ x̂))  with g = dy ⊙ w.
     """
@@ -118,7 +120,7 @@ def rmsnorm_backward(dy, cache, weight):
     xp = get_xp(dy)
     t = dy * xhat  # (..., C)
     # y = x̂ w  =>  dw = Σ_N dy ⊙ x̂
-    dweight = _col_sum(t)
+    dweight = _col_sum(t) if need_dparams else None
     # mean(g ⊙ x̂) = (t @ w) / C, a gemv (see layernorm_backward)
     mean_gx = _row_mean_weighted(t, weight)  # (..., 1)
     # y = x̂ w  =>  dx̂ = g = dy ⊙ w

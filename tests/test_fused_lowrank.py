@@ -7,7 +7,8 @@
 - a frozen Linear: no dW, no bias sum, no cached x; dx bit-identical to dY W;
 - the stacked forward y = [x | xa | 1] [Wᵀ; s·Bᵀ; b] (lowrank_stacked_forward; LoraLinear's float32
   path where d_out > d_in) against linear_forward + lowrank_forward, and the base weight it turns
-  into a view of the stacked weight (merge, Delta-LoRA's in-place update, a replaced weight);
+  into a view of the stacked weight (merge, Delta-LoRA's in-place update, a replaced weight); the
+  stacked dx = [dY | s·dY B] [W; A] (lowrank_stacked_backward; where d_out < d_in) likewise;
 - LoraLinear's whole forward/backward against the equations written out in float64 NumPy.
 
 Tolerances: testing.RTOL (float64 1e-10, float32 1e-4): the fused gemm applies α to the sum and
@@ -22,7 +23,8 @@ from spectral_peft.model.layers import LayerNorm, RMSNorm
 from spectral_peft.module import Linear
 from spectral_peft.ops.linear import matmul_add
 from spectral_peft.ops.norm import layernorm_backward, layernorm_forward
-from spectral_peft.ops.lowrank import lowrank_backward, lowrank_forward, lowrank_stacked_forward
+from spectral_peft.ops.lowrank import (lowrank_backward, lowrank_forward, lowrank_stacked_backward,
+                                      lowrank_stacked_forward)
 from spectral_peft.testing import RTOL, assert_close
 
 DTYPES = ["float32", "float64"]
@@ -112,7 +114,7 @@ def test_frozen_linear_keeps_nothing_and_computes_dx_only():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("freeze_a", [False, True])
-@pytest.mark.parametrize("d_in,d_out", [(12, 9), (9, 12)])  # float32: the folded path, then the stacked one
+@pytest.mark.parametrize("d_in,d_out", [(12, 9), (9, 12)])  # float32: folded forward + stacked dx, stacked forward
 def test_lora_linear_equals_the_equations(dtype, freeze_a, d_in, d_out):
     rng = np.random.default_rng(5)
     r, alpha = 4, 6.0
@@ -287,3 +289,51 @@ def test_frozen_norm_computes_dx_only_and_the_same_dx(dtype, kind):
     dx, dw, db = layernorm_backward(dy, cache, w, need_dparams=False)
     assert dw is None and db is None
     np.testing.assert_array_equal(dx, layernorm_backward(dy, cache, w)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("need", [(True, True), (False, True), (True, False)])
+def test_stacked_backward_equals_canonical(dtype, need):
+    need_dA, need_dB = need
+    rng = np.random.default_rng(16)
+    d_in, d_out, r, s = 11, 5, 3, 0.75
+    x, dy = _rand(rng, (2, 4, d_in), dtype), _rand(rng, (2, 4, d_out), dtype)
+    W, A, B = (_rand(rng, sh, dtype) for sh in ((d_out, d_in), (r, d_in), (d_out, r)))
+    _, cache = lowrank_forward(x, A, B, s)
+    U = np.full((d_out + r, d_in), np.nan, dtype=dtype)
+    U[:d_out] = W
+    dx, dA, dB = lowrank_stacked_backward(dy, cache, A, B, s, U, need_dA=need_dA, need_dB=need_dB)
+    _, dA0, dB0 = lowrank_backward(dy, cache, A, B, s, need_dA=need_dA, need_dB=need_dB, need_dx=False)
+    for name, got, want in (("dA", dA, dA0), ("dB", dB, dB0)):  # the same products in the same order
+        assert (got is None) == (want is None), name
+        if want is not None:
+            np.testing.assert_array_equal(got, want)
+    W64, A64, B64, dy64 = (a.astype(np.float64) for a in (W, A, B, dy))
+    assert dx.shape == x.shape and dx.dtype == dtype and dx.flags.c_contiguous
+    assert_close(dx, dy64 @ W64 + s * (dy64 @ B64) @ A64, "[dY | s·dY B] @ [W; A]", RTOL[dtype])
+    np.testing.assert_array_equal(U[d_out:], A)
+
+
+def test_lora_backward_takes_the_stacked_dx_where_d_out_is_smaller():
+    rng = np.random.default_rng(17)
+    f32 = np.float32
+    layer = LoraLinear(Linear(rng.standard_normal((3, 7)).astype(f32), rng.standard_normal(3).astype(f32)), r=2,
+                       init_lora_weights="gaussian", rng=np.random.default_rng(0))  # d_out 3 < d_in 7
+    layer.base_layer.freeze()
+    W0 = layer.base_layer.params["weight"].copy()
+    x, dy = rng.standard_normal((4, 7)).astype(f32), rng.standard_normal((4, 3)).astype(f32)
+    layer.forward(x)
+    assert layer._stacked_dx
+    dx = layer.backward(dy)
+    W = layer.base_layer.params["weight"]
+    assert W.base is layer._stack and W.flags.c_contiguous and layer._stack.shape == (3 + 2, 7)
+    np.testing.assert_array_equal(W, W0)
+    A, B = (layer.params[k].astype(np.float64) for k in (A_KEY, B_KEY))
+    dy64 = dy.astype(np.float64)
+    assert_close(dx, dy64 @ W0.astype(np.float64) + layer.scaling * (dy64 @ B) @ A, "stacked dx", RTOL["float32"])
+    assert layer.base_layer.cache is None and set(layer.grads) == {A_KEY, B_KEY}
+    dropped = LoraLinear(Linear(W0.copy(), rng.standard_normal(3).astype(f32)), r=2, lora_dropout=0.5,
+                         init_lora_weights="gaussian", rng=np.random.default_rng(0))
+    dropped.base_layer.freeze()
+    dropped.forward(x)
+    assert not dropped._stacked_dx  # dropout between x and the branch: dx cannot be one product

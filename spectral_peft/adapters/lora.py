@@ -37,7 +37,7 @@ from ..backend import to_host
 from ..module import Linear, Module
 from ..ops.dropout import dropout_backward, dropout_forward
 from ..ops.linear import fast_gemm_available, linear_forward
-from ..ops.lowrank import lowrank_backward, lowrank_forward, lowrank_stacked_forward
+from ..ops.lowrank import lowrank_backward, lowrank_forward, lowrank_stacked_backward, lowrank_stacked_forward
 from .base import AdapterConfig, AdapterLayer, Recipe, adapter_layers, pattern_value
 from .lora_init import check_loftq_config, residual_init, residual_kind
 
@@ -278,6 +278,8 @@ class LoraLinear(AdapterLayer):
     (inference; no adapter gradients), until ``unmerge()``.
     """
 
+    _stacked_dx = False  # set by each forward: whether the backward takes dx by lowrank_stacked_backward
+
     def __init__(self, base: Linear, r: int, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True, rng=None,
                  fan_in_fan_out: bool = False, path: str = "", loftq_config: dict | None = None):
@@ -342,8 +344,11 @@ class LoraLinear(AdapterLayer):
         base = self.base_layer
         xd, dcache = dropout_forward(x, self.lora_dropout, self.dropout_rng, self.training)
         keep_x = A_KEY not in self.frozen  # the branch's cache shares x (no copy) only while A is trainable
+        # where d_out < d_in (and no dropout sits between x and the branch) the backward takes dx as one GEMM
+        self._stacked_dx = False
         if type(base) is Linear and "weight" in base.frozen and isinstance(x, np.ndarray) \
                 and isinstance(base.params["weight"], np.ndarray) and fast_gemm_available(x.dtype):
+            self._stacked_dx = self.d_out < self.d_in and dcache is None
             # y = (s · (drop(x) Aᵀ) Bᵀ + b) + x Wᵀ: the small product first, the base's bias folded into it,
             # then the frozen base's product accumulated onto it by one gemm (no pass over y for either
             # addition); the base's cache is what its own forward keeps for a frozen W (no x)
@@ -364,37 +369,56 @@ class LoraLinear(AdapterLayer):
         self.cache = (lcache, dcache)
         return y
 
-    def _stacked_weight(self):
-        """V = [Wᵀ; s·Bᵀ; b] (d_in + r + 1, d_out) for :func:`lowrank_stacked_forward`, whose first d_in
-        rows ARE the frozen base weight: on first use Wᵀ is copied in and the base's ``weight`` becomes
-        the view ``V[:d_in].T`` (the same values, F-ordered), so the frozen W is not held twice and
-        what changes it in place (merge, Delta-LoRA) changes V. Should anything install another weight
-        array, V is rebuilt from it. The bias row is refreshed every call (d_out values); the s·Bᵀ
-        rows are written by the forward itself."""
+    def _stack_holding_weight(self, shape, weight_view):
+        """A float buffer of ``shape`` of which ``weight_view(buffer)`` IS the frozen base weight: on first
+        use W is copied in and the base's ``weight`` becomes that view (the same values), so W is not
+        held twice and what changes it in place (merge, Delta-LoRA) changes the buffer. Should anything
+        install another weight array, the buffer is rebuilt from it. A layer uses one layout only (its
+        d_out > d_in or d_out < d_in decides which), so one buffer is kept."""
         base = self.base_layer
-        W, bias = base.params["weight"], base.params.get("bias")
-        V = getattr(self, "_stack", None)
-        if V is None or W is not self._stack_view:
-            V = np.empty((self.d_in + self.r + 1, self.d_out), dtype=W.dtype)
-            V[:self.d_in] = W.T
-            self._stack = V
-            self._stack_view = base.params["weight"] = V[:self.d_in].T  # (d_out, d_in), a view of V
+        W = base.params["weight"]
+        S = getattr(self, "_stack", None)
+        if S is None or W is not self._stack_view or S.shape != shape:
+            S = np.empty(shape, dtype=W.dtype)
+            weight_view(S)[...] = W
+            self._stack = S
+            self._stack_view = base.params["weight"] = weight_view(S)  # (d_out, d_in), a view of S
+        return S
+
+    def _stacked_weight(self):
+        """V = [Wᵀ; s·Bᵀ; b] (d_in + r + 1, d_out) for :func:`lowrank_stacked_forward`: W is the view
+        ``V[:d_in].T`` (F-ordered); the bias row is refreshed every call (d_out values), the s·Bᵀ rows
+        are written by the forward itself."""
+        V = self._stack_holding_weight((self.d_in + self.r + 1, self.d_out), lambda S: S[:self.d_in].T)
+        bias = self.base_layer.params.get("bias")
         V[-1] = 0 if bias is None else bias
         return V
+
+    def _stacked_input_weight(self):
+        """U = [W; A] (d_out + r, d_in) for :func:`lowrank_stacked_backward`: W is the view ``U[:d_out]``
+        (C-contiguous); the A rows are written by the backward itself."""
+        return self._stack_holding_weight((self.d_out + self.r, self.d_in), lambda S: S[:self.d_out])
 
     def backward(self, dy):
         if self.merged:
             return self.base_layer.backward(dy)
         lcache, dcache = self.cache
         p = self.params
-        dx = self.base_layer.backward(dy)  # y = base(x)  =>  dx = base'(dy), a fresh array
-        # branch input = drop(x)  =>  dx += drop'(dx_branch); without dropout the branch's dx_branch = dxa A
-        # is accumulated into dx by one in-place gemm
-        dx_b, dA, dB = lowrank_backward(dy, lcache, p[A_KEY], p[B_KEY], self.scaling,
-                                        need_dA=A_KEY not in self.frozen, need_dB=B_KEY not in self.frozen,
-                                        dx_out=dx if dcache is None else None)
-        if dcache is not None:
-            dx += dropout_backward(dx_b, dcache)
+        if self._stacked_dx:
+            # y = x Wᵀ + s · (x Aᵀ) Bᵀ  =>  dx = [dY | s·dY B] @ [W; A], one GEMM (the frozen base keeps nothing)
+            dx, dA, dB = lowrank_stacked_backward(dy, lcache, p[A_KEY], p[B_KEY], self.scaling,
+                                                  self._stacked_input_weight(), need_dA=A_KEY not in self.frozen,
+                                                  need_dB=B_KEY not in self.frozen)
+            self.base_layer.cache = None
+        else:
+            dx = self.base_layer.backward(dy)  # y = base(x)  =>  dx = base'(dy), a fresh array
+            # branch input = drop(x)  =>  dx += drop'(dx_branch); without dropout the branch's dx_branch = dxa A
+            # is accumulated into dx by one in-place gemm
+            dx_b, dA, dB = lowrank_backward(dy, lcache, p[A_KEY], p[B_KEY], self.scaling,
+                                            need_dA=A_KEY not in self.frozen, need_dB=B_KEY not in self.frozen,
+                                            dx_out=dx if dcache is None else None)
+            if dcache is not None:
+                dx += dropout_backward(dx_b, dcache)
         if dA is not None:
             self.accumulate(A_KEY, dA)
         if dB is not None:

@@ -99,11 +99,12 @@ def lowrank_stacked_forward(x, xd, A, B, scale: float, V, keep_x: bool = True):
 
 
 def lowrank_backward(dy, cache, A, B, scale: float, need_dA: bool = True, need_dB: bool = True,
-                     need_dx: bool = True, dx_out=None):
+                     need_dx: bool = True, dx_out=None, dxa_out=None):
     """Gradients of y = s · (x Aᵀ) Bᵀ: returns (dx, dA, dB), None for those not asked for.
 
     With ``dx_out`` (..., d_in) (and need_dx), the branch's dx is added into it in place and
-    ``dx_out`` is returned as dx."""
+    ``dx_out`` is returned as dx. With ``dxa_out`` (N, r) (a view into a caller's buffer, e.g. the
+    stacked operand of :func:`lowrank_stacked_backward`), dxa = s·dY B is written there."""
     x, xa = cache
     r = A.shape[0]
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
@@ -114,9 +115,9 @@ def lowrank_backward(dy, cache, A, B, scale: float, need_dA: bool = True, need_d
         dB = dy2.T @ xa2
         dB *= scale
     dxa = None
-    if need_dA or need_dx:
+    if need_dA or need_dx or dxa_out is not None:
         # y = s · xa Bᵀ  =>  dxa = s · dY B      (N, d_out) @ (d_out, r) -> (N, r)
-        dxa = dy2 @ B
+        dxa = dy2 @ B if dxa_out is None else get_xp(dy).matmul(dy2, B, out=dxa_out)
         dxa *= scale
     if need_dA:
         if x is None:
@@ -132,4 +133,27 @@ def lowrank_backward(dy, cache, A, B, scale: float, need_dA: bool = True, need_d
                 raise ValueError(f"lowrank_backward: dx_out must have shape {(*dy.shape[:-1], A.shape[1])}, "
                                  f"got {dx_out.shape}")
             dx = _add_into(dx_out, dxa, A, 1.0)  # dx = dx_out + dxa A, in place
+    return dx, dA, dB
+
+
+def lowrank_stacked_backward(dy, cache, A, B, scale: float, U, need_dA: bool = True, need_dB: bool = True):
+    """Gradients of y = x Wᵀ + s · (x Aᵀ) Bᵀ (frozen W) with dx as ONE GEMM over operands stacked
+    along the contraction:
+
+        dx = [dY | s·dY B] @ [W; A]        (N, d_out + r) @ (d_out + r, d_in)
+
+    U (d_out + r, d_in) float32 holds W in its first d_out rows (kept there by the caller); its last r
+    rows are written here with A. -> (dx (..., d_in), dA, dB) as :func:`lowrank_backward` (the same
+    dA, dB products). Where d_out < d_in this is cheaper than dY W followed by dx += dxa A (dx, the
+    larger array, is written once; the copy of dY here is the smaller one): docs/performance.md.
+    """
+    xp = get_xp(dy)
+    d_out, r, d_in = dy.shape[-1], A.shape[0], A.shape[1]
+    dy2 = dy.reshape(-1, d_out)
+    ys = xp.empty((dy2.shape[0], d_out + r), dtype=dy2.dtype)  # [dY | s·dY B]  (N, d_out + r)
+    ys[:, :d_out] = dy2
+    _, dA, dB = lowrank_backward(dy, cache, A, B, scale, need_dA=need_dA, need_dB=need_dB, need_dx=False,
+                                 dxa_out=ys[:, d_out:])
+    U[d_out:] = A
+    dx = (ys @ U).reshape(*dy.shape[:-1], d_in)  # dY W + dxa A
     return dx, dA, dB

@@ -13,7 +13,8 @@ was implemented and measured (docs/performance.md, "Fused [W; A] or not"): alone
 whole LoRA step, where the strided y slows the ops downstream; so the branch keeps its own x Aᵀ
 and dY B products (N, r). Concatenated along the contraction instead (lowrank_stacked_forward),
 y = [x | xa | 1] [Wᵀ; s·Bᵀ; b] is one GEMM whose y is an ordinary C-contiguous array: LoRA's float32
-forward takes it where d_out > d_in (docs/performance.md, "One GEMM over [x | xa | 1]").
+forward takes it where d_out > d_in, and the backward's dx = [dY | s·dY B] [W; A]
+(lowrank_stacked_backward) where d_out < d_in (docs/performance.md, "One GEMM over [x | xa | 1]").
 """
 from __future__ import annotations
 

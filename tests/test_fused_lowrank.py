@@ -337,3 +337,24 @@ def test_lora_backward_takes_the_stacked_dx_where_d_out_is_smaller():
     dropped.base_layer.freeze()
     dropped.forward(x)
     assert not dropped._stacked_dx  # dropout between x and the branch: dx cannot be one product
+
+
+@pytest.mark.parametrize("d_in,d_out", [(4, 9), (9, 4)])  # stacked forward / folded forward, plain backward
+def test_lora_linear_with_dropout_equals_the_equations(d_in, d_out):
+    rng = np.random.default_rng(18)
+    f32 = np.float32
+    W, bias = rng.standard_normal((d_out, d_in)).astype(f32), rng.standard_normal(d_out).astype(f32)
+    layer = LoraLinear(Linear(W.copy(), bias.copy()), r=3, lora_alpha=6.0, lora_dropout=0.4,
+                       init_lora_weights="gaussian", rng=np.random.default_rng(0))
+    layer.base_layer.freeze()
+    x, dy = rng.standard_normal((5, d_in)).astype(f32), rng.standard_normal((5, d_out)).astype(f32)
+    y = layer.forward(x)
+    keep, scale = layer.cache[1]
+    assert not layer._stacked_dx
+    A, B = (layer.params[k].astype(np.float64) for k in (A_KEY, B_KEY))
+    x64, dy64, W64, s = x.astype(np.float64), dy.astype(np.float64), W.astype(np.float64), layer.scaling
+    xd = x64 * keep * scale  # the branch's input, drop(x)
+    assert_close(y, x64 @ W64.T + bias + s * (xd @ A.T) @ B.T, "y with dropout", RTOL["float32"])
+    dx = layer.backward(dy)
+    assert_close(dx, dy64 @ W64 + (s * (dy64 @ B) @ A) * keep * scale, "dx with dropout", RTOL["float32"])
+    assert_close(layer.grads[A_KEY], s * (dy64 @ B).T @ xd, "dA with dropout", RTOL["float32"])

@@ -7,9 +7,11 @@ frozen base's product that LoRA's forward calls (``linear_forward`` in ``adapter
 namespace) by timed ones, for as long as the ``with`` block lasts. Each wrapper charges its own (exclusive) time to its
 op kind: a call's wall time minus the time of the wrapped calls it made, so a LoRA layer's figure is
 its branch alone (its base Linear is charged to "linear base GEMM"), an attention module's is the
-softmax/QK/PV core (its projections are Linears), a block's is the residual adds.
+softmax/QK/PV core (its projections are Linears), a block's is the residual adds. Where LoRA takes
+its base and branch in one GEMM over stacked operands (``lowrank_stacked_forward`` / ``_backward`` in
+``adapters/lora.py``'s namespace, wrapped too), that call is charged to "stacked base+branch".
 
-Kinds (forward and backward separately): linear base GEMM, LoRA branch, attention core, LayerNorm,
+Kinds (forward and backward separately): linear base GEMM, LoRA branch, stacked base+branch, attention core, LayerNorm,
 GELU (activation), dropout, residual (the blocks' adds), LM head GEMM, loss (cross-entropy),
 embedding, other (model-level glue: input checks, reshapes), optimizer (step + zero_grad).
 
@@ -29,7 +31,7 @@ import contextlib
 import time
 from collections import defaultdict
 
-KINDS = ("linear base GEMM", "LoRA branch", "attention core", "LayerNorm", "GELU", "dropout", "residual",
+KINDS = ("linear base GEMM", "LoRA branch", "stacked base+branch", "attention core", "LayerNorm", "GELU", "dropout", "residual",
          "LM head GEMM", "loss", "embedding", "other", "optimizer")
 
 
@@ -74,6 +76,8 @@ def _flops(module, kind: str, phase: str, args, shapes: dict) -> float:
             return 0.0
         n = args[0].size // args[0].shape[-1] if phase == "forward" else shapes.get(key, 0)
         shapes[key] = n
+        if shapes.pop("stacked", False):  # this call's products ran in a stacked GEMM, counted there
+            return 0.0
         return 2.0 * n * module.r * (module.d_in + module.d_out) * (1 if phase == "forward" else 2)
     if kind == "attention core":
         if phase == "forward":
@@ -150,6 +154,25 @@ class StepProfile:
             return 2.0 * (x.size // x.shape[-1]) * W.shape[0] * W.shape[1]
 
         lora_mod.linear_forward = self._timed(lora_linear, "linear base GEMM", "forward", base_flops)
+        # where LoRA takes the base and the branch in one GEMM over stacked operands, that call is its own kind:
+        # its FLOPs are the stacked product's plus the branch's side products (x Aᵀ; dB, dxa, dA as if A trains)
+        stacked_fns = (lora_mod.lowrank_stacked_forward, lora_mod.lowrank_stacked_backward)
+
+        def stacked_fwd_flops(args):  # (x, xd, A, B, s, V): [x | xa | 1] @ V and xa = xd Aᵀ
+            x, A, V = args[0], args[2], args[5]
+            self._shapes["stacked"] = True
+            return 2.0 * (x.size // x.shape[-1]) * (V.shape[0] * V.shape[1] + A.shape[0] * A.shape[1])
+
+        def stacked_bwd_flops(args):  # (dy, cache, A, B, s, U): [dY | s·dY B] @ U, dB, dxa, dA
+            dy, A, U = args[0], args[2], args[5]
+            self._shapes["stacked"] = True
+            r, d_in, d_out = A.shape[0], A.shape[1], dy.shape[-1]
+            return 2.0 * (dy.size // d_out) * (U.shape[0] * U.shape[1] + 2 * d_out * r + r * d_in)
+
+        lora_mod.lowrank_stacked_forward = self._timed(stacked_fns[0], "stacked base+branch", "forward",
+                                                       stacked_fwd_flops)
+        lora_mod.lowrank_stacked_backward = self._timed(stacked_fns[1], "stacked base+branch", "backward",
+                                                        stacked_bwd_flops)
         if optimizer is not None:
             for name in ("step", "zero_grad"):
                 setattr(optimizer, name, self._timed(getattr(optimizer, name), "optimizer", "step"))
@@ -161,6 +184,7 @@ class StepProfile:
             for name, fn in originals.items():
                 setattr(gpt2, name, fn)
             lora_mod.linear_forward = lora_linear
+            lora_mod.lowrank_stacked_forward, lora_mod.lowrank_stacked_backward = stacked_fns
             if optimizer is not None:
                 for name in ("step", "zero_grad"):
                     del optimizer.__dict__[name]

@@ -21,6 +21,14 @@ is always (d_out, d_in) (the model loader transposes), so the flag changes nothi
 delta s·B A is added to a (d_out, d_in) weight. It is kept in the config so that PEFT, which merges
 into Conv1D storage, reads the file correctly (PEFT forces it to True for Conv1D targets).
 
+How the products are taken (the same y and dx, docs/performance.md "Frozen base"): on a frozen
+dense base in float32 NumPy the branch never forms an (N, d_out) or (N, d_in) temporary. Where
+d_out > d_in the forward is one GEMM y = [x | xa | 1] @ [Wᵀ; s·Bᵀ; b]; otherwise [xa | 1] [s·Bᵀ; b]
+with x Wᵀ accumulated onto it. Where d_out < d_in (and no dropout) the backward's dx is one GEMM
+[dY | s·dY B] @ [W; A]; otherwise dY W with dxa A accumulated onto it. The stacked buffers hold
+the frozen W itself (the base's weight becomes a view of them). Elsewhere (float64, the device,
+quantised or pruned bases) y = base(x), then the branch added in place.
+
 The layer family: :class:`LoraLinear` (here); DoRA (dora.py), DyLoRA (dylora.py), LoRA-FA
 (lorafa.py) and Delta-LoRA (deltalora.py) subclass it and its config.
 """

@@ -33,7 +33,8 @@ visible key, which is every row whose output is meaningful (right padding, as GP
 The cache holds q, k, v (needed for dk, dq, dv), P (the one (B, H, T, T) float array kept) and out
 (to form D without a second (B, H, T, T) temporary); callers must not write into ``out`` in place
 before the backward. The backward allocates a single (B, H, T, T) temporary (dP, turned into dS in
-place). With attention dropout (dropout_p > 0, HF's attn_dropout: out = P̃ v, P̃ = P ⊙ M/(1 - p)),
+place). A causal training forward of T > QUERY_BLOCK tokens is taken by query blocks (below): each
+block caches its own q, k, v views and P of (block, keys up to the block's end). With attention dropout (dropout_p > 0, HF's attn_dropout: out = P̃ v, P̃ = P ⊙ M/(1 - p)),
 the bool mask M is cached too and P̃ is rebuilt for dv (one more temporary, freed at once).
 """
 from __future__ import annotations
@@ -145,9 +146,9 @@ def attention_forward(q, k, v, causal: bool, key_padding_mask=None, shift_group:
 # block a cached-decoding attention of e - a queries against the first e keys, and the removed upper
 # triangle beyond each block's last key is never computed: in blocks of 128 the six per-head products
 # and the softmax's passes cover 3/4 of the T x T scores at T = 256, 0.56 at T = 1024 (T <= 128 is one
-# block, the one-block path unchanged). The rows are
-# the same functions of the same visible scores: equal to the one-block path within rounding (the row
-# sums and P v skip the removed zeros, so their summation order differs; tests/test_ops_attention_blocks.py).
+# block, the one-block path unchanged). The rows are the same functions of the same visible scores:
+# equal to the one-block path within rounding (the row sums and P v skip the removed zeros, so their
+# summation order differs; tests/test_ops_attention_blocks.py).
 # Attention dropout keeps the one-block path, so a seed draws the same (B, H, T, T) mask as before.
 QUERY_BLOCK = 128  # query rows per block (measured: 128 beats 64 and 256 at T 256-1024, docs/performance.md)
 
@@ -183,7 +184,7 @@ def _blocked_backward(dout, caches):
     dq = xp.empty(dout.shape, dtype=dout.dtype)
     dk = dv = None
     for a, e, cache_b in reversed(caches):  # the last block reads every key: its dk, dv start the sums
-        dq_b, dk_b, dv_b = attention_backward(xp.ascontiguousarray(dout[:, :, a:e]), cache_b)
+        dq_b, dk_b, dv_b = attention_backward(dout[:, :, a:e], cache_b)
         dq[:, :, a:e] = dq_b
         if dk is None:
             dk, dv = dk_b, dv_b

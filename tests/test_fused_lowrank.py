@@ -17,6 +17,8 @@ products in the same order on both paths and are compared bit for bit.
 """
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spectral_peft.adapters.lora import A_KEY, B_KEY, LoraLinear
 from spectral_peft.model.layers import LayerNorm, RMSNorm
@@ -358,3 +360,37 @@ def test_lora_linear_with_dropout_equals_the_equations(d_in, d_out):
     dx = layer.backward(dy)
     assert_close(dx, dy64 @ W64 + (s * (dy64 @ B) @ A) * keep * scale, "dx with dropout", RTOL["float32"])
     assert_close(layer.grads[A_KEY], s * (dy64 @ B).T @ xd, "dA with dropout", RTOL["float32"])
+
+
+@settings(deadline=None)
+@given(d_in=st.integers(1, 12), d_out=st.integers(1, 12), r=st.integers(1, 5), n=st.integers(1, 9),
+       has_bias=st.booleans(), freeze_a=st.booleans(), dropout=st.sampled_from([0.0, 0.3]), seed=st.integers(0, 2 ** 16))
+def test_lora_linear_float32_paths_equal_the_equations_property(d_in, d_out, r, n, has_bias, freeze_a, dropout, seed):
+    """Every float32 path of LoraLinear (stacked or folded forward, stacked or accumulated dx, with or
+    without bias, dropout, a frozen A) against the equations in float64, over drawn shapes."""
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    W = rng.standard_normal((d_out, d_in)).astype(f32)
+    bias = rng.standard_normal(d_out).astype(f32) if has_bias else None
+    layer = LoraLinear(Linear(W.copy(), None if bias is None else bias.copy()), r=r, lora_alpha=2.0 * r,
+                       lora_dropout=dropout, init_lora_weights=False, rng=np.random.default_rng(seed))
+    layer.base_layer.freeze()
+    if freeze_a:
+        layer.freeze(A_KEY)
+    x, dy = rng.standard_normal((n, d_in)).astype(f32), rng.standard_normal((n, d_out)).astype(f32)
+    y = layer.forward(x)
+    keep, scale = layer.cache[1] if layer.cache[1] is not None else (np.ones_like(x, dtype=bool), 1.0)
+    A, B = (layer.params[k].astype(np.float64) for k in (A_KEY, B_KEY))
+    x64, dy64, W64, s = x.astype(np.float64), dy.astype(np.float64), W.astype(np.float64), layer.scaling
+    xd = x64 * keep * scale
+    b64 = 0.0 if bias is None else bias.astype(np.float64)
+    # absolute floor: float32 rounding of sums of O(d) unit-scale products
+    tol = dict(rtol=1e-4, atol=1e-4 * (1 + d_in + d_out + r))
+    assert_close(y, x64 @ W64.T + b64 + s * (xd @ A.T) @ B.T, "y", **tol)
+    dx = layer.backward(dy)
+    assert_close(dx, dy64 @ W64 + (s * (dy64 @ B) @ A) * keep * scale, "dx", **tol)
+    assert_close(layer.grads[B_KEY], s * dy64.T @ (xd @ A.T), "dB", **tol)
+    assert (A_KEY in layer.grads) != freeze_a
+    if not freeze_a:
+        assert_close(layer.grads[A_KEY], s * (dy64 @ B).T @ xd, "dA", **tol)
+    np.testing.assert_array_equal(layer.base_layer.params["weight"], W)  # the frozen weight, wherever it lives

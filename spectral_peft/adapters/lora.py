@@ -357,9 +357,6 @@ class LoraLinear(AdapterLayer):
         if type(base) is Linear and "weight" in base.frozen and isinstance(x, np.ndarray) \
                 and isinstance(base.params["weight"], np.ndarray) and fast_gemm_available(x.dtype):
             self._stacked_dx = self.d_out < self.d_in and dcache is None
-            # y = (s · (drop(x) Aᵀ) Bᵀ + b) + x Wᵀ: the small product first, the base's bias folded into it,
-            # then the frozen base's product accumulated onto it by one gemm (no pass over y for either
-            # addition); the base's cache is what its own forward keeps for a frozen W (no x)
             bias = base.params.get("bias")
             if self.d_out > self.d_in:
                 # y = [x | drop(x) Aᵀ | 1] @ [Wᵀ; s·Bᵀ; b]: one GEMM over the stacked weight (where d_out > d_in
@@ -367,9 +364,11 @@ class LoraLinear(AdapterLayer):
                 y, lcache = lowrank_stacked_forward(x, xd, p[A_KEY], p[B_KEY], self.scaling, self._stacked_weight(),
                                                     keep_x=keep_x)
             else:
+                # y = (s · (drop(x) Aᵀ) Bᵀ + b) + x Wᵀ: the small product first, the base's bias folded into it,
+                # then the frozen base's product accumulated onto it by one gemm (no pass over y for either addition)
                 y, lcache = lowrank_forward(xd, p[A_KEY], p[B_KEY], self.scaling, keep_x=keep_x, bias=bias)
                 y, base.cache = linear_forward(x, base.params["weight"], None, keep_x=False, out=y)
-            base.cache = (None, bias is not None)
+            base.cache = (None, bias is not None)  # what the base's own forward keeps for a frozen W (no x)
         else:
             y = base.forward(x)  # (..., d_in) -> (..., d_out), a fresh array
             # y = base(x) + s · (drop(x) Aᵀ) Bᵀ: the branch accumulated into the base's output (no temporary)
